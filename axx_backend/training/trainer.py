@@ -1,0 +1,279 @@
+"""Training a version: frozen backbones, MC-dropout heads on cached pooled features,
+calibration on a held-out split, and an atomic write of the version.
+
+One backbone pass per image and member (two with the mirrored copy) is the whole cost;
+the heads then train in a fraction of a second per epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..annotator import Annotator
+from ..ensemble import build_members_for_preset, select_device
+from ..images import ImageError
+from ..settings import Settings
+from ..uncertainty import confidence, decide, mc_statistics
+from ..versions import ModelStore
+from .calibration import calibrate_uncertainty_threshold, fit_temperature, flag_rate, risk_coverage
+from .dataset import Sample, read_folder_dataset, stratified_split
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, float], None]  # (stage, fraction done); jobs report through it
+
+
+@dataclass
+class FeatureCache:
+    """Pooled features per member for the readable samples (and their mirrored copies)."""
+
+    samples: list[Sample]  # the samples that could be read, in order
+    pooled: list[torch.Tensor]  # per member [N, K]
+    pooled_flipped: list[torch.Tensor] | None  # per member [N, K]
+    skipped: list[str]  # "key: reason" of unreadable images
+
+
+@torch.inference_mode()
+def extract_features(
+    annotator: Annotator, samples: Sequence[Sample], flip: bool, progress: Progress | None = None
+) -> FeatureCache:
+    members = list(annotator.ensemble.members)
+    kept: list[Sample] = []
+    skipped: list[str] = []
+    pooled: list[list[torch.Tensor]] = [[] for _ in members]
+    flipped: list[list[torch.Tensor]] = [[] for _ in members]
+    batch = max(1, annotator.settings.batch_size)
+    bar = tqdm(total=len(samples), desc="features", unit="img", disable=None)
+    for start in range(0, len(samples), batch):
+        chunk = samples[start : start + batch]
+        images = []
+        for sample in chunk:
+            try:
+                images.append(sample.load())
+                kept.append(sample)
+            except (ImageError, OSError) as exc:
+                skipped.append(f"{sample.key}: {exc}")
+                log.warning("skipping %s", exc)
+        if images:
+            x = annotator.preprocess(images)
+            views = [x, x.flip(-1)] if flip else [x]
+            for i, member in enumerate(members):
+                for view, store in zip(views, (pooled[i], flipped[i]), strict=False):
+                    normalized = member.normalize(view)
+                    if annotator.settings.channels_last and annotator.device.type == "cpu":
+                        normalized = normalized.contiguous(memory_format=torch.channels_last)
+                    store.append(member.features(normalized).float().mean(dim=(2, 3)).cpu())
+        bar.update(len(chunk))
+        if progress:
+            progress("features", min(1.0, (start + len(chunk)) / max(1, len(samples))))
+    bar.close()
+    if not kept:
+        raise ValueError("no readable training image: " + "; ".join(skipped[:5]))
+    return FeatureCache(
+        kept,
+        [torch.cat(p) for p in pooled],
+        [torch.cat(p) for p in flipped] if flip else None,
+        skipped,
+    )
+
+
+def train_head(
+    head: torch.nn.Module,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    num_classes: int,
+    settings: Settings,
+) -> dict[str, float]:
+    """Full-batch AdamW with class-balanced cross-entropy; keeps the epoch with the best
+    validation loss (early stopping without a patience knob: every epoch is cheap)."""
+    torch.manual_seed(settings.seed)
+    counts = torch.bincount(train_y, minlength=num_classes).float()
+    weights = counts.sum() / (num_classes * counts.clamp_min(1))
+    optimizer = torch.optim.AdamW(head.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    best_loss, best_state, best_epoch = float("inf"), None, 0
+    has_val = len(val_y) > 0
+    for epoch in range(settings.epochs):
+        head.train()
+        optimizer.zero_grad()
+        loss = F.cross_entropy(head(train_x), train_y, weight=weights)
+        loss.backward()
+        optimizer.step()
+        head.eval()
+        with torch.no_grad():
+            monitor = F.cross_entropy(head(val_x), val_y) if has_val else loss.detach()
+        if float(monitor) < best_loss:
+            best_loss, best_epoch = float(monitor), epoch
+            best_state = {k: v.clone() for k, v in head.state_dict().items()}
+    if best_state is not None:
+        head.load_state_dict(best_state)
+    head.eval()
+    return {"best_epoch": best_epoch, "val_loss": best_loss}
+
+
+def train_version(
+    dataset_dir: str | os.PathLike[str],
+    model_dir: str | os.PathLike[str],
+    settings: Settings,
+    progress: Progress | None = None,
+) -> str:
+    """`axx-backend train`: train on a dataset folder and write a new current version."""
+    samples, classes = read_folder_dataset(dataset_dir)
+    log.info("dataset %s: %d images, classes %s", dataset_dir, len(samples), classes)
+    return train_on_samples(samples, classes, model_dir, settings, progress, source=str(dataset_dir))
+
+
+def train_on_samples(
+    samples: Sequence[Sample],
+    classes: Sequence[str],
+    model_dir: str | os.PathLike[str],
+    settings: Settings,
+    progress: Progress | None = None,
+    source: str = "",
+) -> str:
+    """Train heads for `classes` on labelled samples; calibrate; write the version atomically."""
+    labelled = [s for s in samples if s.label is not None]
+    if len(labelled) < 2:
+        raise ValueError(f"need at least two labelled images, got {len(labelled)}")
+    ensemble, preset = build_members_for_preset(
+        settings.preset, classes, settings.dropout, settings.weights_dir, settings.members
+    )
+    negative = [c for c in classes if settings.is_negative(c)]
+    annotator = Annotator(ensemble, settings, negative_classes=set(negative))
+    cache = extract_features(annotator, labelled, settings.tta_flip, progress)
+    index = {c: i for i, c in enumerate(classes)}
+    labels = torch.tensor([index[s.label] for s in cache.samples])
+    train_idx, val_idx = stratified_split([s.label for s in cache.samples], settings.val_fraction, settings.seed)
+    train_t, val_t = torch.tensor(train_idx, dtype=torch.long), torch.tensor(val_idx, dtype=torch.long)
+
+    member_specs: list[dict[str, Any]] = []
+    val_probs: list[np.ndarray] = []
+    val_entropy: list[np.ndarray] = []
+    member_metrics: dict[str, Any] = {}
+    generator = torch.Generator().manual_seed(settings.seed)
+    for i, member in enumerate(ensemble.members):
+        x = cache.pooled[i]
+        train_x = x[train_t]
+        train_y = labels[train_t]
+        if cache.pooled_flipped is not None:
+            train_x = torch.cat([train_x, cache.pooled_flipped[i][train_t]])
+            train_y = torch.cat([train_y, train_y])
+        with torch.enable_grad():
+            info = train_head(member.head, train_x, train_y, x[val_t], labels[val_t], len(classes), settings)
+        with torch.no_grad():
+            temperature = fit_temperature(member.head.fc(x[val_t]), labels[val_t])
+            member.temperature.fill_(temperature)
+            mc = member.head.sample(x[val_t], settings.mc_samples, generator) / temperature
+            stats = mc_statistics(mc.softmax(-1))
+        val_probs.append(stats.mean_probs.numpy())
+        val_entropy.append(stats.entropy.numpy())
+        accuracy = float((stats.mean_probs.argmax(-1) == labels[val_t]).float().mean()) if len(val_idx) else None
+        member_metrics[member.name] = {"val_accuracy": accuracy, "temperature": temperature, **info}
+        log.info(
+            "member %s: val accuracy %s, temperature %.3f, best epoch %d",
+            member.name,
+            accuracy,
+            temperature,
+            info["best_epoch"],
+        )
+        member_specs.append(
+            {
+                "name": member.name,
+                "source": member.weight_info.source,
+                "fingerprint": member.weight_info.fingerprint,
+                "mean": list(member.weight_info.mean),
+                "std": list(member.weight_info.std),
+                "temperature": temperature,
+            }
+        )
+
+    thresholds = {
+        "uncertainty_threshold": settings.uncertainty_threshold,
+        "min_uncertain_to_flag": settings.min_uncertain_to_flag,
+        "cam_threshold": settings.cam_threshold,
+        "mask_fusion": settings.mask_fusion,
+    }
+    metrics: dict[str, Any] = {"members": member_metrics, "n_train": len(train_idx), "n_val": len(val_idx)}
+    if val_idx:
+        threshold = calibrate_uncertainty_threshold(
+            val_probs, val_entropy, settings.target_flag_rate, settings.min_uncertain_to_flag
+        )
+        thresholds["uncertainty_threshold"] = threshold
+        metrics.update(_validation_metrics(val_probs, val_entropy, labels[val_t].numpy(), threshold, settings))
+        log.info(
+            "calibrated uncertainty threshold %.4f: flags %.0f%% of validation, accuracy %.3f, selective %.3f",
+            threshold,
+            100 * metrics["flagged_rate"],
+            metrics["accuracy"],
+            metrics["selective_accuracy"],
+        )
+    else:
+        log.warning("no validation split (too few images): keeping the default thresholds")
+
+    def fill(tmp: Path) -> dict[str, Any]:
+        from safetensors.torch import save_file
+
+        heads = {}
+        for member in ensemble.members:
+            heads[f"{member.name}.weight"] = member.head.fc.weight.detach().cpu().contiguous()
+            heads[f"{member.name}.bias"] = member.head.fc.bias.detach().cpu().contiguous()
+        save_file(heads, str(tmp / "heads.safetensors"))
+        return {
+            "format": 1,
+            "preset": preset,
+            "members": member_specs,
+            "classes": list(classes),
+            "negative_classes": negative,
+            "input_size": settings.input_size,
+            "dropout": settings.dropout,
+            "mc_samples": settings.mc_samples,
+            "thresholds": thresholds,
+            "metrics": metrics,
+            "training": {
+                "source": source,
+                "n_images": len(cache.samples),
+                "skipped": cache.skipped,
+                "per_class": {c: int((labels == index[c]).sum()) for c in classes},
+                "finetune": "head",
+                "device": str(select_device(settings.device)),
+            },
+        }
+
+    version = ModelStore(model_dir).write_version(fill)
+    log.info("wrote version %s to %s", version, model_dir)
+    if progress:
+        progress("done", 1.0)
+    return version
+
+
+def _validation_metrics(
+    probs: Sequence[np.ndarray], entropy: Sequence[np.ndarray], labels: np.ndarray, threshold: float, settings: Settings
+) -> dict[str, Any]:
+    _, flags = flag_rate(probs, entropy, threshold, settings.min_uncertain_to_flag)
+    predicted = np.array(
+        [
+            decide([p[i] for p in probs], [h[i] for h in entropy], threshold, settings.min_uncertain_to_flag).label
+            for i in range(len(labels))
+        ]
+    )
+    correct = predicted == labels
+    ensemble_mean = np.mean(probs, axis=0)
+    confidences = np.array([confidence(p) for p in ensemble_mean])
+    return {
+        "accuracy": float(correct.mean()),
+        "flagged_rate": float(flags.mean()),
+        "selective_accuracy": float(correct[~flags].mean()) if (~flags).any() else None,
+        "flagged_accuracy": float(correct[flags].mean()) if flags.any() else None,
+        "risk_coverage": risk_coverage(correct, confidences),
+    }

@@ -1,0 +1,92 @@
+"""Monte Carlo statistics per member and the review/flag decision (METHOD.md, steps 3-4)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+EPS = 1e-12
+
+
+@dataclass
+class MCStats:
+    """Statistics of T softmax samples for a batch; entropies are divided by log C (0..1)."""
+
+    mean_probs: torch.Tensor  # [B, C]
+    entropy: torch.Tensor  # [B] normalised predictive entropy H(mean) / log C
+    mutual_info: torch.Tensor  # [B] BALD: H(mean) - mean_t H(p_t), also / log C
+    std_top: torch.Tensor  # [B] std over samples of the winning class's probability
+
+
+def entropy(probs: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Shannon entropy in nats; 0 * log 0 = 0."""
+    return -(probs * probs.clamp_min(EPS).log()).sum(dim=dim)
+
+
+def mc_statistics(samples: torch.Tensor) -> MCStats:
+    """`samples`: softmax probabilities [T, B, C] of T stochastic passes."""
+    num_classes = samples.shape[-1]
+    norm = math.log(num_classes) if num_classes > 1 else 1.0
+    mean = samples.mean(dim=0)
+    predictive = entropy(mean)
+    expected = entropy(samples).mean(dim=0)
+    top = mean.argmax(dim=-1)
+    top_samples = samples.gather(-1, top.view(1, -1, 1).expand(samples.shape[0], -1, 1)).squeeze(-1)
+    std_top = top_samples.std(dim=0, unbiased=False) if samples.shape[0] > 1 else torch.zeros_like(predictive)
+    return MCStats(mean, predictive / norm, (predictive - expected).clamp_min(0.0) / norm, std_top)
+
+
+def confidence(mean_probs: np.ndarray) -> float:
+    """Ensemble confidence = 1 - normalised entropy of the ensemble mean (the task score)."""
+    p = np.asarray(mean_probs, dtype=np.float64)
+    if p.size < 2:
+        return 1.0
+    h = -np.sum(p * np.log(np.clip(p, EPS, None)))
+    return float(np.clip(1.0 - h / math.log(p.size), 0.0, 1.0))
+
+
+@dataclass
+class Decision:
+    """What the ensemble concludes for one image."""
+
+    label: int  # the majority class of the confident members (or the ensemble argmax when flagged)
+    flagged: bool
+    agreeing: list[int]  # indices of confident members that voted for `label`
+    class_score: float  # mean p_m[label] over the agreeing members (ensemble mean when flagged)
+    reason: str
+
+
+def decide(
+    member_probs: Sequence[np.ndarray],
+    member_entropy: Sequence[float],
+    uncertainty_threshold: float,
+    min_uncertain_to_flag: int = 2,
+) -> Decision:
+    """METHOD.md step 4: flag when >= k members are uncertain or no class has a majority of
+    the confident members; else the majority class of the confident members."""
+    probs = [np.asarray(p, dtype=np.float64) for p in member_probs]
+    ensemble_mean = np.mean(probs, axis=0)
+    uncertain = [i for i, h in enumerate(member_entropy) if h > uncertainty_threshold]
+    confident = [i for i in range(len(probs)) if i not in uncertain]
+    fallback = int(ensemble_mean.argmax())
+
+    if len(uncertain) >= min_uncertain_to_flag:
+        names = ", ".join(str(i) for i in uncertain)
+        return Decision(
+            fallback, True, [], float(ensemble_mean[fallback]), f"{len(uncertain)} uncertain members ({names})"
+        )
+    if not confident:
+        return Decision(fallback, True, [], float(ensemble_mean[fallback]), "no confident member")
+
+    votes = Counter(int(probs[i].argmax()) for i in confident)
+    label, count = max(votes.items(), key=lambda kv: (kv[1], ensemble_mean[kv[0]]))
+    if count * 2 <= len(confident):
+        return Decision(fallback, True, [], float(ensemble_mean[fallback]), "no majority among confident members")
+    agreeing = [i for i in confident if int(probs[i].argmax()) == label]
+    score = float(np.mean([probs[i][label] for i in agreeing]))
+    return Decision(label, False, agreeing, score, f"{len(agreeing)} of {len(probs)} members agree")

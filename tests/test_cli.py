@@ -1,0 +1,146 @@
+"""`axx-backend train` then `axx-backend annotate`, as a user runs them."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from axx_backend.annotator import Annotator
+from axx_backend.masks import iou
+from axx_backend.settings import Settings
+from axx_backend.synthetic import make_image
+from axx_backend.versions import ModelStore, VersionError
+
+from .conftest import run_cli
+
+
+def test_train_writes_a_calibrated_version(trained_model_dir):
+    store = ModelStore(trained_model_dir)
+    name = store.current()
+    assert name is not None and store.list_versions() == [name]
+    meta = store.metadata(name)
+    assert meta["classes"] == ["Healthy", "Lesion"]
+    assert meta["negative_classes"] == ["Healthy"]
+    assert meta["preset"] == "offline"
+    assert [m["name"] for m in meta["members"]] == ["tf_efficientnet_lite0", "mobilenetv2_100", "resnet50"]
+    assert all(m["source"].startswith("pip:") and len(m["fingerprint"]) == 16 for m in meta["members"])
+    assert 0.0 <= meta["thresholds"]["uncertainty_threshold"] <= 1.0
+    assert meta["metrics"]["n_val"] > 0 and meta["metrics"]["accuracy"] >= 0.75
+    assert (store.path(name) / "heads.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def images_dir(tmp_path_factory):
+    """Lesion and healthy images of sizes unlike the training set, odd modes, and a corrupt file."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(42)
+    truth = {}
+    for i in range(4):
+        img, mask = make_image(rng, 160 + 40 * i, positive=True)
+        Image.fromarray(img).save(root / f"lesion_{i}.png")
+        truth[f"lesion_{i}.png"] = mask
+    (root / "nested").mkdir()
+    img, _ = make_image(rng, 150, positive=False)
+    Image.fromarray(img).save(root / "nested" / "healthy.jpg", quality=95)
+    truth["nested/healthy.jpg"] = np.zeros((150, 150), bool)
+    img, mask = make_image(rng, 140, positive=True)
+    rgba = Image.fromarray(img).convert("RGBA")
+    rgba.save(root / "lesion_rgba.png")
+    truth["lesion_rgba.png"] = mask
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (root / "notes.txt").write_text("not an image, not listed")
+    return root, truth
+
+
+@pytest.fixture(scope="module")
+def annotated(tmp_path_factory, trained_model_dir, images_dir):
+    out = tmp_path_factory.mktemp("out")
+    proc = run_cli("annotate", images_dir[0], "--out", out, "--model-dir", trained_model_dir)
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    return out, {line["path"]: line for line in lines}, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_annotate_writes_one_line_per_image_and_reports_the_corrupt_one(annotated, images_dir):
+    out, lines, summary = annotated
+    _, truth = images_dir
+    assert set(lines) == set(truth) | {"broken.png"}
+    assert "error" in lines["broken.png"] and "broken.png" in lines["broken.png"]["error"]
+    assert summary["images"] == len(truth) + 1 and summary["errors"] == 1
+    for path in truth:
+        line = lines[path]
+        assert {"label", "score", "flagged", "members", "mask_area"} <= set(line)
+        assert len(line["members"]) == 3
+        for member in line["members"]:
+            assert {"name", "probs", "entropy", "mutual_info", "label"} <= set(member)
+            assert abs(sum(member["probs"]) - 1) < 1e-4
+
+
+def test_masks_are_binary_png_at_image_size_and_find_the_lesions(annotated, images_dir):
+    out, lines, _ = annotated
+    _, truth = images_dir
+    ious = []
+    for path, gt in truth.items():
+        mask = np.asarray(Image.open(out / "masks" / (path.rsplit(".", 1)[0] + ".png")))
+        assert mask.shape == gt.shape
+        assert set(np.unique(mask)) <= {0, 255}
+        assert int((mask > 0).sum()) == lines[path]["mask_area"]
+        overlay = Image.open(out / "overlays" / (path.rsplit(".", 1)[0] + ".png"))
+        assert overlay.size == (gt.shape[1], gt.shape[0])
+        if gt.any() and not lines[path]["flagged"]:
+            assert lines[path]["label"] == "Lesion"
+            ious.append(iou(mask, gt))
+        if not gt.any():
+            assert lines[path]["label"] == "Healthy" or lines[path]["flagged"]
+            assert mask.max() == 0  # a negative class never gets a mask
+    assert len(ious) >= 3, "most lesion images should be predicted confidently"
+    assert np.mean(ious) > 0.4
+
+
+def test_gradcam_path_gives_the_same_masks_as_the_fast_path(trained_model_dir, images_dir):
+    root, truth = images_dir
+    store = ModelStore(trained_model_dir)
+    images = [Image.open(root / p).convert("RGB") for p in sorted(truth) if p.startswith("lesion_")]
+    fast = Annotator.from_version(store.path(store.current()), Settings(cam_method="fast"), explicit=set())
+    general = Annotator.from_version(store.path(store.current()), Settings(cam_method="xgradcam"), explicit=set())
+    for a, b in zip(fast.annotate(images), general.annotate(images), strict=True):
+        assert a.label == b.label and a.flagged == b.flagged
+        if a.mask is not None:
+            assert iou(a.mask, b.mask) > 0.99
+
+
+def test_an_image_gets_the_same_result_alone_or_in_a_batch(trained_model_dir, images_dir):
+    root, _ = images_dir
+    store = ModelStore(trained_model_dir)
+    annotator = Annotator.from_version(store.path(store.current()), Settings(batch_size=8), explicit=set())
+    a = Image.open(root / "lesion_0.png").convert("RGB")
+    b = Image.open(root / "lesion_1.png").convert("RGB")
+    alone = annotator.annotate([a])[0]
+    batched = annotator.annotate([a, b])[0]
+    assert alone.probs == pytest.approx(batched.probs, abs=1e-5)
+    assert alone.flagged == batched.flagged
+
+
+def test_a_version_refuses_backbone_weights_it_was_not_trained_on(tmp_path, trained_model_dir):
+    import shutil
+
+    store = ModelStore(trained_model_dir)
+    copy = tmp_path / "copy"
+    shutil.copytree(store.path(store.current()), copy)
+    meta = json.loads((copy / "version.json").read_text())
+    meta["members"][1]["fingerprint"] = "0" * 16
+    (copy / "version.json").write_text(json.dumps(meta))
+    with pytest.raises(VersionError, match="mobilenetv2_100"):
+        Annotator.from_version(copy, Settings(), explicit=set())
+
+
+def test_annotate_without_a_trained_version_says_what_to_do(tmp_path, images_dir):
+    proc = run_cli("annotate", images_dir[0], "--out", tmp_path / "o", "--model-dir", tmp_path / "empty", check=False)
+    assert proc.returncode == 1
+    assert "axx-backend train" in proc.stderr
+
+
+def test_train_on_a_folder_without_classes_is_a_clear_error(tmp_path):
+    (tmp_path / "images" / "only").mkdir(parents=True)
+    proc = run_cli("train", tmp_path, "--model-dir", tmp_path / "m", check=False)
+    assert proc.returncode == 1 and "two class folders" in proc.stderr

@@ -1,0 +1,62 @@
+"""The fast XGrad-CAM (from the forward pass) against grad-cam's XGradCAM on the same model."""
+
+import numpy as np
+import pytest
+import torch
+
+from axx_backend.ensemble import Ensemble
+from axx_backend.saliency import fast_xgradcam, gradcam_maps, normalize_maps, upsample
+
+
+def warm_up_batchnorm(member, images):
+    """Give a randomly initialised net the BatchNorm statistics of real data.
+
+    At init (running mean 0, var 1) the activations of efficientnet_b0's SiLU head are
+    ~1e-7 in size, and grad-cam's XGradCAM divides by `sum(A) + 1e-7`: a degenerate state no
+    trained network is in. Estimating the statistics makes activations O(1), as after training.
+    """
+    for module in member.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average
+    member.train()
+    with torch.no_grad():
+        member.features(member.normalize(images))
+    member.eval()
+
+
+@pytest.mark.parametrize("name", ["resnet50", "efficientnet_b0", "densenet121"])
+def test_fast_xgradcam_matches_gradcam_package(name):
+    torch.manual_seed(0)
+    ensemble = Ensemble.build([name], ["a", "b", "c"], weights="random")
+    member = ensemble.members[0]
+    warm_up_batchnorm(member, torch.rand(8, 3, 224, 224))
+    torch.nn.init.normal_(member.head.fc.weight, std=0.05)
+    x = member.normalize(torch.rand(2, 3, 224, 224))
+    with torch.no_grad():
+        target = member(x).argmax(dim=1)
+        features = member.features(x)
+        fast = fast_xgradcam(features, member.head.fc.weight, target)
+        ours = normalize_maps(upsample(normalize_maps(fast), (224, 224))).numpy()
+    reference = gradcam_maps(member, x, target, "xgradcam")
+    assert reference.shape == ours.shape == (2, 224, 224)
+    # A degenerate (flat) map would agree trivially: make sure there is structure to compare.
+    assert (reference.max(axis=(1, 2)) - reference.min(axis=(1, 2)) > 0.5).all()
+    assert np.abs(ours - reference).max() < 1e-4
+
+
+def test_fast_xgradcam_is_relu_of_class_weighted_features():
+    features = torch.tensor([[[[1.0, 0.0], [2.0, 4.0]], [[0.0, 3.0], [1.0, 1.0]]]])  # [1, 2, 2, 2]
+    weight = torch.tensor([[1.0, -1.0], [0.5, 0.5]])
+    cam = fast_xgradcam(features, weight, torch.tensor([0]))
+    expected = torch.tensor([[[1.0, 0.0], [1.0, 3.0]]]) / 4  # ReLU(A0 - A1) / (h*w)
+    assert torch.allclose(cam, expected)
+    cam1 = fast_xgradcam(features, weight, torch.tensor([1]))
+    assert torch.allclose(cam1, (0.5 * features[0, 0] + 0.5 * features[0, 1]).unsqueeze(0) / 4)
+
+
+def test_normalize_maps_scales_each_map_to_unit_range():
+    maps = torch.tensor([[[1.0, 3.0], [2.0, 5.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    out = normalize_maps(maps)
+    assert torch.allclose(out[0], torch.tensor([[0.0, 0.5], [0.25, 1.0]]), atol=1e-6)
+    assert torch.equal(out[1], torch.zeros(2, 2))  # a flat map stays 0, no division by zero
