@@ -17,6 +17,7 @@ from PIL import Image
 from .ensemble import Ensemble, Member, select_device
 from .masks import fuse_maps
 from .saliency import fast_xgradcam, gradcam_maps, normalize_maps, upsample
+from .segmentation import SegHead, seg_probabilities
 from .settings import Settings
 from .uncertainty import confidence, decide, mc_statistics
 from .versions import VersionError
@@ -25,7 +26,7 @@ from .weights import load_backbone
 log = logging.getLogger(__name__)
 
 # Values a version calibrates; they replace the defaults of Settings unless set explicitly.
-CALIBRATED = ("uncertainty_threshold", "cam_threshold", "mask_fusion", "min_uncertain_to_flag")
+CALIBRATED = ("uncertainty_threshold", "cam_threshold", "mask_fusion", "min_uncertain_to_flag", "seg_threshold")
 
 
 @dataclass
@@ -99,8 +100,14 @@ class Annotator:
         version: str | None = None,
         input_size: int | None = None,
         negative_classes: set[str] | None = None,
+        mask_source: str = "cam",
     ) -> None:
         self.settings = settings
+        if settings.mask_source != "auto":
+            mask_source = settings.mask_source
+        if mask_source == "seg_head" and not all(hasattr(m, "seg_head") for m in ensemble.members):
+            raise VersionError("mask_source seg_head, but this version has no segmentation heads")
+        self.mask_source = mask_source
         self.version = version
         self.input_size = input_size or settings.input_size
         self.device = select_device(settings.device)
@@ -129,7 +136,14 @@ class Annotator:
             negative = set(meta["negative_classes"])
         ensemble = load_ensemble(version_dir, meta, settings)
         version = meta.get("version", version_dir.name)
-        return cls(ensemble, settings, version=version, input_size=meta.get("input_size"), negative_classes=negative)
+        return cls(
+            ensemble,
+            settings,
+            version=version,
+            input_size=meta.get("input_size"),
+            negative_classes=negative,
+            mask_source=meta.get("mask_source", "cam"),
+        )
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         size = (self.input_size, self.input_size)
@@ -183,27 +197,29 @@ class Annotator:
                 height=img.height,
             )
             if not decision.flagged and label not in self.negative:
+                size = (img.height, img.width)
                 maps = [
-                    self._cam(
-                        members[i],
-                        outputs[i].features[b : b + 1],
-                        x[b : b + 1],
-                        decision.label,
-                        (img.height, img.width),
-                    )
+                    self._saliency(members[i], outputs[i].features[b : b + 1], x[b : b + 1], decision.label, size)
                     for i in decision.agreeing
                 ]
-                ann.mask, heat = fuse_maps(maps, s.mask_fusion, s.cam_threshold)
-                ann.mask_source = f"cam:{s.mask_fusion}"
+                if self.mask_source == "seg_head":
+                    ann.mask, heat = fuse_maps(maps, "mean", s.seg_threshold)
+                    ann.mask_source = "seg_head"
+                else:
+                    ann.mask, heat = fuse_maps(maps, s.mask_fusion, s.cam_threshold)
+                    ann.mask_source = f"cam:{s.mask_fusion}"
                 if with_heat:
                     ann.heat = heat
             annotations.append(ann)
         return annotations
 
-    def _cam(
+    def _saliency(
         self, member: Member, features: torch.Tensor, image: torch.Tensor, label: int, size: tuple[int, int]
     ) -> np.ndarray:
-        """One member's normalised saliency map of class `label`, at the original image size."""
+        """One member's map at the original image size: its segmentation head's foreground
+        probability, or its normalised CAM of class `label`."""
+        if self.mask_source == "seg_head":
+            return upsample(seg_probabilities(member.seg_head, features).cpu(), size)[0].numpy()
         classes = torch.tensor([label], device=features.device)
         if self.settings.cam_method == "fast":
             with torch.no_grad():
@@ -248,5 +264,9 @@ def load_ensemble(version_dir: Path, meta: dict[str, Any], settings: Settings) -
         member.head.fc.weight.data.copy_(heads[f"{name}.weight"])
         member.head.fc.bias.data.copy_(heads[f"{name}.bias"])
         member.temperature.fill_(float(spec.get("temperature", 1.0)))
+        if f"{name}.seg.weight" in heads:
+            member.seg_head = SegHead(member.num_features)
+            member.seg_head.conv.weight.data.copy_(heads[f"{name}.seg.weight"])
+            member.seg_head.conv.bias.data.copy_(heads[f"{name}.seg.bias"])
         members.append(member)
     return Ensemble(members, classes).eval()

@@ -1,4 +1,4 @@
-"""Command line: `axx-backend train | annotate | serve | versions`."""
+"""Command line: `axx-backend train | annotate | serve | worker | versions`."""
 
 from __future__ import annotations
 
@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")))
     serve.set_defaults(func=cmd_serve)
 
+    worker = sub.add_parser("worker", help="run an RQ worker for training jobs (needs REDIS_URL)")
+    worker.add_argument("--burst", action="store_true", help="stop when the queue is empty")
+    worker.set_defaults(func=cmd_worker)
+
     versions = sub.add_parser("versions", help="list the versions of a model directory")
     versions.add_argument("--model-dir", type=Path, default=None)
     versions.set_defaults(func=cmd_versions)
@@ -112,6 +116,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server.run import serve
 
     serve(args.host, args.port)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .jobs import run_worker
+
+    run_worker(burst=args.burst)
     return 0
 
 

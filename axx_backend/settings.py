@@ -62,6 +62,14 @@ class Settings:
     val_fraction: float = 0.25
     tta_flip: bool = False  # also cache features of the mirrored images (doubles feature time)
 
+    # Pixel supervision (Belharbi et al.): segmentation heads on oracle masks + lambda * pseudo-masks
+    seg_lambda: float = 0.1
+    min_pixel_labels: int = 5  # oracle masks needed before the seg head may replace the CAM masks
+    seg_epochs: int = 150
+    seg_threshold: float = 0.5
+    mask_source: str = "auto"  # "auto": what the version chose on validation; "cam"; "seg_head"
+    max_pseudo_masks: int = 200
+
     # Where things live
     model_dir: str = "models"
     weights_dir: str = field(default_factory=lambda: os.path.join(os.getcwd(), "model_weights"))

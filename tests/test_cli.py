@@ -101,8 +101,11 @@ def test_gradcam_path_gives_the_same_masks_as_the_fast_path(trained_model_dir, i
     root, truth = images_dir
     store = ModelStore(trained_model_dir)
     images = [Image.open(root / p).convert("RGB") for p in sorted(truth) if p.startswith("lesion_")]
-    fast = Annotator.from_version(store.path(store.current()), Settings(cam_method="fast"), explicit=set())
-    general = Annotator.from_version(store.path(store.current()), Settings(cam_method="xgradcam"), explicit=set())
+    cam = {"mask_source": "cam"}  # the version may serve seg-head masks; compare the CAM paths
+    fast = Annotator.from_version(store.path(store.current()), Settings(cam_method="fast", **cam), explicit=set())
+    general = Annotator.from_version(
+        store.path(store.current()), Settings(cam_method="xgradcam", **cam), explicit=set()
+    )
     for a, b in zip(fast.annotate(images), general.annotate(images), strict=True):
         assert a.label == b.label and a.flagged == b.flagged
         if a.mask is not None:
@@ -144,3 +147,29 @@ def test_train_on_a_folder_without_classes_is_a_clear_error(tmp_path):
     (tmp_path / "images" / "only").mkdir(parents=True)
     proc = run_cli("train", tmp_path, "--model-dir", tmp_path / "m", check=False)
     assert proc.returncode == 1 and "two class folders" in proc.stderr
+
+
+def test_a_version_trained_with_masks_says_which_source_makes_its_masks(trained_model_dir, annotated):
+    store = ModelStore(trained_model_dir)
+    meta = store.metadata(store.current())
+    pixels = meta["metrics"]["pixels"]
+    assert meta["training"]["oracle_masks"] == 14
+    assert pixels["oracle_masks"] + pixels["val_masks"] == 14
+    beats_cam = pixels["val_iou_seg_head"] > pixels["val_iou_cam"] and pixels["oracle_masks"] >= 5
+    assert meta["mask_source"] == ("seg_head" if beats_cam else "cam")
+    _, lines, _ = annotated
+    sources = {line["mask_source"] for line in lines.values() if line.get("mask_area")}
+    assert sources == ({"seg_head"} if beats_cam else {f"cam:{meta['thresholds']['mask_fusion']}"})
+
+
+def test_a_version_trained_without_masks_uses_cam_masks(tmp_path):
+    from axx_backend.synthetic import make_dataset
+
+    dataset = make_dataset(tmp_path / "d", n_per_class=8, size=96, seed=3, masks=False)
+    run_cli("train", dataset, "--model-dir", tmp_path / "m", "--preset", "offline", "--input-size", "128")
+    store = ModelStore(tmp_path / "m")
+    meta = store.metadata(store.current())
+    assert meta["mask_source"] == "cam" and "pixels" not in meta["metrics"]
+    from safetensors.torch import load_file
+
+    assert not [k for k in load_file(str(store.path(store.current()) / "heads.safetensors")) if ".seg." in k]

@@ -1,4 +1,4 @@
-"""Training data: a folder in the dataset layout, or (later) a Label Studio export.
+"""Training data: a folder in the dataset layout, or the annotated tasks of a Label Studio project.
 
 Folder layout: `DATASET_DIR/images/<class>/<name>.<ext>` (folder names are the classes)
 and optionally `DATASET_DIR/masks/<class>/<name>.png` (nonzero = foreground).
@@ -7,7 +7,7 @@ and optionally `DATASET_DIR/masks/<class>/<name>.png` (nonzero = foreground).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,11 +25,28 @@ class Sample:
     label: str | None  # None: unlabeled (a pseudo-mask candidate)
     path: Path | None = None
     mask_path: Path | None = None
+    loader: Callable[[], Image.Image] | None = None  # e.g. a download from Label Studio
+    mask: np.ndarray | None = None  # an oracle mask already decoded (nonzero = foreground)
+
+    @property
+    def has_mask(self) -> bool:
+        return self.mask is not None or self.mask_path is not None
 
     def load(self) -> Image.Image:
+        if self.loader is not None:
+            return self.loader()
         if self.path is None:
-            raise ValueError(f"sample {self.key} has no image path")
+            raise ValueError(f"sample {self.key} has no image")
         return load_image(self.path)
+
+    def load_mask(self) -> np.ndarray | None:
+        """The oracle mask as bool [H, W], or None."""
+        if self.mask is not None:
+            return np.asarray(self.mask) > 0
+        if self.mask_path is not None:
+            with Image.open(self.mask_path) as m:
+                return np.asarray(m.convert("L")) > 0
+        return None
 
 
 class DatasetError(ValueError):

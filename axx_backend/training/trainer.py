@@ -27,6 +27,7 @@ from ..uncertainty import confidence, decide, mc_statistics
 from ..versions import ModelStore
 from .calibration import calibrate_uncertainty_threshold, fit_temperature, flag_rate, risk_coverage
 from .dataset import Sample, read_folder_dataset, stratified_split
+from .pixels import fit_pixels
 
 log = logging.getLogger(__name__)
 
@@ -35,28 +36,36 @@ Progress = Callable[[str, float], None]  # (stage, fraction done); jobs report t
 
 @dataclass
 class FeatureCache:
-    """Pooled features per member for the readable samples (and their mirrored copies)."""
+    """Pooled features per member for the readable samples (and their mirrored copies), and
+    full feature maps (float16) for the samples the pixel phase needs."""
 
     samples: list[Sample]  # the samples that could be read, in order
     pooled: list[torch.Tensor]  # per member [N, K]
     pooled_flipped: list[torch.Tensor] | None  # per member [N, K]
+    maps: dict[int, list[torch.Tensor]]  # sample index -> per member [K, h, w]
     skipped: list[str]  # "key: reason" of unreadable images
 
 
 @torch.inference_mode()
 def extract_features(
-    annotator: Annotator, samples: Sequence[Sample], flip: bool, progress: Progress | None = None
+    annotator: Annotator,
+    samples: Sequence[Sample],
+    flip: bool,
+    keep_maps: set[str] | None = None,
+    progress: Progress | None = None,
 ) -> FeatureCache:
     members = list(annotator.ensemble.members)
+    keep_maps = keep_maps or set()
     kept: list[Sample] = []
     skipped: list[str] = []
     pooled: list[list[torch.Tensor]] = [[] for _ in members]
     flipped: list[list[torch.Tensor]] = [[] for _ in members]
+    maps: dict[int, list[torch.Tensor]] = {}
     batch = max(1, annotator.settings.batch_size)
     bar = tqdm(total=len(samples), desc="features", unit="img", disable=None)
     for start in range(0, len(samples), batch):
         chunk = samples[start : start + batch]
-        images = []
+        images, first = [], len(kept)
         for sample in chunk:
             try:
                 images.append(sample.load())
@@ -68,11 +77,16 @@ def extract_features(
             x = annotator.preprocess(images)
             views = [x, x.flip(-1)] if flip else [x]
             for i, member in enumerate(members):
-                for view, store in zip(views, (pooled[i], flipped[i]), strict=False):
+                for v, view in enumerate(views):
                     normalized = member.normalize(view)
                     if annotator.settings.channels_last and annotator.device.type == "cpu":
                         normalized = normalized.contiguous(memory_format=torch.channels_last)
-                    store.append(member.features(normalized).float().mean(dim=(2, 3)).cpu())
+                    fmap = member.features(normalized).float()
+                    (pooled if v == 0 else flipped)[i].append(fmap.mean(dim=(2, 3)).cpu())
+                    if v == 0:
+                        for b in range(len(images)):
+                            if kept[first + b].key in keep_maps:
+                                maps.setdefault(first + b, []).append(fmap[b].half().cpu().clone())
         bar.update(len(chunk))
         if progress:
             progress("features", min(1.0, (start + len(chunk)) / max(1, len(samples))))
@@ -83,6 +97,7 @@ def extract_features(
         kept,
         [torch.cat(p) for p in pooled],
         [torch.cat(p) for p in flipped] if flip else None,
+        maps,
         skipped,
     )
 
@@ -142,8 +157,12 @@ def train_on_samples(
     progress: Progress | None = None,
     source: str = "",
 ) -> str:
-    """Train heads for `classes` on labelled samples; calibrate; write the version atomically."""
+    """Train heads for `classes` on labelled samples (and segmentation heads when some have
+    oracle masks); calibrate on a held-out split; write the version atomically."""
     labelled = [s for s in samples if s.label is not None]
+    unknown = sorted({s.label for s in labelled} - set(classes))
+    if unknown:
+        raise ValueError(f"labels {unknown} are not among the classes {list(classes)}")
     if len(labelled) < 2:
         raise ValueError(f"need at least two labelled images, got {len(labelled)}")
     ensemble, preset = build_members_for_preset(
@@ -151,15 +170,33 @@ def train_on_samples(
     )
     negative = [c for c in classes if settings.is_negative(c)]
     annotator = Annotator(ensemble, settings, negative_classes=set(negative))
-    cache = extract_features(annotator, labelled, settings.tta_flip, progress)
+
+    # Feature maps are kept only where the pixel phase needs them: images with oracle masks,
+    # and a capped random share of the others as pseudo-mask candidates.
+    has_masks = any(s.has_mask for s in samples)
+    candidates = [s.key for s in samples if not s.has_mask]
+    rng = np.random.default_rng(settings.seed)
+    pseudo_pool = set(rng.permutation(candidates)[: settings.max_pseudo_masks].tolist()) if has_masks else set()
+    keep = {s.key for s in samples if s.has_mask} | pseudo_pool
+    cache = extract_features(annotator, list(samples), settings.tta_flip, keep, progress)
+
     index = {c: i for i, c in enumerate(classes)}
-    labels = torch.tensor([index[s.label] for s in cache.samples])
-    train_idx, val_idx = stratified_split([s.label for s in cache.samples], settings.val_fraction, settings.seed)
+    labels_of = {i: (index[s.label] if s.label is not None else None) for i, s in enumerate(cache.samples)}
+    labelled_idx = [i for i, lab in labels_of.items() if lab is not None]
+    # Stratify by class and by "has a mask", so oracle masks land in validation too.
+    keys = [f"{cache.samples[i].label}|{cache.samples[i].has_mask}" for i in labelled_idx]
+    train_pos, val_pos = stratified_split(keys, settings.val_fraction, settings.seed)
+    train_idx, val_idx = [labelled_idx[k] for k in train_pos], [labelled_idx[k] for k in val_pos]
+    labels = torch.tensor([labels_of[i] if labels_of[i] is not None else -1 for i in range(len(cache.samples))])
     train_t, val_t = torch.tensor(train_idx, dtype=torch.long), torch.tensor(val_idx, dtype=torch.long)
+    mapped = sorted(cache.maps)
+    mapped_t = torch.tensor(mapped, dtype=torch.long)
 
     member_specs: list[dict[str, Any]] = []
     val_probs: list[np.ndarray] = []
     val_entropy: list[np.ndarray] = []
+    mapped_probs: list[np.ndarray] = []
+    mapped_entropy: list[np.ndarray] = []
     member_metrics: dict[str, Any] = {}
     generator = torch.Generator().manual_seed(settings.seed)
     for i, member in enumerate(ensemble.members):
@@ -174,11 +211,15 @@ def train_on_samples(
         with torch.no_grad():
             temperature = fit_temperature(member.head.fc(x[val_t]), labels[val_t])
             member.temperature.fill_(temperature)
-            mc = member.head.sample(x[val_t], settings.mc_samples, generator) / temperature
+            both = torch.cat([val_t, mapped_t])
+            mc = member.head.sample(x[both], settings.mc_samples, generator) / temperature
             stats = mc_statistics(mc.softmax(-1))
-        val_probs.append(stats.mean_probs.numpy())
-        val_entropy.append(stats.entropy.numpy())
-        accuracy = float((stats.mean_probs.argmax(-1) == labels[val_t]).float().mean()) if len(val_idx) else None
+        n_val = len(val_idx)
+        val_probs.append(stats.mean_probs[:n_val].numpy())
+        val_entropy.append(stats.entropy[:n_val].numpy())
+        mapped_probs.append(stats.mean_probs[n_val:].numpy())
+        mapped_entropy.append(stats.entropy[n_val:].numpy())
+        accuracy = float((stats.mean_probs[:n_val].argmax(-1) == labels[val_t]).float().mean()) if n_val else None
         member_metrics[member.name] = {"val_accuracy": accuracy, "temperature": temperature, **info}
         log.info(
             "member %s: val accuracy %s, temperature %.3f, best epoch %d",
@@ -198,11 +239,12 @@ def train_on_samples(
             }
         )
 
-    thresholds = {
+    thresholds: dict[str, Any] = {
         "uncertainty_threshold": settings.uncertainty_threshold,
         "min_uncertain_to_flag": settings.min_uncertain_to_flag,
         "cam_threshold": settings.cam_threshold,
         "mask_fusion": settings.mask_fusion,
+        "seg_threshold": settings.seg_threshold,
     }
     metrics: dict[str, Any] = {"members": member_metrics, "n_train": len(train_idx), "n_val": len(val_idx)}
     if val_idx:
@@ -212,7 +254,7 @@ def train_on_samples(
         thresholds["uncertainty_threshold"] = threshold
         metrics.update(_validation_metrics(val_probs, val_entropy, labels[val_t].numpy(), threshold, settings))
         log.info(
-            "calibrated uncertainty threshold %.4f: flags %.0f%% of validation, accuracy %.3f, selective %.3f",
+            "calibrated uncertainty threshold %.4f: flags %.0f%% of validation, accuracy %.3f, selective %s",
             threshold,
             100 * metrics["flagged_rate"],
             metrics["accuracy"],
@@ -221,6 +263,26 @@ def train_on_samples(
     else:
         log.warning("no validation split (too few images): keeping the default thresholds")
 
+    pixels = None
+    oracle = {i: m for i in mapped if (m := cache.samples[i].load_mask()) is not None}
+    if oracle:
+        pixels = fit_pixels(
+            ensemble,
+            cache.maps,
+            {i: [p[k] for p in mapped_probs] for k, i in enumerate(mapped)},
+            {i: [float(h[k]) for h in mapped_entropy] for k, i in enumerate(mapped)},
+            labels_of,
+            oracle,
+            set(train_idx),
+            set(val_idx),
+            {index[c] for c in negative},
+            thresholds["uncertainty_threshold"],
+            settings,
+        )
+        thresholds["cam_threshold"], thresholds["mask_fusion"] = pixels.cam_threshold, pixels.mask_fusion
+        metrics["pixels"] = pixels.metrics
+    mask_source = "seg_head" if pixels is not None and pixels.use_seg_head else "cam"
+
     def fill(tmp: Path) -> dict[str, Any]:
         from safetensors.torch import save_file
 
@@ -228,6 +290,10 @@ def train_on_samples(
         for member in ensemble.members:
             heads[f"{member.name}.weight"] = member.head.fc.weight.detach().cpu().contiguous()
             heads[f"{member.name}.bias"] = member.head.fc.bias.detach().cpu().contiguous()
+            if pixels is not None and member.name in pixels.seg_heads:
+                seg = pixels.seg_heads[member.name].conv
+                heads[f"{member.name}.seg.weight"] = seg.weight.detach().cpu().contiguous()
+                heads[f"{member.name}.seg.bias"] = seg.bias.detach().cpu().contiguous()
         save_file(heads, str(tmp / "heads.safetensors"))
         return {
             "format": 1,
@@ -238,11 +304,14 @@ def train_on_samples(
             "input_size": settings.input_size,
             "dropout": settings.dropout,
             "mc_samples": settings.mc_samples,
+            "mask_source": mask_source,
             "thresholds": thresholds,
             "metrics": metrics,
             "training": {
                 "source": source,
                 "n_images": len(cache.samples),
+                "n_labelled": len(labelled_idx),
+                "oracle_masks": len(oracle),
                 "skipped": cache.skipped,
                 "per_class": {c: int((labels == index[c]).sum()) for c in classes},
                 "finetune": "head",
@@ -251,7 +320,7 @@ def train_on_samples(
         }
 
     version = ModelStore(model_dir).write_version(fill)
-    log.info("wrote version %s to %s", version, model_dir)
+    log.info("wrote version %s to %s (masks from %s)", version, model_dir, mask_source)
     if progress:
         progress("done", 1.0)
     return version
