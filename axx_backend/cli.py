@@ -40,7 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", choices=["auto", "paper", "offline"], default=None, help="member set (default auto)")
     train.add_argument("--members", default=None, help="comma-separated timm names, overrides --preset")
     train.add_argument("--input-size", type=int, default=None)
-    train.add_argument("--epochs", type=int, default=None)
+    train.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (with --finetune last-stage|all)")
+    train.add_argument(
+        "--finetune",
+        choices=["auto", "head", "last-stage", "all"],
+        default=None,
+        help="what to train: the heads on frozen features, or also the last stage / all of each backbone "
+        "(default auto: last-stage on a GPU, head on the CPU)",
+    )
     train.add_argument("--target-flag-rate", type=float, default=None)
     train.set_defaults(func=cmd_train)
 
@@ -93,7 +100,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         preset=args.preset,
         members=members,
         input_size=args.input_size,
-        epochs=args.epochs,
+        finetune=args.finetune,
+        finetune_epochs=args.epochs,
         target_flag_rate=args.target_flag_rate,
     )
     model_dir = _model_dir(args.model_dir)

@@ -55,7 +55,9 @@ class Settings:
     negative_pattern: str = DEFAULT_NEGATIVE_PATTERN
     negative_classes: tuple[str, ...] = ()  # explicit list overrides the pattern
 
-    # Training (frozen backbones, MC-dropout heads on cached features)
+    # Training: backbones fine-tuned per `finetune`, then MC-dropout heads on cached features
+    finetune: str = "auto"  # "head" | "last-stage" | "all"; auto: last-stage on a GPU, head on the CPU
+    finetune_epochs: int = 5
     epochs: int = 200
     learning_rate: float = 1e-2
     weight_decay: float = 1e-3

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from axx_backend.annotator import Annotator
@@ -173,3 +174,39 @@ def test_a_version_trained_without_masks_uses_cam_masks(tmp_path):
     from safetensors.torch import load_file
 
     assert not [k for k in load_file(str(store.path(store.current()) / "heads.safetensors")) if ".seg." in k]
+
+
+def test_finetune_last_stage_trains_only_the_last_stage_and_reloads(tmp_path, dataset_dir):
+    from safetensors.torch import load_file
+
+    from axx_backend.weights import load_backbone
+
+    model_dir = tmp_path / "m"
+    run_cli(
+        "train",
+        dataset_dir,
+        "--model-dir",
+        model_dir,
+        "--preset",
+        "offline",
+        "--input-size",
+        "96",
+        "--finetune",
+        "last-stage",
+        "--epochs",
+        "1",
+    )
+    store = ModelStore(model_dir)
+    version = store.path(store.current())
+    meta = store.metadata(store.current())
+    assert meta["training"]["finetune"] == "last-stage"
+    tuned = load_file(str(version / "backbone-resnet50.safetensors"))
+    original, _ = load_backbone("resnet50", "pip")
+    reference = original.state_dict()
+    assert torch.equal(tuned["conv1.weight"], reference["conv1.weight"])  # frozen stem
+    assert torch.equal(tuned["layer3.5.conv3.weight"], reference["layer3.5.conv3.weight"])  # frozen stage 3
+    assert not torch.equal(tuned["layer4.2.conv3.weight"], reference["layer4.2.conv3.weight"])  # trained
+    assert torch.equal(tuned["layer4.0.bn1.running_mean"], reference["layer4.0.bn1.running_mean"])  # BN frozen
+    annotator = Annotator.from_version(version, Settings(), explicit=set())
+    annotation = annotator.annotate([Image.new("RGB", (64, 64), (90, 120, 60))])[0]
+    assert annotation.label in ("Healthy", "Lesion")

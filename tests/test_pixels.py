@@ -31,7 +31,7 @@ def test_seg_head_learns_a_mask_that_is_linear_in_the_features():
     after = train_seg_head(head, features, target, torch.ones(12), epochs=300, lr=0.05)
     predicted = head(features).sigmoid() > 0.5
     accuracy = (predicted == target.bool()).float().mean()
-    assert after < float(before) / 2
+    assert after < before.item() / 2
     assert accuracy > 0.95
 
 

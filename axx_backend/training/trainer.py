@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 from ..annotator import Annotator
@@ -25,8 +26,10 @@ from ..images import ImageError
 from ..settings import Settings
 from ..uncertainty import confidence, decide, mc_statistics
 from ..versions import ModelStore
+from ..weights import fingerprint
 from .calibration import calibrate_uncertainty_threshold, fit_temperature, flag_rate, risk_coverage
 from .dataset import Sample, read_folder_dataset, stratified_split
+from .finetune import FINETUNE_MODES, finetune_ensemble
 from .pixels import fit_pixels
 
 log = logging.getLogger(__name__)
@@ -171,6 +174,35 @@ def train_on_samples(
     negative = [c for c in classes if settings.is_negative(c)]
     annotator = Annotator(ensemble, settings, negative_classes=set(negative))
 
+    # One split for every phase, by sample: stratified by class and by "has a mask", so
+    # oracle masks land in validation too.
+    split_keys = [f"{s.label}|{s.has_mask}" for s in labelled]
+    _, val_pos = stratified_split(split_keys, settings.val_fraction, settings.seed)
+    val_keys = {labelled[k].key for k in val_pos}
+
+    mode = resolve_finetune(settings, annotator.device)
+    finetune_metrics: dict[str, Any] = {}
+    if mode != "head":
+        images, readable = load_resized(annotator, labelled)
+        ft_labels = torch.tensor([classes.index(s.label) for s in readable])
+        ft_train = [i for i, s in enumerate(readable) if s.key not in val_keys]
+        ft_val = [i for i, s in enumerate(readable) if s.key in val_keys]
+        log.info("fine-tuning (%s) for %d epochs on %d images", mode, settings.finetune_epochs, len(readable))
+        with torch.enable_grad():
+            finetune_metrics = finetune_ensemble(
+                ensemble,
+                images,
+                ft_labels,
+                ft_train,
+                ft_val,
+                mode,
+                settings.finetune_epochs,
+                settings.batch_size,
+                settings.seed,
+                progress,
+            )
+        del images
+
     # Feature maps are kept only where the pixel phase needs them: images with oracle masks,
     # and a capped random share of the others as pseudo-mask candidates.
     has_masks = any(s.has_mask for s in samples)
@@ -183,10 +215,8 @@ def train_on_samples(
     index = {c: i for i, c in enumerate(classes)}
     labels_of = {i: (index[s.label] if s.label is not None else None) for i, s in enumerate(cache.samples)}
     labelled_idx = [i for i, lab in labels_of.items() if lab is not None]
-    # Stratify by class and by "has a mask", so oracle masks land in validation too.
-    keys = [f"{cache.samples[i].label}|{cache.samples[i].has_mask}" for i in labelled_idx]
-    train_pos, val_pos = stratified_split(keys, settings.val_fraction, settings.seed)
-    train_idx, val_idx = [labelled_idx[k] for k in train_pos], [labelled_idx[k] for k in val_pos]
+    train_idx = [i for i in labelled_idx if cache.samples[i].key not in val_keys]
+    val_idx = [i for i in labelled_idx if cache.samples[i].key in val_keys]
     labels = torch.tensor([labels_of[i] if labels_of[i] is not None else -1 for i in range(len(cache.samples))])
     train_t, val_t = torch.tensor(train_idx, dtype=torch.long), torch.tensor(val_idx, dtype=torch.long)
     mapped = sorted(cache.maps)
@@ -220,7 +250,12 @@ def train_on_samples(
         mapped_probs.append(stats.mean_probs[n_val:].numpy())
         mapped_entropy.append(stats.entropy[n_val:].numpy())
         accuracy = float((stats.mean_probs[:n_val].argmax(-1) == labels[val_t]).float().mean()) if n_val else None
-        member_metrics[member.name] = {"val_accuracy": accuracy, "temperature": temperature, **info}
+        member_metrics[member.name] = {
+            "val_accuracy": accuracy,
+            "temperature": temperature,
+            **info,
+            **finetune_metrics.get(member.name, {}),
+        }
         log.info(
             "member %s: val accuracy %s, temperature %.3f, best epoch %d",
             member.name,
@@ -232,7 +267,8 @@ def train_on_samples(
             {
                 "name": member.name,
                 "source": member.weight_info.source,
-                "fingerprint": member.weight_info.fingerprint,
+                "fingerprint": member.weight_info.fingerprint if mode == "head" else fingerprint(member.backbone),
+                "finetuned": mode != "head",
                 "mean": list(member.weight_info.mean),
                 "std": list(member.weight_info.std),
                 "temperature": temperature,
@@ -249,7 +285,12 @@ def train_on_samples(
     metrics: dict[str, Any] = {"members": member_metrics, "n_train": len(train_idx), "n_val": len(val_idx)}
     if val_idx:
         threshold = calibrate_uncertainty_threshold(
-            val_probs, val_entropy, settings.target_flag_rate, settings.min_uncertain_to_flag
+            val_probs,
+            val_entropy,
+            labels[val_t].numpy(),
+            settings.target_flag_rate,
+            settings.min_uncertain_to_flag,
+            default=settings.uncertainty_threshold,
         )
         thresholds["uncertainty_threshold"] = threshold
         metrics.update(_validation_metrics(val_probs, val_entropy, labels[val_t].numpy(), threshold, settings))
@@ -295,6 +336,10 @@ def train_on_samples(
                 heads[f"{member.name}.seg.weight"] = seg.weight.detach().cpu().contiguous()
                 heads[f"{member.name}.seg.bias"] = seg.bias.detach().cpu().contiguous()
         save_file(heads, str(tmp / "heads.safetensors"))
+        if mode != "head":
+            for member in ensemble.members:
+                state = {k: v.detach().cpu().contiguous() for k, v in member.backbone.state_dict().items()}
+                save_file(state, str(tmp / f"backbone-{member.name}.safetensors"))
         return {
             "format": 1,
             "preset": preset,
@@ -314,7 +359,8 @@ def train_on_samples(
                 "oracle_masks": len(oracle),
                 "skipped": cache.skipped,
                 "per_class": {c: int((labels == index[c]).sum()) for c in classes},
-                "finetune": "head",
+                "finetune": mode,
+                "finetune_epochs": settings.finetune_epochs if mode != "head" else 0,
                 "device": str(select_device(settings.device)),
             },
         }
@@ -324,6 +370,32 @@ def train_on_samples(
     if progress:
         progress("done", 1.0)
     return version
+
+
+def resolve_finetune(settings: Settings, device: torch.device) -> str:
+    """`auto`: the last stage on a GPU, the head alone on the CPU (minutes instead of hours)."""
+    if settings.finetune == "auto":
+        return "last-stage" if device.type == "cuda" else "head"
+    if settings.finetune not in FINETUNE_MODES:
+        raise ValueError(f"finetune must be auto or one of {FINETUNE_MODES}, got {settings.finetune!r}")
+    return settings.finetune
+
+
+def load_resized(annotator: Annotator, samples: Sequence[Sample]) -> tuple[torch.Tensor, list[Sample]]:
+    """The readable images resized to the input size, uint8 [N, 3, S, S] on the CPU."""
+    size = (annotator.input_size, annotator.input_size)
+    arrays, readable = [], []
+    for sample in tqdm(samples, desc="load", unit="img", disable=None):
+        try:
+            img = sample.load().resize(size, Image.BILINEAR)
+        except (ImageError, OSError) as exc:
+            log.warning("skipping %s", exc)
+            continue
+        arrays.append(torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1))
+        readable.append(sample)
+    if not arrays:
+        raise ValueError("no readable training image")
+    return torch.stack(arrays), readable
 
 
 def _validation_metrics(

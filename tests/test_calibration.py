@@ -1,0 +1,55 @@
+"""Calibration on the validation split: temperature and the uncertainty threshold."""
+
+import numpy as np
+import pytest
+import torch
+
+from axx_backend.training.calibration import calibrate_uncertainty_threshold, fit_temperature, risk_coverage
+
+RIGHT, WRONG = np.array([0.95, 0.05]), np.array([0.4, 0.6])
+
+
+def members(probs_per_image, entropies_per_image):
+    """[image][member] -> per-member arrays, as the trainer passes them."""
+    probs = [np.array([img[m] for img in probs_per_image]) for m in range(3)]
+    entropy = [np.array([img[m] for img in entropies_per_image]) for m in range(3)]
+    return probs, entropy
+
+
+def test_a_validation_split_without_errors_keeps_the_default_threshold():
+    probs, entropy = members([[RIGHT] * 3] * 10, [[0.01 * i, 0.02, 0.03] for i in range(10)])
+    threshold = calibrate_uncertainty_threshold(probs, entropy, np.zeros(10), 0.2, 2, default=0.5)
+    assert threshold == 0.5
+
+
+def test_the_threshold_flags_the_uncertain_errors_within_the_budget():
+    # Nine right and confident images; one wrong image where two members are fairly uncertain.
+    imgs = [[RIGHT] * 3] * 9 + [[WRONG, WRONG, RIGHT]]
+    ents = [[0.1, 0.12, 0.08]] * 9 + [[0.3, 0.35, 0.1]]
+    probs, entropy = members(imgs, ents)
+    labels = np.zeros(10)
+    threshold = calibrate_uncertainty_threshold(probs, entropy, labels, 0.2, 2, default=0.5)
+    assert 0.12 <= threshold < 0.35  # flags the wrong image (two uncertain, or no majority), not the right ones
+    # With no budget, nothing may be flagged: the threshold must keep all ten unflagged.
+    assert calibrate_uncertainty_threshold(probs, entropy, labels, 0.0, 2, default=0.5) >= 0.35
+
+
+def test_fit_temperature_recovers_the_scale_of_overconfident_logits():
+    torch.manual_seed(0)
+    true_logits = torch.randn(4000, 3) * 1.5
+    labels = torch.distributions.Categorical(logits=true_logits).sample()
+    t = fit_temperature(true_logits * 3.0, labels)  # logits three times too sharp
+    assert t == pytest.approx(3.0, rel=0.1)
+
+
+def test_fit_temperature_stays_moderate_on_a_tiny_separable_split():
+    logits = torch.tensor([[4.0, -4.0], [-5.0, 5.0], [3.0, -3.0]])
+    t = fit_temperature(logits, torch.tensor([0, 1, 0]))
+    assert 0.2 < t < 1.0  # sharpened, but not driven to the bound by three images
+
+
+def test_risk_coverage_is_accuracy_of_the_most_confident_share():
+    correct = np.array([1, 1, 0, 1, 0, 0, 1, 1, 1, 0])
+    conf = np.linspace(1.0, 0.1, 10)  # already sorted, most confident first
+    points = {p["coverage"]: p["accuracy"] for p in risk_coverage(correct, conf)}
+    assert points[0.2] == 1.0 and points[0.3] == pytest.approx(2 / 3) and points[1.0] == 0.6
