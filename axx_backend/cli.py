@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.set_defaults(func=cmd_annotate)
 
     serve = sub.add_parser("serve", help="run the Label Studio ML backend (gunicorn)")
-    serve.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
+    serve.add_argument(
+        "--host", default=os.environ.get("HOST", "127.0.0.1"), help="0.0.0.0 to listen on all interfaces"
+    )
     serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")))
     serve.set_defaults(func=cmd_serve)
 

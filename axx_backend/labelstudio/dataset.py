@@ -1,0 +1,96 @@
+"""A Label Studio project as training samples (METHOD.md "Learning" 1).
+
+All tasks come through the export API (START_TRAINING carries no annotations). For each
+task the latest non-cancelled annotation wins: its Choices value is the class, its
+BrushLabels regions (RLE, decoded with the SDK) are the oracle mask. Tasks without an
+annotation are pseudo-mask candidates; a task data field can supply image-level labels.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from label_studio_sdk.converter.brush import decode_rle
+
+from ..settings import Settings
+from ..training.dataset import Sample
+from .client import LabelStudioClient
+from .config import ProjectConfig, parse_config
+from .images import ImageFetcher
+
+log = logging.getLogger(__name__)
+
+
+def project_samples(
+    project: str, payload: dict[str, Any], settings: Settings, progress: Callable[[str, float], None] | None = None
+) -> tuple[list[Sample], list[str]]:
+    """Samples and classes of a project; `payload` holds `url`, `api_key` (and `allowed_hosts`)."""
+    client = LabelStudioClient(payload["url"], payload["api_key"])
+    info = client.get_project(project)
+    cfg = parse_config(info["label_config"])
+    fetcher = ImageFetcher(payload["url"], client.auth, payload.get("allowed_hosts") or None)
+    if progress:
+        progress("export", 0.0)
+    tasks = client.json(
+        "GET", f"/api/projects/{project}/export", params={"exportType": "JSON", "download_all_tasks": "true"}
+    )
+    samples = tasks_to_samples(tasks, cfg, fetcher, label_field=payload.get("label_field") or None)
+    labelled = sum(s.label is not None for s in samples)
+    if labelled < 2:
+        raise ValueError(f"project {project} has {labelled} labelled tasks: label at least two images to train")
+    return samples, list(cfg.classes)
+
+
+def tasks_to_samples(
+    tasks: list[dict[str, Any]], cfg: ProjectConfig, fetcher: ImageFetcher, label_field: str | None = None
+) -> list[Sample]:
+    samples = []
+    counts = {"annotated": 0, "masks": 0, "from_field": 0, "unlabelled": 0, "skipped": 0}
+    for task in tasks:
+        ref = (task.get("data") or {}).get(cfg.image_key)
+        if not ref:
+            counts["skipped"] += 1
+            continue
+        label, mask = annotation_label_and_mask(task, cfg)
+        if label is None and label_field and task["data"].get(label_field) in cfg.classes:
+            label = task["data"][label_field]
+            counts["from_field"] += 1
+        if label is not None or mask is not None:
+            counts["annotated"] += 1
+        else:
+            counts["unlabelled"] += 1
+        counts["masks"] += mask is not None
+        samples.append(Sample(key=str(task["id"]), label=label, loader=_loader(fetcher, ref), mask=mask))
+    log.info("tasks: %s", counts)
+    return samples
+
+
+def annotation_label_and_mask(task: dict[str, Any], cfg: ProjectConfig) -> tuple[str | None, np.ndarray | None]:
+    """The class and the brush mask of the task's latest valid annotation."""
+    annotations = [
+        a
+        for a in task.get("annotations") or []
+        if not a.get("was_cancelled") and not a.get("skipped") and a.get("result")
+    ]
+    if not annotations:
+        return None, None
+    latest = max(annotations, key=lambda a: (a.get("updated_at") or a.get("created_at") or "", a.get("id", 0)))
+    label = None
+    mask = None
+    for region in latest["result"]:
+        value = region.get("value") or {}
+        if region.get("from_name") == cfg.choices and region.get("type") == "choices":
+            chosen = [c for c in value.get("choices", []) if c in cfg.classes]
+            label = chosen[0] if chosen else label
+        elif region.get("from_name") == cfg.brush and region.get("type") == "brushlabels" and value.get("rle"):
+            h, w = int(region["original_height"]), int(region["original_width"])
+            layer = decode_rle(value["rle"]).reshape(h, w, 4)[:, :, 3] > 0
+            mask = layer if mask is None else (mask | layer)
+    return label, mask
+
+
+def _loader(fetcher: ImageFetcher, ref: str) -> Callable[[], Any]:
+    return lambda: fetcher.load(ref)

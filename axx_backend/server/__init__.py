@@ -1,0 +1,1 @@
+"""The Label Studio ML backend server: a thin Flask app over `AxxModel` (no science here)."""

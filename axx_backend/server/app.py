@@ -1,0 +1,141 @@
+"""The thin web layer: Label Studio's ML backend protocol (LABEL_STUDIO.md) routed to `AxxModel`.
+
+Endpoints: GET /health, POST /setup, POST /predict, POST /webhook, GET /versions, GET /metrics
+(and the legacy POST /train, which Label Studio sends when its START_TRAINING webhook flag is off).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import logging
+import re
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+
+from ..labelstudio.config import ConfigError
+from .model import AxxModel, Runtime, get_runtime
+
+log = logging.getLogger(__name__)
+
+
+def _status_line(code: int, message: str) -> str:
+    """`400 <message>`: Label Studio shows only requests' "400 Client Error: <reason> for url" to the user,
+    not the body, so the reason phrase carries the message (ASCII, one line, bounded)."""
+    reason = re.sub(r"[^\x20-\x7e]", "?", " ".join(message.split()))[:300]
+    return f"{code} {reason or 'Error'}"
+
+
+def error_response(code: int, message: str) -> Response:
+    response = jsonify({"status": "error", "error": message})
+    response.status = _status_line(code, message)
+    return response
+
+
+def _basic_auth_ok(expected: tuple[str, str]) -> bool:
+    header = request.headers.get("Authorization", "")
+    if not header.startswith("Basic "):
+        return False
+    try:
+        user, _, password = base64.b64decode(header[6:]).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    return hmac.compare_digest(user, expected[0]) & hmac.compare_digest(password, expected[1])
+
+
+def _body() -> dict[str, Any]:
+    data = request.get_json(silent=True)
+    return data if isinstance(data, dict) else {}
+
+
+def create_app(runtime: Runtime | Callable[[], Runtime] | None = None) -> Flask:
+    """The Flask app; `runtime` is made lazily per process unless given (tests pass one)."""
+    get: Callable[[], Runtime]
+    if runtime is None:
+        get = get_runtime
+    elif isinstance(runtime, Runtime):
+        get = lambda: runtime  # noqa: E731
+    else:
+        get = runtime
+    app = Flask(__name__)
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+
+    @app.before_request
+    def _auth() -> Response | None:
+        rt = get()
+        rt.metrics.request(request.path)
+        expected = rt.settings.basic_auth
+        if expected and not _basic_auth_ok(expected):
+            response = error_response(401, "basic authentication required (BASIC_AUTH_USER/BASIC_AUTH_PASS)")
+            response.headers["WWW-Authenticate"] = 'Basic realm="axx-backend"'
+            return response
+        return None
+
+    @app.errorhandler(ConfigError)
+    def _config_error(exc: ConfigError) -> Response:
+        get().metrics.error(request.path)
+        log.warning("%s: %s", request.path, exc)
+        return error_response(400, f"labeling config not supported: {exc}")
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        from werkzeug.exceptions import HTTPException
+
+        if isinstance(exc, HTTPException):
+            return error_response(exc.code or 500, exc.description or exc.name)
+        get().metrics.error(request.path)
+        log.exception("%s failed", request.path)
+        return error_response(500, f"{type(exc).__name__}: {exc}")
+
+    @app.get("/")
+    @app.get("/health")
+    def health() -> Response:
+        return jsonify(get().health())
+
+    @app.post("/setup")
+    def setup() -> Response:
+        body = _body()
+        model = AxxModel(get(), body.get("project"), body.get("schema") or body.get("label_config"))
+        return jsonify(model.setup())
+
+    @app.post("/predict")
+    def predict() -> Response:
+        body = _body()
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list):
+            return error_response(400, "the body needs a 'tasks' list")
+        params = body.get("params") or {}
+        model = AxxModel(get(), body.get("project"), body.get("label_config"))
+        return jsonify(model.predict(tasks, context=params.get("context") if isinstance(params, dict) else None))
+
+    @app.post("/webhook")
+    def webhook() -> Response:
+        body = _body()
+        event = str(body.get("action") or "")
+        project = body.get("project")
+        config = project.get("label_config") if isinstance(project, dict) else None
+        model = AxxModel(get(), project.get("id") if isinstance(project, dict) else project, config)
+        return jsonify(model.fit(event, body))
+
+    @app.post("/train")
+    def train() -> Response:
+        body = _body()
+        model = AxxModel(get(), body.get("project"), body.get("label_config"))
+        return jsonify(model.fit("START_TRAINING", body))
+
+    @app.route("/versions", methods=["GET", "POST"])
+    def versions() -> Response:
+        body = _body()  # LS sends GET with a JSON body {"project": "1.123"}
+        project = body.get("project") or request.args.get("project")
+        model = AxxModel(get(), project)
+        return jsonify({"versions": get().registry.versions(model.project_id)})
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        rt = get()
+        return jsonify({**rt.metrics.snapshot(), "loaded_versions": rt.registry.loaded()})
+
+    return app

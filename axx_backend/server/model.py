@@ -1,0 +1,337 @@
+"""The model class Label Studio talks to, in the style of label-studio-ml 2.x's LabelStudioMLBase.
+
+`AxxModel(project, label_config)` is cheap and made per request, like LabelStudioMLBase; everything
+that must live longer (loaded versions, parsed configs, the API client, the model_version sync) is in
+one `Runtime` per process. `predict` keeps Label Studio's contract: exactly one entry per task, in order.
+An entry is a prediction dict, or `[]` when there is nothing to store yet (no model, image temporarily
+unreachable, time budget spent): Label Studio stores nothing for `[]` and asks again next time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from ..labelstudio.client import LabelStudioClient, ModelVersionSync
+from ..labelstudio.config import ConfigCache, ProjectConfig
+from ..labelstudio.images import ImageFetcher, ImageFetchError
+from ..labelstudio.results import build_prediction, failed_prediction
+from ..settings import Settings
+from .metrics import Metrics
+from .registry import ModelRegistry, Resolved
+from .settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+UNTRAINED = "untrained"  # the model_version answered before any version serves the project
+
+
+def project_id_of(project: Any) -> str | None:
+    """Label Studio sends "<id>.<created timestamp>" ("1.1795318780"); the id is the part before the dot."""
+    if project is None or project == "":
+        return None
+    return str(project).split(".", 1)[0].strip() or None
+
+
+@dataclass
+class Runtime:
+    """What one server process shares between requests."""
+
+    settings: ServerSettings
+    method: Settings
+    configs: ConfigCache
+    registry: ModelRegistry
+    fetcher: ImageFetcher
+    client: LabelStudioClient | None
+    sync: ModelVersionSync
+    metrics: Metrics = field(default_factory=Metrics)
+    projects: dict[str, dict[str, Any]] = field(default_factory=dict)  # last resolution per project, for /health
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Runtime:
+        method = Settings.from_env(environ)
+        settings = ServerSettings.from_env(environ, method)
+        client = None
+        if settings.label_studio_url and settings.api_key:
+            client = LabelStudioClient(settings.label_studio_url, settings.api_key)
+        fetcher = ImageFetcher(
+            settings.label_studio_url, client.auth if client else None, settings.allowed_hosts, settings.limits
+        )
+        return cls(
+            settings=settings,
+            method=method,
+            configs=ConfigCache(settings.config),
+            registry=ModelRegistry(settings.model_dir, method, settings.max_loaded_versions),
+            fetcher=fetcher,
+            client=client,
+            sync=ModelVersionSync(client if settings.sync_model_version else None),
+        )
+
+    def note_project(self, project_id: str | None, resolved: Resolved) -> None:
+        if project_id:
+            self.projects[project_id] = {
+                "model_version": resolved.version or UNTRAINED,
+                "ready": resolved.ready,
+                "reason": resolved.reason,
+                "classes": list(resolved.classes),
+            }
+
+    def health(self) -> dict[str, Any]:
+        """Cheap: reads only version.json files, never loads a model."""
+        shared = self.registry.resolve(None, None)
+        projects = dict(self.projects)  # copies: request threads may add entries meanwhile
+        ready = shared.ready or any(p["ready"] for p in projects.values())
+        message = "ready" if ready else shared.reason
+        if projects and not any(p["ready"] for p in projects.values()):
+            message = "; ".join(f"project {k}: {v['reason']}" for k, v in projects.items())
+        problems = []
+        if not self.settings.label_studio_url:
+            problems.append("LABEL_STUDIO_URL is not set: uploaded and local-file images cannot be read")
+        elif not self.settings.api_key:
+            problems.append("LABEL_STUDIO_API_KEY is not set: Label Studio images cannot be read")
+        return {
+            "status": "UP",
+            "model_class": AxxModel.__name__,
+            "ready": ready,
+            "message": message,
+            "model_dir": str(self.registry.root),
+            "current_version": shared.version,
+            "projects": projects,
+            "loaded_versions": self.registry.loaded(),
+            "load_errors": dict(self.registry.load_errors),
+            "label_studio": {
+                "url": self.settings.label_studio_url,
+                "api_key": self.client.auth.kind if self.client else None,
+                "allowed_hosts": self.fetcher.allow.describe(),
+            },
+            "model_version_sync": {f"{p}:{v}": outcome for (p, v), outcome in dict(self.sync.results).items()},
+            "problems": problems,
+        }
+
+
+_runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def get_runtime() -> Runtime:
+    """The process's Runtime, made on first use (after gunicorn forks, so workers share nothing)."""
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            _runtime = Runtime.from_env()
+        return _runtime
+
+
+class AxxModel:
+    """LabelStudioMLBase-style: `setup`, `predict(tasks, context=None, **kwargs)`, `fit(event, data, **kwargs)`."""
+
+    def __init__(self, runtime: Runtime, project: Any = None, label_config: str | None = None) -> None:
+        self.runtime = runtime
+        self.project = project
+        self.project_id = project_id_of(project)
+        self.label_config = label_config or ""
+        self._config: ProjectConfig | None = None
+        self._resolved: Resolved | None = None
+
+    # --- config and version --------------------------------------------------------------------------------------
+    @property
+    def config(self) -> ProjectConfig:
+        """The parsed labeling config; raises ConfigError naming what is missing."""
+        if self._config is None:
+            self._config = self.runtime.configs.get(self.label_config)
+        return self._config
+
+    @property
+    def resolved(self) -> Resolved:
+        if self._resolved is None:
+            self._resolved = self.runtime.registry.resolve(self.project_id, self.config)
+            self.runtime.note_project(self.project_id, self._resolved)
+        return self._resolved
+
+    @property
+    def model_version(self) -> str:
+        return self.resolved.version or UNTRAINED
+
+    def setup(self) -> dict[str, Any]:
+        """Check the config and answer the serving version; never loads a model (LS calls this very often)."""
+        resolved = self.resolved  # parses the config first: a ConfigError goes back to Label Studio
+        if resolved.ready:
+            if self.runtime.settings.preload:
+                self.runtime.registry.warm(resolved.path)  # background: the first /predict need not wait
+            # After a reconnect LS resets project.model_version; if predictions of this version exist, this fixes it.
+            self.runtime.sync.schedule(self.project_id, resolved.version, attempts=3)
+        else:
+            log.info("project %s: no serving version: %s", self.project_id, resolved.reason)
+        return {"model_version": self.model_version}
+
+    # --- prediction ------------------------------------------------------------------------------------------------
+    def predict(
+        self, tasks: list[dict[str, Any]], context: dict[str, Any] | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        rt = self.runtime
+        start = time.monotonic()
+        deadline = start + rt.settings.predict_time_budget
+        cfg = self.config
+        resolved = self.resolved
+        n = len(tasks)
+        summary: dict[str, Any] = {"project": self.project_id, "tasks": n, "model_version": self.model_version}
+        if not resolved.ready:
+            log.warning("project %s: %d tasks left without prediction: %s", self.project_id, n, resolved.reason)
+            summary.update(no_model=n, seconds=time.monotonic() - start, reason=resolved.reason)
+            rt.metrics.predict(summary)
+            return {"results": [[] for _ in tasks], "model_version": UNTRAINED}
+
+        assert resolved.path is not None and resolved.version is not None
+        model = rt.registry.get(resolved.path)
+        version = resolved.version
+        results: list[Any] = [[] for _ in tasks]
+        done = [False] * n  # answered (predicted, failed, invalid or unreachable); the rest ran out of time
+        counts = {"predicted": 0, "failed": 0, "skipped_budget": 0, "skipped_transient": 0, "invalid": 0}
+        inference_seconds = 0.0
+        per_image: float | None = None  # measured seconds per image, to stop before the budget runs out
+        batch_size = max(1, model.annotator.settings.batch_size)
+        window = max(batch_size * 2, rt.settings.fetch_workers)  # downloads in flight ahead of inference
+
+        pool = ThreadPoolExecutor(rt.settings.fetch_workers, thread_name_prefix="fetch")
+        futures: dict[int, Future[Image.Image]] = {}
+        submitted = 0
+
+        def top_up(upto: int) -> None:
+            nonlocal submitted
+            while submitted < min(n, upto):
+                futures[submitted] = pool.submit(rt.fetcher.load, self._image_ref(tasks[submitted], cfg))
+                submitted += 1
+
+        def run_batch(batch: list[tuple[int, Image.Image]]) -> bool:
+            """Annotate one batch; False when the time budget does not allow it."""
+            nonlocal inference_seconds, per_image
+            expected = (per_image or 0.0) * len(batch)
+            remaining = deadline - time.monotonic()
+            if expected > remaining or not model.lock.acquire(timeout=max(0.0, remaining - expected)):
+                return False
+            try:
+                t0 = time.perf_counter()
+                annotations = annotate_each_on_error(model.annotator, [img for _, img in batch])
+                took = time.perf_counter() - t0
+            finally:
+                model.lock.release()
+            inference_seconds += took
+            rate = took / len(batch)
+            per_image = rate if per_image is None else 0.5 * per_image + 0.5 * rate
+            for (i, _), ann in zip(batch, annotations, strict=True):
+                done[i] = True
+                if isinstance(ann, Exception):  # this image broke the model; the others of the batch are fine
+                    log.error("task %s: prediction failed: %s", _task_id(tasks[i]), ann)
+                    counts["failed"] += 1
+                    results[i] = failed_prediction(cfg, version, f"prediction failed: {type(ann).__name__}: {ann}")
+                    continue
+                prediction = build_prediction(ann, cfg, version)
+                errors = cfg.validate(prediction)
+                if errors:  # LS would store wrong names silently: refuse and say why
+                    log.error("task %s: prediction does not fit the labeling config: %s", _task_id(tasks[i]), errors)
+                    counts["invalid"] += 1
+                    continue
+                results[i] = prediction
+                counts["predicted"] += 1
+            return True
+
+        stopped = False
+        try:
+            batch: list[tuple[int, Image.Image]] = []
+            for i in range(n):
+                top_up(i + window)
+                try:
+                    image = futures.pop(i).result(timeout=max(0.01, deadline - time.monotonic()))
+                except FutureTimeout:
+                    stopped = True
+                    break
+                except ImageFetchError as exc:
+                    done[i] = True
+                    if exc.transient:
+                        log.warning("task %s: image not read, will be asked again: %s", _task_id(tasks[i]), exc)
+                        counts["skipped_transient"] += 1
+                    else:
+                        log.warning("task %s: image cannot be used: %s", _task_id(tasks[i]), exc)
+                        counts["failed"] += 1
+                        results[i] = failed_prediction(cfg, version, str(exc))
+                    continue
+                batch.append((i, image))
+                if len(batch) == batch_size:
+                    if not run_batch(batch):
+                        stopped = True
+                        break
+                    batch = []
+            else:
+                if batch and not run_batch(batch):
+                    stopped = True
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+        counts["skipped_budget"] = done.count(False)
+        if stopped:
+            log.warning(
+                "project %s: time budget of %.0f s reached: %d of %d tasks left for a later request "
+                "(AXX_PREDICT_TIME_BUDGET)", self.project_id, rt.settings.predict_time_budget,
+                counts["skipped_budget"], n,
+            )  # fmt: skip
+        seconds = time.monotonic() - start
+        summary.update(counts, seconds=round(seconds, 3), inference_seconds=round(inference_seconds, 3))
+        summary["tasks_per_second"] = round(counts["predicted"] / seconds, 3) if seconds > 0 else None
+        rt.metrics.predict(summary)
+        log.info(
+            "project %s: %d tasks -> %d predicted, %d failed, %d later (budget), %d later (unreachable) in %.1f s",
+            self.project_id, n, counts["predicted"], counts["failed"], counts["skipped_budget"],
+            counts["skipped_transient"], seconds,
+        )  # fmt: skip
+        if counts["predicted"] or counts["failed"]:
+            rt.sync.schedule(self.project_id, version)  # after this answer LS stores them; then the PATCH works
+        return {"results": results, "model_version": version}
+
+    @staticmethod
+    def _image_ref(task: dict[str, Any], cfg: ProjectConfig) -> str:
+        data = task.get("data") or {}
+        ref = data.get(cfg.image_key)
+        if not isinstance(ref, str):
+            return ""  # ImageFetcher.resolve says "the task has no image URL"
+        return ref
+
+    # --- learning -------------------------------------------------------------------------------------------------
+    def fit(self, event: str, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        """Webhook events (ANNOTATION_CREATED/UPDATED, START_TRAINING, ...). Must return at once: LS waits 1 s.
+
+        Training from Label Studio is the next step (it will enqueue a job in axx_backend.jobs); for now the
+        event is acknowledged and logged, and nothing is queued.
+        """
+        project = data.get("project")
+        project_id = project.get("id") if isinstance(project, dict) else project_id_of(project)
+        log.info("webhook %s for project %s: acknowledged, not handled yet", event, project_id)
+        return {"status": "ignored", "event": event, "project": project_id,
+                "reason": "training from Label Studio is not implemented yet: run `axx-backend train`"}  # fmt: skip
+
+
+def _task_id(task: dict[str, Any]) -> Any:
+    return task.get("id")
+
+
+def annotate_each_on_error(annotator: Any, images: list[Image.Image]) -> list[Any]:
+    """Annotations of a batch; if the batch fails, each image alone, so one bad image costs only its own task."""
+    try:
+        return list(annotator.annotate(images))
+    except Exception as exc:
+        if len(images) == 1:
+            return [exc]
+        log.warning("a batch of %d images failed (%s): retrying one by one", len(images), exc)
+    out: list[Any] = []
+    for image in images:
+        try:
+            out.extend(annotator.annotate([image]))
+        except Exception as exc:
+            out.append(exc)
+    return out

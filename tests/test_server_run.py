@@ -1,0 +1,39 @@
+"""`serve()` runs gunicorn with the app: health, basic auth and the worker/thread settings."""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+import requests
+
+from axx_backend.server.run import gunicorn_options
+from axx_backend.server.settings import ServerSettings
+from tests import ls_harness as h
+
+
+def test_gunicorn_options_follow_workers_threads_and_budget() -> None:
+    s = ServerSettings.from_env({"WORKERS": "2", "THREADS": "3", "AXX_PREDICT_TIME_BUDGET": "90", "LOG_LEVEL": "debug"})
+    opts = gunicorn_options("127.0.0.1", 9999, s)
+    assert opts["bind"] == "127.0.0.1:9999" and opts["workers"] == 2 and opts["threads"] == 3
+    assert opts["worker_class"] == "gthread" and opts["timeout"] >= 150 and opts["loglevel"] == "debug"
+    assert opts["preload_app"] is False  # each worker loads its models after the fork
+
+
+def test_serve_answers_health_with_basic_auth(tmp_path: Path) -> None:
+    env = {
+        "MODEL_DIR": str(tmp_path / "models"),
+        "BASIC_AUTH_USER": "ls",
+        "BASIC_AUTH_PASS": "pw",
+        "THREADS": "2",
+        "LABEL_STUDIO_URL": "",
+        "LABEL_STUDIO_API_KEY": "",
+    }
+    os.environ.pop("AXX_E2E_SHOW_LOGS", None)
+    with h.backend_server(env, tmp_path, timeout=120, auth=("ls", "pw")) as url:
+        assert requests.get(f"{url}/health", timeout=10).status_code == 401
+        token = base64.b64encode(b"ls:pw").decode()
+        health = requests.get(f"{url}/health", headers={"Authorization": f"Basic {token}"}, timeout=10).json()
+        assert health["status"] == "UP" and health["ready"] is False
+        assert any("LABEL_STUDIO_URL" in p for p in health["problems"])
