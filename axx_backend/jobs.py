@@ -44,6 +44,7 @@ class InProcessJobs:
         self._lock = threading.Lock()
         self._status: dict[str, dict[str, Any]] = {}
         self._threads: dict[str, threading.Thread] = {}
+        self._counts: dict[str, int] = {}
 
     @property
     def kind(self) -> str:
@@ -71,6 +72,11 @@ class InProcessJobs:
             if project is not None:
                 return dict(self._status.get(project, {"project": project, "state": "idle"}))
             return {p: dict(s) for p, s in self._status.items()}
+
+    def count_annotation(self, project: str) -> int:
+        with self._lock:
+            self._counts[project] = self._counts.get(project, 0) + 1
+            return self._counts[project]
 
     def wait(self, project: str, timeout: float = 600) -> dict[str, Any]:
         """Block until the project's runs are over (tests, CLI)."""
@@ -123,6 +129,10 @@ class RQJobs:
         )
         self.redis.hset(key, "job_id", json.dumps(job.id))
         return {"status": "queued", "project": project, "job_id": job.id}
+
+    def count_annotation(self, project: str) -> int:
+        """Annotations seen for the project, across every server process."""
+        return int(self.redis.incr(f"axx:annotations:{project}"))
 
     def status(self, project: str | None = None) -> dict[str, Any]:
         if project is None:

@@ -253,17 +253,42 @@ def test_sync_is_scheduled_after_predictions(tmp_path: Path, images: tuple[str, 
     assert calls == [("3", version), ("3", version)]
 
 
-def test_webhook_answers_at_once_and_queues_nothing(tmp_path: Path) -> None:
-    rt, _ = make_runtime(tmp_path)
+def test_webhook_answers_at_once_and_queues_training(tmp_path: Path) -> None:
+    # Label Studio on a closed port: the queued job runs for real in its thread and fails fast.
+    rt, _ = make_runtime(
+        tmp_path, LABEL_STUDIO_URL="http://127.0.0.1:9", LABEL_STUDIO_API_KEY="k" * 40, AXX_TRAIN_EVERY="2"
+    )
     client = create_app(rt).test_client()
     project = {"id": 1, "label_config": CONFIG, "title": "p"}
-    for action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "START_TRAINING", "PROJECT_UPDATED", "TASKS_CREATED"):
+
+    def post(action: str) -> dict[str, Any]:
         t0 = time.monotonic()
         r = client.post("/webhook", json={"action": action, "project": project, "annotation": {"id": 1}})
         assert r.status_code == 200 and time.monotonic() - t0 < 0.5
         body = r.get_json()
-        assert body["status"] == "ignored" and body["event"] == action and body["project"] == 1
-    assert client.post("/train", json={"annotations": [], "project": "1.1"}).get_json()["status"] == "ignored"
+        assert body["event"] == action
+        return body
+
+    assert post("PROJECT_UPDATED")["status"] == "ignored"
+    assert post("TASKS_CREATED")["status"] == "ignored"
+    first = post("ANNOTATION_CREATED")
+    assert (first["status"], first["annotations"]) == ("counted", 1)
+    assert post("ANNOTATION_UPDATED")["status"] == "queued"  # the 2nd annotation with AXX_TRAIN_EVERY=2
+    status = rt.jobs.wait("1", timeout=60)
+    assert status["state"] == "failed" and "Connection refused" in status["error"]
+    assert client.get("/health").get_json()["training"]["projects"]["1"]["state"] == "failed"
+    assert client.get("/jobs").get_json()["1"]["state"] == "failed"
+    assert post("START_TRAINING")["status"] == "queued"  # the project is free again after a failed run
+    rt.jobs.wait("1", timeout=60)
+    assert list(tmp_path.iterdir()) == []  # failed runs leave no version behind
+
+
+def test_training_without_label_studio_credentials_says_what_to_set(tmp_path: Path) -> None:
+    rt, _ = make_runtime(tmp_path)
+    client = create_app(rt).test_client()
+    body = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 4}}).get_json()
+    assert body["status"] == "error" and "LABEL_STUDIO_URL" in body["reason"]
+    assert client.post("/train", json={"project": "4.1"}).get_json()["status"] == "error"
 
 
 def test_basic_auth(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """The thin web layer: Label Studio's ML backend protocol (LABEL_STUDIO.md) routed to `AxxModel`.
 
-Endpoints: GET /health, POST /setup, POST /predict, POST /webhook, GET /versions, GET /metrics
+Endpoints: GET /health, POST /setup, POST /predict, POST /webhook, GET /versions, GET /jobs, GET /metrics
 (and the legacy POST /train, which Label Studio sends when its START_TRAINING webhook flag is off).
 """
 
@@ -132,6 +132,10 @@ def create_app(runtime: Runtime | Callable[[], Runtime] | None = None) -> Flask:
         project = body.get("project") or request.args.get("project")
         model = AxxModel(get(), project)
         return jsonify({"versions": get().registry.versions(model.project_id)})
+
+    @app.get("/jobs")
+    def jobs() -> Response:
+        return jsonify(get().jobs_status())
 
     @app.get("/metrics")
     def metrics() -> Response:

@@ -15,10 +15,12 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from ..jobs import make_jobs
 from ..labelstudio.client import LabelStudioClient, ModelVersionSync
 from ..labelstudio.config import ConfigCache, ProjectConfig
 from ..labelstudio.images import ImageFetcher, ImageFetchError
@@ -51,6 +53,7 @@ class Runtime:
     fetcher: ImageFetcher
     client: LabelStudioClient | None
     sync: ModelVersionSync
+    jobs: Any = None  # axx_backend.jobs.InProcessJobs | RQJobs
     metrics: Metrics = field(default_factory=Metrics)
     projects: dict[str, dict[str, Any]] = field(default_factory=dict)  # last resolution per project, for /health
 
@@ -72,6 +75,7 @@ class Runtime:
             fetcher=fetcher,
             client=client,
             sync=ModelVersionSync(client if settings.sync_model_version else None),
+            jobs=make_jobs(settings.redis_url),
         )
 
     def note_project(self, project_id: str | None, resolved: Resolved) -> None:
@@ -113,7 +117,16 @@ class Runtime:
             },
             "model_version_sync": {f"{p}:{v}": outcome for (p, v), outcome in dict(self.sync.results).items()},
             "problems": problems,
+            "training": {"backend": self.jobs.kind if self.jobs else None, "projects": self.jobs_status()},
         }
+
+    def jobs_status(self) -> dict[str, Any]:
+        if self.jobs is None:
+            return {}
+        try:
+            return dict(self.jobs.status())
+        except Exception as exc:  # Redis down: /health must still answer
+            return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 _runtime: Runtime | None = None
@@ -304,16 +317,39 @@ class AxxModel:
 
     # --- learning -------------------------------------------------------------------------------------------------
     def fit(self, event: str, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        """Webhook events (ANNOTATION_CREATED/UPDATED, START_TRAINING, ...). Must return at once: LS waits 1 s.
+        """Webhook events. Must return at once (LS waits 1 s): training runs as a background job.
 
-        Training from Label Studio is the next step (it will enqueue a job in axx_backend.jobs); for now the
-        event is acknowledged and logged, and nothing is queued.
+        START_TRAINING always queues a run; ANNOTATION_CREATED/UPDATED queue one every
+        `AXX_TRAIN_EVERY` annotations. A run already queued or going for the project absorbs the request.
         """
+        rt = self.runtime
         project = data.get("project")
-        project_id = project.get("id") if isinstance(project, dict) else project_id_of(project)
-        log.info("webhook %s for project %s: acknowledged, not handled yet", event, project_id)
-        return {"status": "ignored", "event": event, "project": project_id,
-                "reason": "training from Label Studio is not implemented yet: run `axx-backend train`"}  # fmt: skip
+        project_id = str(project.get("id")) if isinstance(project, dict) else project_id_of(project)
+        if not project_id:
+            return {"status": "ignored", "event": event, "reason": "no project in the event"}
+        if event in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
+            every = rt.settings.train_every
+            count = rt.jobs.count_annotation(project_id)
+            if every == 0 or count % every:
+                return {"status": "counted", "event": event, "project": project_id, "annotations": count,
+                        "train_every": every}  # fmt: skip
+        elif event != "START_TRAINING":
+            return {"status": "ignored", "event": event, "project": project_id}
+        if not (rt.settings.label_studio_url and rt.settings.api_key):
+            reason = "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY: training reads the annotations through the API"
+            log.error("webhook %s for project %s: cannot train: %s", event, project_id, reason)
+            return {"status": "error", "event": event, "project": project_id, "reason": reason}
+        payload = {
+            "source": "labelstudio",
+            "url": rt.settings.label_studio_url,
+            "api_key": rt.settings.api_key,
+            "allowed_hosts": list(rt.settings.allowed_hosts),
+            "label_field": rt.settings.label_field,
+            "model_dir": str(Path(rt.settings.model_dir) / project_id),
+        }
+        outcome = rt.jobs.submit(project_id, payload, reason=event)
+        log.info("webhook %s for project %s: training %s", event, project_id, outcome["status"])
+        return {**outcome, "event": event}
 
 
 def _task_id(task: dict[str, Any]) -> Any:

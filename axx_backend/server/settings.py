@@ -35,6 +35,9 @@ class ServerSettings:
     preload: bool = True  # AXX_PRELOAD: start loading the serving version in the background on /setup
     max_loaded_versions: int = 2  # AXX_MAX_LOADED_VERSIONS: versions kept in memory per process
     config: ConfigOptions = field(default_factory=ConfigOptions)
+    redis_url: str | None = None  # REDIS_URL: training jobs on RQ; unset = in-process thread
+    train_every: int = 10  # AXX_TRAIN_EVERY: train after every N annotations created/updated (0: only on request)
+    label_field: str | None = None  # AXX_LABEL_FIELD: task data field with image-level labels, used for training
 
     @property
     def basic_auth(self) -> tuple[str, str] | None:
@@ -95,4 +98,7 @@ class ServerSettings:
             preload=flag("AXX_PRELOAD", True),
             max_loaded_versions=max(1, int(number("AXX_MAX_LOADED_VERSIONS", 2, int))),
             config=config,
+            redis_url=get("REDIS_URL"),
+            train_every=max(0, int(number("AXX_TRAIN_EVERY", 10, int))),
+            label_field=get("AXX_LABEL_FIELD"),
         )
