@@ -1,8 +1,11 @@
-"""Training a version: frozen backbones, MC-dropout heads on cached pooled features,
-calibration on a held-out split, and an atomic write of the version.
+"""Training a version, one code path for a folder and a Label Studio project:
 
-One backbone pass per image and member (two with the mirrored copy) is the whole cost;
-the heads then train in a fraction of a second per epoch.
+1. optional fine-tuning of the backbones (`finetune`: last stage or all);
+2. one backbone pass per image and member, caching pooled features (and feature maps where
+   the pixel phase needs them); the MC-dropout heads then train in milliseconds per epoch;
+3. temperature and review threshold calibrated on a held-out split;
+4. the pixel phase (training/pixels.py): CAM threshold, pseudo-masks, segmentation heads;
+5. an atomic write of the version, which becomes current.
 """
 
 from __future__ import annotations
