@@ -228,6 +228,8 @@ def run_worker(redis_url: str | None = None, burst: bool = False) -> None:
     url = redis_url or os.environ.get("REDIS_URL")
     if not url:
         raise ValueError("REDIS_URL is not set: the worker needs Redis (without it, the server trains in-process)")
+    import axx_backend.training.project  # noqa: F401  torch and the trainer, imported once: forked job processes inherit them
+
     redis = Redis.from_url(url)
     worker = Worker([Queue(QUEUE_NAME, connection=redis)], connection=redis)
     worker.work(burst=burst, with_scheduler=False)

@@ -7,6 +7,16 @@ static server (allow-listed) and as local files; start `axx-backend serve` with 
 connect it (POST /api/ml); "Retrieve predictions" (POST /api/dm/actions?id=retrieve_tasks_predictions);
 then check through the API what Label Studio stored.
 
+The server trains on Redis: the fixture starts a real redis-server and a real `axx-backend worker`
+(tests/redis_harness.py) with the server's environment. The learning loop (`learned`): annotations with
+a choice and a brush mask (the generated ground truth, RLE by the SDK's mask2rle) go in through
+`POST /api/tasks/{id}/annotations`; "Start training" (`POST /api/ml/{id}/train`, pressed twice) runs one
+job on the worker; the new version is written under MODEL_DIR/<project id>/; `GET /api/ml/{id}` makes
+Label Studio learn it; "Retrieve predictions" again, and the project's sort follows the new version.
+While the worker trains, the same START_TRAINING -> new version path runs on a second project with a
+second backend without Redis (training in a thread of the server). The learning tests come last in this
+file: they add a second prediction per task and move the project's model_version.
+
 The review flag is not forced: a uniform grey image makes the members disagree, so it is flagged and is
 the least confident task (no AXX_UNCERTAINTY_THRESHOLD override). The server and the reference Annotator
 run with AXX_BATCH_SIZE=1 because the MC-dropout generator is seeded per batch: with batch 1 each image's
@@ -18,6 +28,7 @@ and /usr/bin/chromium; see tests/ls_harness.py).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -29,14 +40,18 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
-from label_studio_sdk.converter.brush import decode_rle
+from label_studio_sdk.converter.brush import decode_rle, mask2rle
 from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 
 from axx_backend.images import load_image
+from axx_backend.jobs import QUEUE_NAME
+from axx_backend.labelstudio.config import parse_config
+from axx_backend.labelstudio.dataset import annotation_label_and_mask
 from axx_backend.synthetic import make_dataset, make_image
 from axx_backend.versions import ModelStore
 from tests import ls_harness as h
+from tests.redis_harness import RedisServer, Worker
 
 LABEL_CONFIG = """<View>
   <Image name="image" value="$image" zoom="true"/>
@@ -53,6 +68,10 @@ LABEL_CONFIG = """<View>
 </View>"""
 
 E2E_ENV = {"AXX_BATCH_SIZE": "1"}
+# Training in the worker (and the in-process server) reads its settings from the environment: the same
+# preset and input size as the base version; annotation webhooks only count (training on "Start training").
+TRAIN_ENV = {"AXX_PRESET": "offline", "AXX_INPUT_SIZE": "224", "AXX_TRAIN_EVERY": "0"}
+TRAINING_TIMEOUT = 420  # s for one training run on 2 loaded cores (about 1 min when idle)
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -70,6 +89,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Any:
     started = time.monotonic()
     work = tmp_path_factory.mktemp("e2e")
     ls = h.LabelStudio(work).start()  # migrations take ~1 min on a first start: train meanwhile
+    cleanup = contextlib.ExitStack()  # the worker and redis-server, stopped before Label Studio
     try:
         env = {**os.environ, **E2E_ENV}
         make_dataset(work / "train", n_per_class=12, size=128, seed=0)
@@ -82,21 +102,29 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
         # task images: uploads, URL tasks (static server), one local file, a grey one, a corrupt one
         rng = np.random.default_rng(11)
+        truth: dict[str, tuple[str, np.ndarray]] = {}  # file name -> (class, generated mask), for annotations
+
+        def generate(name: str, size: int, positive: bool) -> np.ndarray:
+            image, mask = make_image(rng, size, positive)
+            truth[name] = ("Lesion" if positive else "Healthy", mask)
+            return image
+
         uploads: dict[str, bytes] = {}
         for i in range(5):
-            uploads[f"lesion_u{i}.png"] = _png(make_image(rng, 160, True)[0])
+            uploads[f"lesion_u{i}.png"] = _png(generate(f"lesion_u{i}.png", 160, True))
         for i in range(3):
-            uploads[f"healthy_u{i}.png"] = _png(make_image(rng, 160, False)[0])
+            uploads[f"healthy_u{i}.png"] = _png(generate(f"healthy_u{i}.png", 160, False))
         uploads["grey.png"] = _png(np.full((150, 170, 3), 128, np.uint8))
         uploads["corrupt.png"] = b"\x89PNG\r\n\x1a\n this is not really a png" * 10
         static = work / "static"
         static.mkdir()
-        urls = {"lesion_url.png": make_image(rng, 144, True)[0], "healthy_url.png": make_image(rng, 144, False)[0]}
+        urls = {"lesion_url.png": generate("lesion_url.png", 144, True)}
+        urls["healthy_url.png"] = generate("healthy_url.png", 144, False)
         for name, arr in urls.items():
             (static / name).write_bytes(_png(arr))
         local = work / "local"
         local.mkdir()
-        (local / "lesion_local.png").write_bytes(_png(make_image(rng, 176, True)[0]))
+        (local / "lesion_local.png").write_bytes(_png(generate("lesion_local.png", 176, True)))
         files = work / "uploads"
         files.mkdir()
         for name, data in uploads.items():
@@ -121,16 +149,22 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Any:
             ls.api("POST", f"/api/storages/localfiles/{storage['id']}/sync")
             pat = ls.create_personal_access_token()
 
+            redis = RedisServer(work)
+            cleanup.callback(redis.stop)
             backend_env = {
                 **E2E_ENV,
+                **TRAIN_ENV,
                 "MODEL_DIR": str(models),
                 "LABEL_STUDIO_URL": ls.url,
                 "LABEL_STUDIO_API_KEY": pat,
                 "AXX_ALLOWED_HOSTS": f"127.0.0.1:{st.port}",
+                "REDIS_URL": redis.url,
                 "WORKERS": "1",
                 "THREADS": "4",
                 "LOG_LEVEL": "INFO",
             }
+            worker = Worker(redis.url, work / "worker.log", backend_env)  # the same environment as the server
+            cleanup.callback(worker.stop)
             with h.backend_server(backend_env, work) as backend:
                 ml = ls.api("POST", "/api/ml", json={"project": pid, "url": backend, "title": "AXX",
                                                      "is_interactive": False})  # fmt: skip
@@ -152,9 +186,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Any:
                     "ls": ls, "project": pid, "version": version, "models": models, "work": work, "ml": ml,
                     "action": action, "retrieve_seconds": retrieve_seconds, "health": health, "metrics": metrics,
                     "versions": versions, "uploads": uploads, "static": static, "local": local, "backend": backend,
-                    "started": started, "static_url": st.url,
+                    "started": started, "static_url": st.url, "truth": truth, "redis": redis, "worker": worker,
+                    "backend_env": backend_env,
                 }  # fmt: skip
     finally:
+        cleanup.close()
         ls.stop()
         print(f"e2e stack lived {time.monotonic() - started:.0f} s")
 
@@ -163,10 +199,12 @@ def _tasks(stack: dict[str, Any], query: dict[str, Any] | None = None) -> list[d
     return stack["ls"].tasks(stack["project"], query)
 
 
-def _predictions(stack: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
+def _predictions(stack: dict[str, Any], version: str | None = None) -> dict[int, list[dict[str, Any]]]:
+    """The project's stored predictions by task; only those of `version` when given."""
     by_task: dict[int, list[dict[str, Any]]] = {}
     for p in stack["ls"].predictions(stack["project"]):
-        by_task.setdefault(int(p["task"]), []).append(p)
+        if version is None or p["model_version"] == version:
+            by_task.setdefault(int(p["task"]), []).append(p)
     return by_task
 
 
@@ -214,7 +252,7 @@ def test_masks_and_choices_match_the_engine(stack: dict[str, Any]) -> None:
     settings = Settings.from_env(env)
     store = ModelStore(stack["models"])
     annotator = Annotator.from_version(store.path(stack["version"]), settings, settings.explicit_from_env(env))
-    predictions = _predictions(stack)
+    predictions = _predictions(stack, stack["version"])
     checked_masks = 0
     for task in _tasks(stack):
         ref = task["data"]["image"]
@@ -244,7 +282,7 @@ def test_masks_and_choices_match_the_engine(stack: dict[str, Any]) -> None:
 
 def test_sort_by_prediction_score_puts_the_flagged_task_first(stack: dict[str, Any]) -> None:
     ordered = _tasks(stack, {"ordering": ["tasks:predictions_score"]})
-    predictions = _predictions(stack)
+    predictions = _predictions(stack, stack["version"])
     grey = next(t for t in ordered if t["data"]["image"].endswith("grey.png"))
     for task in (ordered[0], grey):  # the least confident task, and the grey one, are flagged for review
         prediction = predictions[task["id"]][0]
@@ -259,7 +297,7 @@ def test_sort_by_prediction_score_puts_the_flagged_task_first(stack: dict[str, A
 
 
 def test_corrupt_image_gets_no_mask_and_the_rest_are_predicted(stack: dict[str, Any]) -> None:
-    predictions = _predictions(stack)
+    predictions = _predictions(stack, stack["version"])
     corrupt = [t for t in _tasks(stack) if t["data"]["image"].endswith("corrupt.png")]
     assert len(corrupt) == 1
     p = predictions[corrupt[0]["id"]][0]
@@ -292,7 +330,7 @@ def test_screenshots(stack: dict[str, Any]) -> None:
     ordered = _tasks(stack, {"ordering": ["tasks:predictions_score"]})
     lesion = next(
         t for t in ordered
-        if any(r["type"] == "brushlabels" for r in _predictions(stack)[t["id"]][0]["result"])
+        if any(r["type"] == "brushlabels" for r in _predictions(stack, stack["version"])[t["id"]][0]["result"])
         and "/data/upload/" in t["data"]["image"]
     )  # fmt: skip
     h.take_screenshots(ls, pid, int(view["id"]), int(lesion["id"]), Path(out), stack["work"])
@@ -317,3 +355,310 @@ def test_connect_errors_and_projects_without_a_model(stack: dict[str, Any]) -> N
     assert ls.predictions(pid) == []  # nothing stored: asked again once a version for these classes exists
     health = requests.get(f"{stack['backend']}/health", timeout=10).json()
     assert "do not match" in health["projects"][str(pid)]["reason"]
+
+
+# --- the learning loop (keep these last: they add a prediction per task and move project.model_version) -----------
+# Which task images get an annotation, and whether it has the brush mask too: all 7 lesion images with their
+# generated mask (5 stay in training after the validation split: enough for the seg head, METHOD.md
+# min_pixel_labels) and the 4 healthy ones with the choice alone. grey.png and corrupt.png stay unlabelled:
+# pseudo-mask candidates, and an unreadable image the run must skip.
+ANNOTATE = {
+    **{f"lesion_u{i}.png": True for i in range(5)},
+    "lesion_url.png": True,
+    "lesion_local.png": True,
+    **{f"healthy_u{i}.png": False for i in range(3)},
+    "healthy_url.png": False,
+}
+
+
+def _file_of(stack: dict[str, Any], ref: str) -> str:
+    """The generated file behind a task's image reference (uploads get a '<hash>-' prefix)."""
+    last = ref.rsplit("/", 1)[-1]
+    for name in (*stack["truth"], "grey.png", "corrupt.png"):
+        if last == name or last.endswith("-" + name):
+            return name
+    raise AssertionError(f"unknown task image {ref}")
+
+
+def _annotation_result(label: str, mask: np.ndarray | None) -> list[dict[str, Any]]:
+    """What the labeling UI submits: the class choice, and the brush mask as Label Studio RLE."""
+    result: list[dict[str, Any]] = [
+        {"id": "axxc", "from_name": "diagnosis", "to_name": "image", "type": "choices",
+         "value": {"choices": [label]}},
+    ]  # fmt: skip
+    if mask is not None:
+        height, width = mask.shape
+        rle = [int(v) for v in mask2rle(np.where(mask, 255, 0).astype(np.uint8))]
+        result.append({
+            "id": "axxb", "from_name": "lesion", "to_name": "image", "type": "brushlabels",
+            "original_width": int(width), "original_height": int(height), "image_rotation": 0,
+            "value": {"format": "rle", "rle": rle, "brushlabels": ["Lesion"]},
+        })  # fmt: skip
+    return result
+
+
+def _annotate(stack: dict[str, Any], project: int, plan: dict[str, bool]) -> dict[int, str]:
+    """POST one annotation per planned task; {task id: file name}."""
+    ls = stack["ls"]
+    done: dict[int, str] = {}
+    for task in ls.tasks(project):
+        name = _file_of(stack, task["data"]["image"])
+        if name not in plan:
+            continue
+        label, mask = stack["truth"][name]
+        assert mask.any() == (label == "Lesion")
+        body = {"result": _annotation_result(label, mask if plan[name] else None), "lead_time": 2.0}
+        created = ls.api("POST", f"/api/tasks/{task['id']}/annotations", json=body)
+        assert created["task"] == task["id"] and len(created["result"]) == (2 if plan[name] else 1)
+        done[int(task["id"])] = name
+    assert sorted(done.values()) == sorted(plan), done
+    return done
+
+
+def _wait_for(what: str, check: Any, timeout: float, interval: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:.0f} s (last: {value!r})")
+        time.sleep(interval)
+
+
+def _get(url: str) -> Any:
+    r = requests.get(url, timeout=15)
+    r.raise_for_status()
+    return r.json()
+
+
+def _webhook_requests(backend: str) -> int:
+    return int(_get(f"{backend}/metrics")["requests"].get("/webhook", 0))
+
+
+def _wait_training(backend: str, project: int, log: Path) -> dict[str, Any]:
+    """Poll the backend's GET /jobs until the project's run is over; its status."""
+
+    def over() -> dict[str, Any] | None:
+        status = _get(f"{backend}/jobs").get(str(project), {})
+        return status if status.get("state") in ("finished", "failed") else None
+
+    status = _wait_for(f"training of project {project}", over, TRAINING_TIMEOUT, interval=1.0)
+    assert status["state"] == "finished", f"{status}\n{h.tail(log, 6000)}"
+    return status
+
+
+def _retrieve_predictions(ls: h.LabelStudio, project: int) -> float:
+    t0 = time.monotonic()
+    ls.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={project}",
+           json={"selectedItems": {"all": True, "excluded": []}}, timeout=200)  # fmt: skip
+    return time.monotonic() - t0
+
+
+@pytest.fixture(scope="module")
+def learned(stack: dict[str, Any]) -> Any:
+    """Annotate, press "Start training" twice, wait for the worker's version, let LS learn it, predict again.
+
+    While the worker trains, a second backend without Redis trains a second project in a thread of its own
+    process (START_TRAINING -> new version, in-process): the two runs overlap to keep the file short.
+    """
+    from redis import Redis
+    from rq import Queue
+    from rq.job import Job
+    from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+
+    ls, pid, backend, ml_id = stack["ls"], stack["project"], stack["backend"], stack["ml"]["id"]
+    rds = Redis.from_url(stack["redis"].url)
+    t_start = time.monotonic()
+    annotated = _annotate(stack, pid, ANNOTATE)
+    # Each annotation sends ANNOTATION_CREATED to /webhook: counted in Redis, no run (AXX_TRAIN_EVERY=0).
+    counter = f"axx:annotations:{pid}"
+    _wait_for("annotation webhooks counted", lambda: int(rds.get(counter) or 0) >= len(annotated), 30)
+    jobs_before = _get(f"{backend}/jobs")
+    webhooks_before = _webhook_requests(backend)
+
+    t_train = time.monotonic()
+    ls.api("POST", f"/api/ml/{ml_id}/train")  # "Start training": LS sends START_TRAINING to /webhook
+    ls.api("POST", f"/api/ml/{ml_id}/train")  # pressed again while the first run is queued or going
+    pressed = _webhook_requests(backend) - webhooks_before
+
+    inprocess = _train_without_redis(stack)  # meanwhile, on the worker: project `pid`
+
+    status = _wait_training(backend, pid, stack["work"] / "worker.log")
+    training_seconds = time.monotonic() - t_train
+    queue = Queue(QUEUE_NAME, connection=rds)
+    finished_ids = _wait_for(  # RQ files the job as finished just after the job function returned
+        "the RQ job in the finished registry", lambda: FinishedJobRegistry(queue=queue).get_job_ids(), 30
+    )
+    rq_jobs = {
+        "queued": queue.count,
+        "started": StartedJobRegistry(queue=queue).count,
+        "finished": finished_ids,
+        "failed": FailedJobRegistry(queue=queue).count,
+        "return_value": Job.fetch(finished_ids[0], connection=rds).return_value(),
+    }
+    health_after_training = _get(f"{backend}/health")
+
+    new_version = status["version"]
+    ml_after = ls.api("GET", f"/api/ml/{ml_id}")  # any view of the model: LS calls /setup, learns the version
+    retrieve_seconds = _retrieve_predictions(ls, pid)
+    # the backend PATCHes project.model_version in the background once LS has stored the new predictions
+    _wait_for(
+        "project.model_version moved to the new version",
+        lambda: ls.api("GET", f"/api/projects/{pid}")["model_version"] == new_version,
+        60,
+    )
+    versions = _get(f"{backend}/versions?project={pid}")
+    print(
+        f"learning loop: {len(annotated)} annotations, training on the worker {training_seconds:.0f} s "
+        f"(in-process run of project {inprocess['project']}: {inprocess['seconds']:.0f} s, alongside), "
+        f"retrieve predictions {retrieve_seconds:.1f} s, total {time.monotonic() - t_start:.0f} s"
+    )
+    yield {
+        "annotated": annotated, "counter": int(rds.get(counter) or 0), "jobs_before": jobs_before,
+        "pressed": pressed, "status": status, "rq_jobs": rq_jobs, "health": health_after_training,
+        "version": new_version, "ml_after": ml_after, "retrieve_seconds": retrieve_seconds, "versions": versions,
+        "inprocess": inprocess,
+    }  # fmt: skip
+
+
+def _train_without_redis(stack: dict[str, Any]) -> dict[str, Any]:
+    """A second project on a second backend without REDIS_URL: "Start training" twice -> one run in a thread."""
+    ls, uploads = stack["ls"], stack["uploads"]
+    pid = ls.create_project("AXX in-process training", LABEL_CONFIG)
+    names = ["lesion_u0.png", "lesion_u1.png", "healthy_u0.png", "healthy_u1.png", "grey.png"]
+    ls.api("POST", f"/api/projects/{pid}/import", files=[(n, (n, uploads[n], "image/png")) for n in names])
+    plan = {"lesion_u0.png": True, "lesion_u1.png": True, "healthy_u0.png": False, "healthy_u1.png": False}
+    annotated = _annotate(stack, pid, plan)
+    env = {**stack["backend_env"], "REDIS_URL": "", "AXX_PRELOAD": "0"}  # no Redis: the in-process thread
+    with h.backend_server(env, stack["work"]) as backend:
+        ml = ls.api("POST", "/api/ml", json={"project": pid, "url": backend, "title": "AXX in-process",
+                                             "is_interactive": False})  # fmt: skip
+        webhooks_before = _webhook_requests(backend)
+        t0 = time.monotonic()
+        ls.api("POST", f"/api/ml/{ml['id']}/train")
+        ls.api("POST", f"/api/ml/{ml['id']}/train")
+        pressed = _webhook_requests(backend) - webhooks_before
+        log = stack["work"] / f"backend-{backend.rsplit(':', 1)[-1]}.log"
+        status = _wait_training(backend, pid, log)
+        seconds = time.monotonic() - t0
+        ml_after = ls.api("GET", f"/api/ml/{ml['id']}")
+        health = _get(f"{backend}/health")
+    return {"project": pid, "annotated": annotated, "pressed": pressed, "status": status, "ml": ml,
+            "ml_after": ml_after, "health": health, "seconds": seconds}  # fmt: skip
+
+
+def test_start_training_runs_one_job_on_the_worker(stack: dict[str, Any], learned: dict[str, Any]) -> None:
+    pid = str(stack["project"])
+    assert learned["counter"] == len(ANNOTATE)  # every ANNOTATION_CREATED webhook arrived and was counted
+    assert pid not in learned["jobs_before"]  # ... and none started a run
+    assert learned["pressed"] == 2  # both presses reached /webhook (START_TRAINING)
+    status = learned["status"]
+    assert status["reason"] == "START_TRAINING" and status["progress"] == 1.0 and status["error"] is None
+    # one run for two presses: one RQ job, run by the worker, nothing queued or left behind
+    rq_jobs = learned["rq_jobs"]
+    assert rq_jobs["finished"] == [status["job_id"]], rq_jobs
+    assert (rq_jobs["queued"], rq_jobs["started"], rq_jobs["failed"]) == (0, 0, 0), rq_jobs
+    assert rq_jobs["return_value"] == learned["version"]
+    store = ModelStore(stack["models"] / pid)
+    assert store.list_versions() == [learned["version"]]
+    assert store.current() == learned["version"] != stack["version"]
+    assert ModelStore(stack["models"]).list_versions() == [stack["version"]]  # the shared version is untouched
+    training = learned["health"]["training"]
+    assert training["backend"] == "rq" and training["projects"][pid]["state"] == "finished"
+
+
+def test_new_version_is_trained_on_the_project_annotations(stack: dict[str, Any], learned: dict[str, Any]) -> None:
+    ls, pid = stack["ls"], stack["project"]
+    meta = ModelStore(stack["models"] / str(pid)).metadata(learned["version"])
+    training = meta["training"]
+    assert training["source"] == f"{ls.url} project {pid}"
+    assert training["oracle_masks"] == sum(ANNOTATE.values()) == 7
+    assert training["n_labelled"] == len(ANNOTATE)
+    assert training["per_class"] == {"Lesion": 7, "Healthy": 4}
+    assert training["n_images"] == len(stack["uploads"]) + 2  # 13 tasks, the corrupt one skipped
+    (skipped,) = training["skipped"]
+    corrupt = next(t for t in _tasks(stack) if t["data"]["image"].endswith("corrupt.png"))
+    assert skipped.startswith(f"{corrupt['id']}: "), skipped
+    assert set(meta["classes"]) == {"Lesion", "Healthy"} and meta["input_size"] == 224
+    # what the run read back through the export API is what was submitted: the classes and the masks, bit for bit
+    cfg = parse_config(LABEL_CONFIG)
+    exported = ls.api("GET", f"/api/projects/{pid}/export", params={"exportType": "JSON", "download_all_tasks": "true"})
+    assert len(exported) == 13
+    for task in exported:
+        name = _file_of(stack, task["data"]["image"])
+        label, mask = annotation_label_and_mask(task, cfg)
+        if name not in ANNOTATE:
+            assert (label, mask) == (None, None), name
+            continue
+        assert label == stack["truth"][name][0], name
+        if ANNOTATE[name]:
+            assert mask is not None, name
+            np.testing.assert_array_equal(mask, stack["truth"][name][1], err_msg=name)
+        else:
+            assert mask is None, name
+    assert meta["mask_source"] in ("cam", "seg_head") and "pixels" in meta["metrics"]
+    print(f"new version {learned['version']}: masks from {meta['mask_source']}; pixels {meta['metrics']['pixels']}")
+    # Label Studio learnt the new version from /setup, and the backend lists it for the project
+    assert learned["ml_after"]["model_version"] == learned["version"]
+    assert learned["versions"]["versions"] == [learned["version"]]
+
+
+def test_every_task_gets_a_prediction_of_the_new_version(stack: dict[str, Any], learned: dict[str, Any]) -> None:
+    tasks = _tasks(stack)
+    new = _predictions(stack, learned["version"])
+    old = _predictions(stack, stack["version"])
+    assert learned["retrieve_seconds"] < 100
+    li = LabelInterface(LABEL_CONFIG)
+    for task in tasks:
+        assert len(new.get(task["id"], [])) == 1, f"task {task['id']} {task['data']}: no new-version prediction"
+        assert len(old.get(task["id"], [])) == 1, f"task {task['id']}: the base version's prediction is kept"
+        p = new[task["id"]][0]
+        assert li.validate_prediction({"result": p["result"], "score": p["score"]}, return_errors=True) == []
+    assert stack["ls"].api("GET", f"/api/projects/{stack['project']}")["model_version"] == learned["version"]
+
+    # every mask says where it comes from: the version's choice (seg head or CAM), in meta and explanation
+    mask_source = ModelStore(stack["models"] / str(stack["project"])).metadata(learned["version"])["mask_source"]
+    brushes = 0
+    for plist in new.values():
+        for region in _by_type(plist[0], "brushlabels"):
+            source = region["meta"]["axx"]["mask_source"]
+            assert (source == "seg_head") if mask_source == "seg_head" else source.startswith("cam:"), source
+            assert f"px from {source}." in region["meta"]["text"][0]
+            assert f"px from {source}." in _by_type(plist[0], "textarea")[0]["value"]["text"][0]
+            brushes += 1
+    assert brushes >= 2, "the new version drew (almost) no lesion masks"
+
+
+def test_sort_by_prediction_score_uses_the_new_version(stack: dict[str, Any], learned: dict[str, Any]) -> None:
+    new_scores = {tid: pl[0]["score"] for tid, pl in _predictions(stack, learned["version"]).items()}
+    old_scores = {tid: pl[0]["score"] for tid, pl in _predictions(stack, stack["version"]).items()}
+    ordered = _tasks(stack, {"ordering": ["tasks:predictions_score"]})
+    assert len(ordered) == len(new_scores) == 13
+    for task in ordered:  # the Data Manager's score is the new version's, not an average with the old one
+        expected = new_scores[task["id"]]
+        got = task.get("predictions_score")
+        assert (got is None) if expected is None else got == pytest.approx(expected, abs=1e-6), (task["id"], got)
+    known = [t["predictions_score"] for t in ordered if t.get("predictions_score") is not None]
+    assert known == sorted(known)
+    assert ordered[0]["predictions_score"] == pytest.approx(min(s for s in new_scores.values() if s is not None))
+    # the check can tell the versions apart: their scores differ
+    assert any(s is not None and abs(s - (old_scores[tid] or 0.0)) > 1e-3 for tid, s in new_scores.items()), (
+        "the new version scores like the old one: the sort check cannot tell them apart"
+    )
+
+
+def test_start_training_without_redis_trains_in_the_server(stack: dict[str, Any], learned: dict[str, Any]) -> None:
+    inprocess = learned["inprocess"]
+    pid = str(inprocess["project"])
+    assert inprocess["ml"]["model_version"] == stack["version"]  # the shared version served it until now
+    status = inprocess["status"]
+    assert inprocess["pressed"] == 2 and status["reason"] == "START_TRAINING"
+    assert inprocess["health"]["training"]["backend"] == "thread"
+    store = ModelStore(stack["models"] / pid)
+    assert store.list_versions() == [status["version"]]  # two presses, one run
+    assert store.current() == status["version"]
+    training = store.metadata(status["version"])["training"]
+    assert training["source"] == f"{stack['ls'].url} project {pid}"
+    assert training["oracle_masks"] == 2 and training["per_class"] == {"Lesion": 2, "Healthy": 2}
+    assert inprocess["ml_after"]["model_version"] == status["version"]

@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 from label_studio_sdk.converter.brush import decode_rle
 
+from ..images import ImageError
 from ..settings import Settings
 from ..training.dataset import Sample
 from .client import LabelStudioClient
 from .config import ProjectConfig, parse_config
-from .images import ImageFetcher
+from .images import ImageFetcher, ImageFetchError
 
 log = logging.getLogger(__name__)
 
@@ -93,4 +94,14 @@ def annotation_label_and_mask(task: dict[str, Any], cfg: ProjectConfig) -> tuple
 
 
 def _loader(fetcher: ImageFetcher, ref: str) -> Callable[[], Any]:
-    return lambda: fetcher.load(ref)
+    """Download and decode a task's image. A fetch failure is raised as `ImageError`, the trainer's
+    "unreadable image": the task is skipped (and listed in the version's `training.skipped`) instead of
+    one broken or unreachable image aborting the whole run."""
+
+    def load() -> Any:
+        try:
+            return fetcher.load(ref)
+        except ImageFetchError as exc:
+            raise ImageError(f"task image {exc}") from exc
+
+    return load
