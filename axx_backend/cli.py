@@ -1,4 +1,4 @@
-"""Command line: `axx-backend train | annotate | serve | worker | versions`."""
+"""Command line: `axx-backend train | annotate | evaluate | simulate-al | serve | worker | versions`."""
 
 from __future__ import annotations
 
@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run an RQ worker for training jobs (needs REDIS_URL)")
     worker.add_argument("--burst", action="store_true", help="stop when the queue is empty")
     worker.set_defaults(func=cmd_worker)
+
+    from .evaluation.commands import register as register_evaluation
+
+    register_evaluation(sub)  # evaluate, simulate-al
 
     versions = sub.add_parser("versions", help="list the versions of a model directory")
     versions.add_argument("--model-dir", type=Path, default=None)

@@ -171,6 +171,7 @@ def train_on_samples(
         raise ValueError(f"labels {unknown} are not among the classes {list(classes)}")
     if len(labelled) < 2:
         raise ValueError(f"need at least two labelled images, got {len(labelled)}")
+    torch.manual_seed(settings.seed)  # the heads' initialisation: the same data gives the same version
     ensemble, preset = build_members_for_preset(
         settings.preset, classes, settings.dropout, settings.weights_dir, settings.members
     )

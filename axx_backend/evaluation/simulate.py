@@ -1,0 +1,255 @@
+"""`axx-backend simulate-al`: the active-learning protocol of Belharbi et al., offline.
+
+Start from image labels only; each round the oracle reveals K ground-truth masks of pool images (chosen
+by `random`, `entropy` or `bald`), a new version is trained on the pool with those masks, and the test
+split is evaluated. The masks reach training as `Sample.mask_path` (an oracle mask); what training
+does with them (the segmentation head of METHOD.md "Learning" 3) is up to `train_fn`.
+
+The revealed masks are also used to choose the CAM thresholds when the version did not calibrate its
+own (METHOD.md "Mask": thresholds tuned for the fused rule on images with masks): the row
+`iou_mean_calibrated` is what the oracle masks buy without any pixel-supervised training.
+
+Selection scores are pixel-wise and averaged over the pixels of an image (not pooled over all pixels of
+the pool at once), from the members' segmentation-head probabilities when the version has heads, else
+their normalised CAMs of the image's known class used as foreground probabilities:
+`entropy` = mean binary entropy of the mean map; `bald` = mean over pixels of
+H(mean_m p_m) - mean_m H(p_m), the members standing in for posterior samples (a deep-ensemble BALD).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..annotator import Annotator, read_version_meta
+from ..settings import Settings
+from ..training.dataset import Sample, read_folder_dataset, stratified_split
+from ..versions import ModelStore
+from .evaluate import CAM_RULES, calibrate_thresholds, evaluate, iter_results, version_thresholds
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("random", "entropy", "bald")
+TrainFn = Callable[[Sequence[Sample], Sequence[str], Path, Settings], str]
+CSV_FIELDS = (
+    "round",
+    "n_oracle",
+    "version",
+    "accuracy",
+    "flagged_rate",
+    "n_test_masks",
+    "iou_served",
+    "dice_served",
+    "iou_mean_calibrated",
+    "iou_intersection_calibrated",
+    "iou_best_member",
+    "best_member",
+    "iou_seg_head",
+    "mask_sources",
+    "thresholds",
+    "threshold_source",
+    "selected",
+    "seconds",
+)
+
+
+def default_train_fn(samples: Sequence[Sample], classes: Sequence[str], model_dir: Path, settings: Settings) -> str:
+    from ..training import train_on_samples
+
+    return train_on_samples(samples, classes, model_dir, settings, source="simulate-al")
+
+
+def load_pool_and_test(
+    dataset_dir: str | os.PathLike[str], test_fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample], list[str]]:
+    """(pool, test, classes): `DATASET_DIR/{train,test}/` when both exist, else a stratified seeded split."""
+    root = Path(dataset_dir)
+    if (root / "train" / "images").is_dir() and (root / "test" / "images").is_dir():
+        pool, classes = read_folder_dataset(root / "train")
+        test, test_classes = read_folder_dataset(root / "test")
+        if set(test_classes) - set(classes):
+            raise ValueError(f"test classes {test_classes} are not all in the train classes {classes}")
+        return pool, test, classes
+    samples, classes = read_folder_dataset(root)
+    pool_idx, test_idx = stratified_split([s.label for s in samples], test_fraction, seed)
+    return [samples[i] for i in pool_idx], [samples[i] for i in test_idx], classes
+
+
+def binary_entropy(p: np.ndarray) -> np.ndarray:
+    """H(p) of a Bernoulli(p) in bits (0..1 for p in [0, 1])."""
+    q = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
+    return -(q * np.log2(q) + (1 - q) * np.log2(1 - q))
+
+
+def selection_score(maps: Sequence[np.ndarray], strategy: str) -> float:
+    """Uncertainty of one image's mask from its members' maps (higher = ask the oracle first)."""
+    stack = np.stack([np.asarray(m, dtype=np.float64) for m in maps])
+    mean = stack.mean(axis=0)
+    if strategy == "entropy":
+        return float(binary_entropy(mean).mean())
+    if strategy == "bald":
+        return float((binary_entropy(mean) - binary_entropy(stack).mean(axis=0)).mean())
+    raise ValueError(f"no score for strategy {strategy!r}")
+
+
+def select(
+    strategy: str,
+    candidates: Sequence[Sample],
+    k: int,
+    rng: np.random.Generator,
+    annotator: Annotator | None = None,
+) -> list[Sample]:
+    """The next `k` pool images whose masks the oracle reveals."""
+    if k >= len(candidates):
+        return list(candidates)
+    if strategy == "random":
+        return [candidates[i] for i in sorted(rng.choice(len(candidates), size=k, replace=False))]
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose {', '.join(STRATEGIES)}")
+    if annotator is None:
+        raise ValueError(f"strategy {strategy} needs the current version")
+    scores = {}
+    for r in iter_results(annotator, candidates, "true"):
+        # The segmentation heads' probabilities when the version has them (Belharbi scores the
+        # segmentation output); else the members' normalised CAMs as foreground probabilities.
+        maps = r.seg if r.seg is not None else r.maps
+        if maps:
+            scores[r.key] = selection_score(maps, strategy)
+    order = sorted(candidates, key=lambda s: (-scores.get(s.key, -1.0), s.key))
+    return order[:k]
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def simulate_al(
+    dataset_dir: str | os.PathLike[str],
+    work_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    rounds: int,
+    per_round: int,
+    strategy: str = "random",
+    settings: Settings | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.3,
+    train_fn: TrainFn | None = None,
+    schedule: Sequence[int] | None = None,
+) -> list[dict[str, Any]]:
+    """Run rounds 0..`rounds` (round 0: no mask); write `al_<strategy>.csv` and `.png` to `out_dir`.
+
+    Round r has `r * per_round` oracle masks, or `schedule[r - 1]` when a schedule of increasing
+    cumulative counts is given (e.g. 5, 10, 20, 50 as in METHOD.md "Evaluation").
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose {', '.join(STRATEGIES)}")
+    if schedule:
+        if any(b <= a for a, b in zip([0, *schedule], schedule, strict=False)):
+            raise ValueError(f"the schedule must increase from above 0: {list(schedule)}")
+        targets = list(schedule)
+    else:
+        if rounds < 0 or per_round < 1:
+            raise ValueError("--rounds must be >= 0 and --per-round >= 1")
+        targets = [per_round * (r + 1) for r in range(rounds)]
+    rounds = len(targets)
+    settings = settings or Settings()
+    train_fn = train_fn or default_train_fn
+    pool, test, classes = load_pool_and_test(dataset_dir, test_fraction, seed)
+    oracle = {s.key: s for s in pool if s.has_mask}
+    if not oracle:
+        raise ValueError(f"{dataset_dir}: no pool image has a mask (masks/<class>/<name>.png): nothing to reveal")
+    if not any(s.has_mask for s in test):
+        raise ValueError(f"{dataset_dir}: no test image has a mask: test IoU cannot be measured")
+    # The learner starts from image labels only: every mask is hidden until the oracle reveals it.
+    hidden = [dataclasses.replace(s, mask_path=None, mask=None) for s in pool]
+    revealed: list[str] = []
+    rng = np.random.default_rng(seed)
+    store_dir = Path(work_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / f"al_{strategy}.csv"
+    rows: list[dict[str, Any]] = []
+    annotator: Annotator | None = None
+    for rnd in range(rounds + 1):
+        start = time.perf_counter()
+        keys = set(revealed)
+        samples = [oracle[s.key] if s.key in keys else s for s in hidden]
+        torch.manual_seed(seed)  # the heads' initial weights come from the global RNG: same start every round
+        version = train_fn(samples, classes, store_dir, settings)
+        store = ModelStore(store_dir)
+        if annotator is None or annotator.version != version:  # loading a version costs seconds: reuse it
+            annotator = Annotator.from_version(store.path(version), settings)
+        meta = read_version_meta(store.path(version))
+        thresholds = version_thresholds(annotator, meta)
+        if revealed and not meta.get("thresholds", {}).get("fusion_thresholds"):
+            oracle_samples = [s for s in samples if s.has_mask]
+            try:
+                thresholds = calibrate_thresholds(annotator, oracle_samples, f"{len(revealed)} oracle masks")
+            except ValueError as exc:
+                log.warning("round %d: %s", rnd, exc)
+        ev = evaluate(annotator, test, thresholds, n_examples=0)
+        rep = ev.report
+        members = [m.name for m in annotator.ensemble.members]
+        best_member = max(members, key=lambda m: rep["iou"][m]["mean"] or 0.0)
+        row = {
+            "round": rnd,
+            "n_oracle": len(revealed),
+            "version": version,
+            "accuracy": _fmt(rep["accuracy"]),
+            "flagged_rate": _fmt(rep["flagged_rate"]),
+            "n_test_masks": rep["iou"]["ensemble"]["n"],
+            "iou_served": _fmt(rep["iou"]["ensemble"]["mean"]),
+            "dice_served": _fmt(rep["dice"]["ensemble"]["mean"]),
+            "iou_mean_calibrated": _fmt(rep["iou"]["mean"]["mean"]),
+            "iou_intersection_calibrated": _fmt(rep["iou"]["intersection"]["mean"]),
+            "iou_best_member": _fmt(rep["iou"][best_member]["mean"]),
+            "best_member": best_member,
+            "iou_seg_head": _fmt(rep["iou"]["seg_head"]["mean"]) if "seg_head" in rep["iou"] else "",
+            "mask_sources": ";".join(f"{k}={v}" for k, v in sorted(rep["mask_sources"].items())),
+            "thresholds": ";".join(f"{r}={thresholds.rules[r]:.2f}" for r in CAM_RULES),
+            "threshold_source": thresholds.source,
+            "selected": "",
+            "seconds": "",
+        }
+        if rnd < rounds:
+            candidates = [s for s in hidden if s.key in oracle and s.key not in keys]
+            if candidates:
+                chosen = select(strategy, candidates, targets[rnd] - len(revealed), rng, annotator)
+                revealed += [s.key for s in chosen]
+                row["selected"] = ";".join(s.key for s in chosen)
+        row["seconds"] = f"{time.perf_counter() - start:.1f}"
+        rows.append(row)
+        log.info(
+            "round %d: %d oracle masks, served IoU %s, mean@oracle-threshold IoU %s (%ss)",
+            rnd,
+            row["n_oracle"],
+            row["iou_served"],
+            row["iou_mean_calibrated"],
+            row["seconds"],
+        )
+        _write_csv(csv_path, rows)
+        if rnd < rounds and not row["selected"]:
+            log.warning("every pool mask is revealed after round %d: stopping", rnd)
+            break
+    from .plots import al_curve_plot
+
+    al_curve_plot(rows, out / f"al_{strategy}.png", f"Active learning ({strategy} selection), test IoU")
+    return rows
+
+
+def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)

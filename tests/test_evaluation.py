@@ -1,0 +1,289 @@
+"""Metrics against hand-computed cases, threshold calibration, and `evaluate --json` end to end."""
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from axx_backend.annotator import Annotator
+from axx_backend.evaluation import metrics
+from axx_backend.evaluation.calibration import (
+    calibrate_fusion,
+    calibrate_members,
+    choose_rule,
+    rule_map,
+    threshold_ious,
+)
+from axx_backend.evaluation.commands import register
+from axx_backend.evaluation.evaluate import MaskThresholds, evaluate, iter_results, member_maps
+from axx_backend.evaluation.simulate import binary_entropy, selection_score
+from axx_backend.masks import fuse_maps
+from axx_backend.settings import Settings
+from axx_backend.synthetic import make_dataset
+from axx_backend.training import read_folder_dataset
+from axx_backend.versions import ModelStore
+
+# ---------------------------------------------------------------- classification
+
+
+def test_accuracy_and_macro_f1_by_hand():
+    assert metrics.accuracy([0, 1, 1, 0], [0, 1, 0, 0]) == 0.75
+    # class 0: TP 1 (#0), FP 1 (#4), FN 1 (#1) -> F1 = 2/(2+1+1) = 0.5
+    # class 1: TP 2 (#2, #3), FP 1 (#1), FN 0  -> F1 = 4/5 = 0.8
+    # class 2: TP 0, FP 0, FN 1 (#4)           -> F1 = 0
+    assert metrics.macro_f1([0, 0, 1, 1, 2], [0, 1, 1, 1, 0]) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+    # A class never predicted and never true does not count: only classes 0 and 1 occur here.
+    assert metrics.macro_f1([0, 1], [0, 1]) == 1.0
+
+
+def test_binary_auroc_by_hand_with_ties_and_undefined():
+    # positives 0.35, 0.8; negatives 0.1, 0.4: pairs (0.35>0.1) (0.35<0.4) (0.8>0.1) (0.8>0.4) -> 3/4
+    assert metrics.binary_auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    # positives 0.5, 0.9; negatives 0.5, 0.5: the two ties count 1/2 each -> (0.5 + 0.5 + 1 + 1)/4
+    assert metrics.binary_auroc([0.5, 0.5, 0.5, 0.9], [0, 1, 0, 1]) == pytest.approx(0.75)
+    assert metrics.binary_auroc([0.9, 0.1], [1, 0]) == 1.0
+    assert metrics.binary_auroc([0.9, 0.1], [0, 1]) == 0.0
+    assert math.isnan(metrics.binary_auroc([0.2, 0.3], [1, 1]))
+
+
+def test_multiclass_auroc_is_the_macro_one_vs_rest_mean():
+    probs = np.array([[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.35, 0.4, 0.25], [0.3, 0.4, 0.3]])
+    y = [0, 1, 2, 1]
+    # class 0: positive 0.7 above every negative                                   -> 1
+    # class 1: positives 0.5, 0.4 vs negatives 0.2, 0.4: 1 + 1 + 1 + 1/2 (tie)     -> 3.5/4
+    # class 2: positive 0.25 vs negatives 0.1, 0.3, 0.3: above one of three        -> 1/3
+    assert metrics.auroc(probs, y) == pytest.approx((1 + 0.875 + 1 / 3) / 3)
+    # Two classes: the binary AUROC of class 1's probability.
+    two = np.array([[0.9, 0.1], [0.6, 0.4], [0.65, 0.35], [0.2, 0.8]])
+    assert metrics.auroc(two, [0, 0, 1, 1]) == pytest.approx(0.75)
+
+
+def test_ece_and_reliability_bins_by_hand():
+    conf = np.array([0.9, 0.9, 0.6, 0.3])
+    correct = np.array([1, 0, 1, 1])
+    # 5 bins (0,.2] (.2,.4] (.4,.6] (.6,.8] (.8,1]: 0.6 falls in (.4,.6] (right-closed)
+    bins = metrics.reliability_bins(conf, correct, n_bins=5)
+    assert [b["count"] for b in bins] == [0, 1, 1, 0, 2]
+    assert bins[4]["accuracy"] == 0.5 and bins[4]["confidence"] == pytest.approx(0.9)
+    # |0.5-0.9| * 2/4 + |1-0.6| * 1/4 + |1-0.3| * 1/4 = 0.2 + 0.1 + 0.175
+    assert metrics.expected_calibration_error(conf, correct, n_bins=5) == pytest.approx(0.475)
+    # Perfectly calibrated: confidence 0.75 and 3 of 4 right.
+    assert metrics.expected_calibration_error(np.full(4, 0.75), np.array([1, 1, 1, 0])) == pytest.approx(0.0)
+
+
+def test_risk_coverage_by_hand():
+    rc = metrics.risk_coverage_curve(np.array([0.6, 0.9, 0.7, 0.8]), np.array([1, 1, 1, 0]))
+    # sorted by confidence: 0.9 (right), 0.8 (wrong), 0.7 (right), 0.6 (right)
+    assert rc["coverage"].tolist() == [0.25, 0.5, 0.75, 1.0]
+    assert rc["accuracy"] == pytest.approx([1.0, 0.5, 2 / 3, 0.75])
+    assert rc["aurc"] == pytest.approx((0 + 0.5 + 1 / 3 + 0.25) / 4)
+
+
+# ---------------------------------------------------------------- masks
+
+
+def test_mask_scores_per_image_and_pixel_summed():
+    score = metrics.MaskScore()
+    score.add(np.array([[1, 1, 0, 0]]), np.array([[0, 1, 1, 0]]))  # IoU 1/3, Dice 1/2; 1 of 3 pixels
+    score.add(np.array([[1, 1, 1, 1]]), np.array([[1, 1, 1, 1]]))  # IoU 1, Dice 1; 4 of 4 pixels
+    score.add(None, np.array([[0, 0, 1, 1]]))  # no mask served: IoU 0, Dice 0; 0 of 2 pixels
+    s = score.summary()
+    assert s["iou"]["n"] == 3
+    assert s["iou"]["mean"] == pytest.approx((1 / 3 + 1 + 0) / 3)
+    assert s["dice"]["mean"] == pytest.approx((0.5 + 1 + 0) / 3)
+    assert s["iou"]["pixel"] == pytest.approx(5 / 9)  # intersections 1+4+0, unions 3+4+2
+    assert s["dice"]["pixel"] == pytest.approx(2 * 5 / (6 + 8))  # |P| 2+4+0, |T| 2+4+2
+    with pytest.raises(ValueError, match="shape"):
+        score.add(np.zeros((2, 2)), np.zeros((1, 4)))
+    assert metrics.MaskScore().summary()["iou"] == {"mean": None, "pixel": None, "n": 0}
+
+
+# 1x4 "images": ground truth = the two left pixels.
+GT = np.array([[1, 1, 0, 0]], bool)
+MAP_A = np.array([[0.9, 0.5, 0.3, 0.1]])
+MAP_B = np.array([[0.7, 0.9, 0.6, 0.0]])
+GRID = (0.2, 0.4, 0.6, 0.8)
+
+
+def test_each_fusion_rule_gets_its_own_threshold():
+    # mean = [.8 .7 .45 .05]: t=.2,.4 -> [1 1 1 0] IoU 2/3; t=.6 -> [1 1 0 0] IoU 1; t=.8 -> empty, IoU 0
+    # min  = [.7 .5 .3  0  ]: t=.2 -> 2/3; t=.4 -> [1 1 0 0] IoU 1; t=.6 -> [1 0 0 0] IoU 1/2; t=.8 -> 0
+    scores = threshold_ious([rule_map([MAP_A, MAP_B], "mean")], [GT], GRID)
+    assert scores == pytest.approx([2 / 3, 2 / 3, 1.0, 0.0])
+    assert calibrate_fusion([[MAP_A, MAP_B]], [GT], ("mean", "intersection"), GRID) == {
+        "mean": 0.6,
+        "intersection": 0.4,
+    }
+    # Each member alone: A is right at .4, B at .6 (.6 > .6 is false); ties go to the lowest threshold.
+    assert calibrate_members({"a": [MAP_A], "b": [MAP_B]}, [GT], GRID) == {"a": 0.4, "b": 0.6}
+    rule, t, best = choose_rule([[MAP_A, MAP_B]], [GT], ("mean", "intersection"), GRID)
+    assert (rule, t, best) == ("mean", 0.6, 1.0)  # both reach 1: a tie goes to mean
+
+
+def test_rule_map_thresholds_like_fuse_maps():
+    rng = np.random.default_rng(0)
+    maps = [rng.random((9, 7)) for _ in range(3)]
+    for rule in ("mean", "intersection", "votes:1", "votes:2", "votes:3"):
+        for t in (0.1, 0.35, 0.5, 0.8):
+            expected, _ = fuse_maps(maps, rule, t)
+            assert np.array_equal(rule_map(maps, rule) > t, expected.astype(bool)), (rule, t)
+
+
+def test_calibration_refuses_empty_or_mismatched_input():
+    with pytest.raises(ValueError, match="no validation image"):
+        calibrate_fusion([], [])
+    with pytest.raises(ValueError, match="shape"):
+        calibrate_fusion([[np.zeros((2, 2))]], [np.zeros((3, 3), bool)])
+
+
+def test_selection_scores_by_hand():
+    assert binary_entropy(np.array([0.5]))[0] == pytest.approx(1.0)
+    assert binary_entropy(np.array([0.0, 1.0])) == pytest.approx([0.0, 0.0], abs=1e-4)
+    sure, unsure = np.array([[1.0, 0.0]]), np.array([[0.5, 0.5]])
+    # Members that agree and are sure: no entropy, no disagreement.
+    assert selection_score([sure, sure], "entropy") == pytest.approx(0.0, abs=1e-4)
+    assert selection_score([sure, sure], "bald") == pytest.approx(0.0, abs=1e-4)
+    # Both members at 0.5: entropy 1, but they agree: BALD 0.
+    assert selection_score([unsure, unsure], "entropy") == pytest.approx(1.0)
+    assert selection_score([unsure, unsure], "bald") == pytest.approx(0.0, abs=1e-6)
+    # Confident members that contradict each other: mean 0.5 -> entropy 1 and BALD 1.
+    assert selection_score([sure, 1 - sure], "bald") == pytest.approx(1.0, abs=1e-3)
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def run_command(argv, capsys):
+    parser = argparse.ArgumentParser(prog="axx-backend")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args([str(a) for a in argv])
+    code = args.func(args)
+    return code, capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def test_set(tmp_path_factory):
+    """Held-out generated images (another seed than the training set), 8 per class."""
+    return make_dataset(tmp_path_factory.mktemp("testset"), n_per_class=8, size=128, seed=7)
+
+
+def test_evaluate_json_reports_every_metric_and_rule(trained_model_dir, test_set, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code, stdout = run_command(
+        ["evaluate", test_set, "--model-dir", trained_model_dir, "--json", "--out", out, "--examples", "3"], capsys
+    )
+    assert code == 0
+    report = json.loads(stdout)
+    assert report["n_images"] == 16
+    for key in ("accuracy", "macro_f1", "auroc", "ece", "flagged_rate", "selective_accuracy"):
+        assert 0.0 <= report[key] <= 1.0, key
+    assert report["accuracy"] >= 0.75 and report["auroc"] >= 0.8
+    assert report["flagged_accuracy"] is None or 0.0 <= report["flagged_accuracy"] <= 1.0
+    n_flag = round(report["flagged_rate"] * 16)
+    assert report["n_flagged"] == n_flag
+    members = ["tf_efficientnet_lite0", "mobilenetv2_100", "resnet50"]
+    for table in ("iou", "dice"):
+        assert set(members + ["ensemble", "intersection", "mean"]) <= set(report[table])
+        for key, row in report[table].items():
+            # every rule is measured on the same images: those with a mask that were served
+            assert row["n"] == report["n_mask_images"] - report["n_mask_images_flagged"], key
+            assert 0.0 <= row["mean"] <= 1.0 and 0.0 <= row["pixel"] <= 1.0
+    assert report["n_mask_images"] == 8
+    # Generated lesions are easy: the served mask finds them.
+    assert report["iou"]["ensemble"]["mean"] > 0.4
+    assert report["iou"]["ensemble"]["rule"].startswith("cam:") or report["iou"]["ensemble"]["rule"] == "seg_head"
+    # A `seg_head` row exactly when the version has segmentation heads.
+    heads = load_file(str(ModelStore(trained_model_dir).path(report["version"]) / "heads.safetensors"))
+    assert ("seg_head" in report["iou"]) == any(k.endswith(".seg.weight") for k in heads)
+    assert report["masks_on_negative_images"]["n_images"] == 8
+    for name in ("risk_coverage", "reliability", "examples"):
+        path = out / f"{name}.png"
+        assert path.is_file() and Image.open(path).size[0] > 200
+    assert json.loads((out / "report.json").read_text())["n_images"] == 16
+
+
+def test_evaluate_table_and_thresholds_calibrated_on_the_training_validation_split(
+    trained_model_dir, test_set, dataset_dir, capsys
+):
+    code, stdout = run_command(
+        ["evaluate", test_set, "--model-dir", trained_model_dir, "--calibrate-on", dataset_dir], capsys
+    )
+    assert code == 0
+    assert "| accuracy |" in stdout and "| **ensemble (served: " in stdout
+    assert "member resnet50" in stdout and "intersection of agreeing members" in stdout
+    assert f"validation split of {dataset_dir}" in stdout
+
+
+def test_evaluate_refuses_to_calibrate_on_the_test_set(trained_model_dir, test_set, capsys):
+    with pytest.raises(ValueError, match="calibrate-on"):
+        run_command(["evaluate", test_set, "--model-dir", trained_model_dir, "--calibrate-on", test_set], capsys)
+
+
+def test_member_maps_reproduce_the_served_mask(trained_model_dir, test_set):
+    """With the served rule and threshold, the `mean` row is the served mask, image by image: the
+    member CAMs evaluate computes are the ones serving fuses."""
+    store = ModelStore(trained_model_dir)
+    forced = {"mask_source", "mask_fusion", "cam_threshold"}
+    settings = Settings(mask_source="cam", mask_fusion="mean", cam_threshold=0.5, batch_size=4)
+    annotator = Annotator.from_version(store.path(store.current()), settings, explicit=forced)
+    samples, _ = read_folder_dataset(test_set)
+    names = [m.name for m in annotator.ensemble.members]
+    th = MaskThresholds({n: 0.5 for n in names}, {"mean": 0.5, "intersection": 0.5}, "test")
+    report = evaluate(annotator, samples, th, n_examples=0).report
+    assert report["iou"]["ensemble"]["n"] >= 4
+    assert report["iou"]["mean"]["mean"] == pytest.approx(report["iou"]["ensemble"]["mean"], abs=1e-9)
+    assert report["iou"]["mean"]["pixel"] == pytest.approx(report["iou"]["ensemble"]["pixel"], abs=1e-9)
+    # The maps taken from the served forward equal those of a separate forward.
+    results = [r for r in iter_results(annotator, samples) if r.maps is not None][:3]
+    again = member_maps(
+        annotator, [s.load() for s in samples if s.key in {r.key for r in results}], [r.pred for r in results]
+    )
+    for r, (cams, _) in zip(results, again, strict=True):
+        for a, b in zip(r.maps, cams, strict=True):
+            assert np.allclose(a, b, atol=1e-5)
+
+
+# ---------------------------------------------------------------- benchmark data set builder
+
+
+def _load_builder():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "make_dataset.py"
+    spec = importlib.util.spec_from_file_location("make_dataset", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("make_dataset", module)  # dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gimp_pattern_reader_and_the_pasted_mask(tmp_path):
+    builder = _load_builder()
+    # A 3x2 RGB GIMP pattern: header (size, version, width, height, bytes/pixel), 'GPAT', name.
+    name = b"tiny\x00"
+    header = np.array([24 + len(name), 1, 3, 2, 3], dtype=">u4").tobytes() + b"GPAT" + name
+    pixels = np.arange(18, dtype=np.uint8).reshape(2, 3, 3)
+    (tmp_path / "tiny.pat").write_bytes(header + pixels.tobytes())
+    assert np.array_equal(builder.read_gimp_pattern(tmp_path / "tiny.pat"), pixels)
+
+    # A stamp whose alpha is a 20x10 opaque block inside transparent margins: the mask is that block,
+    # scaled with the stamp, and the image shows the stamp's colour exactly there.
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    rgba[10:30, 15:25] = (255, 0, 0, 255)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "stamp.png")
+    stamp = builder.Stamp(tmp_path / "stamp.png", "animals")
+    background = np.zeros((64, 64, 3), np.float32)
+    image, mask, placement = builder.paste(np.random.default_rng(0), background, stamp)
+    x, y, w, h = placement["box"]
+    assert mask.sum() == pytest.approx(w * h, rel=0.1)  # the cropped stamp is the block itself
+    assert h > w and max(w, h) <= 64 * builder.SCALE_RANGE[1] + 1
+    assert mask[y : y + h, x : x + w].mean() > 0.9 and not mask[:y].any()
+    inside = image[mask]
+    assert inside[:, 0].mean() > 0.8 and inside[:, 1].max() < 0.2  # red where the mask is
+    assert image[~mask].max() < 0.2  # the black background elsewhere
