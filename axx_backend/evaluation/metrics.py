@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..masks import dice, iou  # one definition for the pipeline and its measurement
+
 
 def accuracy(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray) -> float:
     t, p = np.asarray(y_true), np.asarray(y_pred)
@@ -129,20 +131,6 @@ def risk_coverage_curve(confidence: np.ndarray, correct: np.ndarray) -> dict[str
     k = np.arange(1, conf.size + 1)
     selective = np.cumsum(ok[order]) / k
     return {"coverage": k / conf.size, "accuracy": selective, "aurc": float(np.mean(1.0 - selective))}
-
-
-def iou(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Intersection over union of two binary masks; two empty masks score 1."""
-    p, t = np.asarray(pred) > 0, np.asarray(truth) > 0
-    union = np.logical_or(p, t).sum()
-    return 1.0 if union == 0 else float(np.logical_and(p, t).sum() / union)
-
-
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """2 |P n T| / (|P| + |T|); two empty masks score 1."""
-    p, t = np.asarray(pred) > 0, np.asarray(truth) > 0
-    total = p.sum() + t.sum()
-    return 1.0 if total == 0 else float(2.0 * np.logical_and(p, t).sum() / total)
 
 
 class MaskScore:
