@@ -74,6 +74,16 @@ def gradcam_maps(
         raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(GRADCAM_METHODS)} or 'fast'")
     member.eval()
     targets = [ClassifierOutputTarget(int(c)) for c in classes]
-    with methods[method](model=member, target_layers=[member.feature_tap]) as cam:
-        with torch.enable_grad():
-            return cam(input_tensor=normalized.float().contiguous(), targets=targets)
+    # Only the activations need gradients: frozen weights skip the weight half of the backward
+    # and leave no .grad tensors behind.
+    trainable = [p for p in member.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        with methods[method](model=member, target_layers=[member.feature_tap]) as cam:
+            with torch.enable_grad():
+                x = normalized.float().contiguous().requires_grad_(True)
+                return cam(input_tensor=x, targets=targets)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)

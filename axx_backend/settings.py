@@ -76,6 +76,9 @@ class Settings:
     model_dir: str = "models"
     weights_dir: str = field(default_factory=lambda: os.path.join(os.getcwd(), "model_weights"))
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def member_names(self) -> tuple[str, ...]:
         if self.members:
             return tuple(self.members)
@@ -106,9 +109,7 @@ class Settings:
         if "MODEL_DIR" in env and "model_dir" not in values:
             values["model_dir"] = env["MODEL_DIR"]
         values.update({k: v for k, v in overrides.items() if v is not None})
-        settings = cls(**values)
-        settings.validate()
-        return settings
+        return cls(**values)
 
     def explicit_from_env(self, environ: dict[str, str] | None = None) -> set[str]:
         env = os.environ if environ is None else environ

@@ -39,6 +39,8 @@ def test_fast_xgradcam_matches_gradcam_package(name):
         fast = fast_xgradcam(features, member.head.fc.weight, target)
         ours = normalize_maps(upsample(normalize_maps(fast), (224, 224))).numpy()
     reference = gradcam_maps(member, x, target, "xgradcam")
+    # The autograd path differentiates the activations only and leaves the model as it was.
+    assert all(p.grad is None and p.requires_grad for p in member.parameters())
     assert reference.shape == ours.shape == (2, 224, 224)
     # A degenerate (flat) map would agree trivially: make sure there is structure to compare.
     assert (reference.max(axis=(1, 2)) - reference.min(axis=(1, 2)) > 0.5).all()
