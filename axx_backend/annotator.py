@@ -220,6 +220,13 @@ class Annotator:
         probability, or its normalised CAM of class `label`."""
         if self.mask_source == "seg_head":
             return upsample(seg_probabilities(member.seg_head, features).cpu(), size)[0].numpy()
+        return self.cam(member, features, image, label, size)
+
+    def cam(
+        self, member: Member, features: torch.Tensor, image: torch.Tensor, label: int, size: tuple[int, int]
+    ) -> np.ndarray:
+        """One member's normalised CAM of class `label` at `size` = (H, W): fast XGrad-CAM from the
+        features, or a grad-cam method from the image (`cam_method`)."""
         classes = torch.tensor([label], device=features.device)
         if self.settings.cam_method == "fast":
             with torch.no_grad():

@@ -10,6 +10,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .settings import model_dir_from
+
 log = logging.getLogger("axx_backend")
 
 
@@ -90,14 +92,6 @@ def _settings(**overrides: object):
     return Settings.from_env(**overrides)
 
 
-def _model_dir(arg: Path | None) -> Path:
-    if arg is not None:
-        return arg
-    if os.environ.get("MODEL_DIR"):
-        return Path(os.environ["MODEL_DIR"])
-    raise ValueError("no model directory: pass --model-dir or set MODEL_DIR")
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from .training import train_version
 
@@ -110,7 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         finetune_epochs=args.epochs,
         target_flag_rate=args.target_flag_rate,
     )
-    model_dir = _model_dir(args.model_dir)
+    model_dir = model_dir_from(args.model_dir)
     version = train_version(args.dataset_dir, model_dir, settings)
     print(json.dumps({"version": version, "path": str(model_dir / version)}))
     return 0
@@ -121,7 +115,9 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
     settings = _settings(batch_size=args.batch_size, mask_fusion=args.mask_fusion, cam_method=args.cam_method)
     explicit = settings.explicit_from_env() | {k for k in ("mask_fusion",) if getattr(args, k) is not None}
-    summary = annotate_folder(args.images_dir, args.out, _model_dir(args.model_dir), settings, args.version, explicit)
+    summary = annotate_folder(
+        args.images_dir, args.out, model_dir_from(args.model_dir), settings, args.version, explicit
+    )
     print(json.dumps(summary))
     return 0 if summary["errors"] < summary["images"] or summary["images"] == 0 else 1
 
@@ -143,7 +139,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_versions(args: argparse.Namespace) -> int:
     from .versions import ModelStore
 
-    store = ModelStore(_model_dir(args.model_dir))
+    store = ModelStore(model_dir_from(args.model_dir))
     current = store.current()
     for name in store.list_versions():
         meta = store.metadata(name)

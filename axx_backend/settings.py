@@ -11,6 +11,7 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 PRESETS: dict[str, tuple[str, ...]] = {
     # The paper's ensemble; timm downloads ImageNet weights when online.
@@ -125,6 +126,15 @@ class Settings:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError("precision must be 'fp32' or 'bf16'")
         parse_fusion(self.mask_fusion)
+
+
+def model_dir_from(arg: str | os.PathLike[str] | None) -> Path:
+    """A command's `--model-dir`, else `$MODEL_DIR`, else a clear error."""
+    if arg is not None:
+        return Path(arg)
+    if os.environ.get("MODEL_DIR"):
+        return Path(os.environ["MODEL_DIR"])
+    raise ValueError("no model directory: pass --model-dir or set MODEL_DIR")
 
 
 def parse_fusion(rule: str) -> tuple[str, int]:

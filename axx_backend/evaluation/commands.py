@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
+
+from ..settings import model_dir_from
 
 
 def register(subparsers: Any) -> None:
@@ -53,14 +54,6 @@ def register(subparsers: Any) -> None:
     al.set_defaults(func=cmd_simulate_al)
 
 
-def _model_dir(arg: Path | None) -> Path:
-    if arg is not None:
-        return arg
-    if os.environ.get("MODEL_DIR"):
-        return Path(os.environ["MODEL_DIR"])
-    raise ValueError("no model directory: pass --model-dir or set MODEL_DIR")
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..annotate_folder import load_annotator
     from ..annotator import read_version_meta
@@ -70,7 +63,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     settings = Settings.from_env(batch_size=args.batch_size)
-    model_dir = _model_dir(args.model_dir)
+    model_dir = model_dir_from(args.model_dir)
     annotator = load_annotator(model_dir, settings, args.version)
     store = ModelStore(model_dir)
     meta = read_version_meta(store.path(args.version or store.current() or ""))

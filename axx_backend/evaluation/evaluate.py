@@ -31,10 +31,9 @@ import torch
 from PIL import Image
 
 from ..annotator import Annotation, Annotator
-from ..ensemble import Member
 from ..images import ImageError
 from ..masks import fuse_maps
-from ..saliency import fast_xgradcam, gradcam_maps, normalize_maps, upsample
+from ..saliency import upsample
 from ..segmentation import seg_probabilities
 from ..settings import Settings
 from ..training.dataset import Sample, read_folder_dataset, stratified_split
@@ -79,20 +78,6 @@ def gt_mask(sample: Sample, size: tuple[int, int]) -> np.ndarray | None:
     return mask
 
 
-def member_cam(
-    annotator: Annotator, member: Member, features: torch.Tensor, image: torch.Tensor, label: int, size: tuple[int, int]
-) -> np.ndarray:
-    """One member's normalised CAM of class `label` at `size` = (H, W): the annotator's CAM code path
-    (fast XGrad-CAM from the features, or a grad-cam method from the image), whatever it serves."""
-    classes = torch.tensor([label], device=features.device)
-    if annotator.settings.cam_method == "fast":
-        with torch.no_grad():
-            cam = normalize_maps(fast_xgradcam(features, member.head.fc.weight.detach(), classes))
-    else:
-        cam = torch.from_numpy(gradcam_maps(member, member.normalize(image), classes, annotator.settings.cam_method))
-    return normalize_maps(upsample(cam.float().cpu(), size))[0].numpy()
-
-
 def has_seg_heads(annotator: Annotator) -> bool:
     return all(getattr(m, "seg_head", None) is not None for m in annotator.ensemble.members)
 
@@ -125,7 +110,7 @@ def member_maps(
         cams, segs = [], []
         for member, out in zip(members, outputs, strict=True):
             feats = out.features[b : b + 1]
-            cams.append(member_cam(annotator, member, feats, x[b : b + 1], int(classes[b]), size))
+            cams.append(annotator.cam(member, feats, x[b : b + 1], int(classes[b]), size))
             if seg:
                 segs.append(upsample(seg_probabilities(member.seg_head, feats).cpu(), size)[0].numpy())
         result.append((cams, segs if seg else None))

@@ -107,6 +107,19 @@ class ApiKeyAuth:
             return access
 
 
+class PerThreadSession:
+    """One `requests.Session` per thread: sessions are not thread-safe, and the server's threads share clients."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+        return session
+
+
 class LabelStudioClient:
     """A small Label Studio API client (requests; one session per thread)."""
 
@@ -114,14 +127,11 @@ class LabelStudioClient:
         self.url = base_url(url)
         self.auth = ApiKeyAuth(self.url, api_key, timeout)
         self.timeout = timeout
-        self._local = threading.local()
+        self._sessions = PerThreadSession()
 
     @property
     def session(self) -> requests.Session:
-        s = getattr(self._local, "session", None)
-        if s is None:
-            s = self._local.session = requests.Session()
-        return s
+        return self._sessions.get()
 
     def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         """One API call with the key; a PAT's access token is refreshed once on 401."""

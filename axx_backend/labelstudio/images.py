@@ -12,7 +12,6 @@ the image itself (not found, not an image, too large), so the server knows wheth
 
 from __future__ import annotations
 
-import threading
 import time
 import urllib.parse
 from collections.abc import Iterable
@@ -22,7 +21,7 @@ import requests
 from PIL import Image
 
 from ..images import ImageError, load_image
-from .client import ApiKeyAuth, LabelStudioError
+from .client import ApiKeyAuth, LabelStudioError, PerThreadSession
 
 MAX_REDIRECTS = 3
 
@@ -106,14 +105,11 @@ class ImageFetcher:
         if not entries and self.ls_url:
             entries = [self.ls_url]  # default: only Label Studio itself
         self.allow = HostAllowList(entries)
-        self._local = threading.local()
+        self._sessions = PerThreadSession()
 
     @property
     def session(self) -> requests.Session:
-        s = getattr(self._local, "session", None)
-        if s is None:
-            s = self._local.session = requests.Session()
-        return s
+        return self._sessions.get()
 
     def resolve(self, ref: str) -> str:
         """The absolute URL of a task's image reference."""
