@@ -1,4 +1,4 @@
-"""Command line: `axx-backend train | annotate | evaluate | simulate-al | serve | worker | versions`."""
+"""Command line: `axx-backend train | annotate | evaluate | simulate-al | serve | worker | preannotate | versions`."""
 
 from __future__ import annotations
 
@@ -18,10 +18,9 @@ log = logging.getLogger("axx_backend")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from .logs import configure_logging
+
+    configure_logging()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -72,9 +71,33 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")))
     serve.set_defaults(func=cmd_serve)
 
-    worker = sub.add_parser("worker", help="run an RQ worker for training jobs (needs REDIS_URL)")
-    worker.add_argument("--burst", action="store_true", help="stop when the queue is empty")
+    worker = sub.add_parser("worker", help="run an RQ worker for training and pre-annotation jobs (needs REDIS_URL)")
+    worker.add_argument("--burst", action="store_true", help="stop when the queues are empty")
+    worker.add_argument(
+        "--queues",
+        default=None,
+        help="comma-separated queues to serve, in priority order (default: axx-training,axx-preannotate)",
+    )
     worker.set_defaults(func=cmd_worker)
+
+    pre = sub.add_parser(
+        "preannotate",
+        help="predict every task of a Label Studio project in chunks (RQ workers with REDIS_URL, else here) "
+        "and post the predictions through the API",
+    )
+    pre.add_argument("--project", required=True, help="the Label Studio project id")
+    pre.add_argument(
+        "--only-missing",
+        action="store_true",
+        help="skip tasks that have a prediction of any version (tasks with one of the current version are "
+        "always skipped)",
+    )
+    pre.add_argument("--chunk", type=int, default=32, help="tasks per job (default 32)")
+    pre.add_argument("--retries", type=int, default=2, help="new attempts for a failed or lost chunk (default 2)")
+    pre.add_argument("--model-dir", type=Path, default=None, help="default: $MODEL_DIR")
+    pre.add_argument("--in-process", action="store_true", help="ignore REDIS_URL: predict in this process")
+    pre.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    pre.set_defaults(func=cmd_preannotate)
 
     from .evaluation.commands import register as register_evaluation
 
@@ -132,8 +155,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from .jobs import run_worker
 
-    run_worker(burst=args.burst)
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
+    run_worker(burst=args.burst, queues=queues)
     return 0
+
+
+def cmd_preannotate(args: argparse.Namespace) -> int:
+    from .jobs import HEARTBEAT_TTL
+    from .preannotate import preannotate
+
+    url = os.environ.get("LABEL_STUDIO_URL") or os.environ.get("LABEL_STUDIO_HOST")
+    api_key = os.environ.get("LABEL_STUDIO_API_KEY")
+    if not url or not api_key:
+        raise ValueError("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY: tasks and predictions go through the API")
+    summary = preannotate(
+        args.project, model_dir_from(args.model_dir), url, api_key, chunk=args.chunk, only_missing=args.only_missing,
+        redis_url=None if args.in_process else os.environ.get("REDIS_URL") or None, retries=args.retries,
+        lease_seconds=HEARTBEAT_TTL,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"project {summary['project']} ({summary['model_version']}, {summary['executor']}): "
+            f"{summary['posted']} predictions posted for {summary['to_predict']} tasks in {summary['seconds']} s "
+            f"({summary['tasks_per_second']} tasks/s); {summary['skipped_with_version']} already had one; "
+            f"{summary['unusable_images']} images unusable; {summary['retried_chunks']} chunks retried; "
+            f"{len(summary['failed_chunks'])} chunks failed; {summary['without_prediction']} tasks without a "
+            f"prediction of the version"
+        )
+        for failed in summary["failed_chunks"]:
+            ids = failed["task_ids"]
+            print(f"  failed chunk {failed['chunk']} (tasks {ids[0]}..{ids[-1]}, {len(ids)}): {failed['error']}")
+    ok = not summary["failed_chunks"] and summary["without_prediction"] == 0
+    return 0 if ok else 1
 
 
 def cmd_versions(args: argparse.Namespace) -> int:

@@ -125,10 +125,32 @@ class RQJobs:
         self.redis.delete(key)
         self.redis.hset(key, mapping={k: json.dumps(v) for k, v in _new_status(project, reason).items()})
         job = self.queue.enqueue(
-            rq_entry, project, payload, job_timeout=JOB_TIMEOUT, result_ttl=86400, failure_ttl=86400
+            rq_entry,
+            project,
+            payload,
+            job_timeout=JOB_TIMEOUT,
+            result_ttl=86400,
+            failure_ttl=86400,
+            description=f"train project {project} ({reason or 'requested'})",  # not the payload: it holds the API key
         )
         self.redis.hset(key, "job_id", json.dumps(job.id))
         return {"status": "queued", "project": project, "job_id": job.id}
+
+    def queues(self) -> dict[str, dict[str, int]]:
+        """Jobs waiting, running and failed on the training and pre-annotation queues (for /metrics)."""
+        from rq import Queue
+
+        from .preannotate import QUEUE_NAME as PREANNOTATE_QUEUE
+
+        out = {}
+        for name in (QUEUE_NAME, PREANNOTATE_QUEUE):
+            queue = Queue(name, connection=self.redis)
+            out[name] = {
+                "queued": queue.count,
+                "started": queue.started_job_registry.count,
+                "failed": queue.failed_job_registry.count,
+            }
+        return out
 
     def count_annotation(self, project: str) -> int:
         """Annotations seen for the project, across every server process."""
@@ -220,16 +242,29 @@ def make_jobs(redis_url: str | None = None) -> InProcessJobs | RQJobs:
     return InProcessJobs()
 
 
-def run_worker(redis_url: str | None = None, burst: bool = False) -> None:
-    """`axx-backend worker`: an RQ worker on the training queue (SIGTERM: finish the job, then stop)."""
+def run_worker(redis_url: str | None = None, burst: bool = False, queues: list[str] | None = None) -> None:
+    """`axx-backend worker`: an RQ worker on the training and pre-annotation queues, training first.
+
+    Every job runs in a forked child (RQ's default), so a crash or an OOM kill costs that job only.
+    SIGTERM is RQ's warm shutdown: the job in progress finishes, then the worker stops.
+    """
     from redis import Redis
     from rq import Queue, Worker
+
+    from .preannotate import QUEUE_NAME as PREANNOTATE_QUEUE
 
     url = redis_url or os.environ.get("REDIS_URL")
     if not url:
         raise ValueError("REDIS_URL is not set: the worker needs Redis (without it, the server trains in-process)")
-    import axx_backend.training.project  # noqa: F401  torch and the trainer, imported once: forked job processes inherit them
+    names = queues or [QUEUE_NAME, PREANNOTATE_QUEUE]
+    unknown = sorted(set(names) - {QUEUE_NAME, PREANNOTATE_QUEUE})
+    if unknown:
+        raise ValueError(f"unknown queue(s) {unknown}: use {QUEUE_NAME} and/or {PREANNOTATE_QUEUE}")
+    # torch, the trainer and the annotator, imported once here: forked job processes inherit them
+    import axx_backend.annotator  # noqa: F401
+    import axx_backend.training.project  # noqa: F401
 
     redis = Redis.from_url(url)
-    worker = Worker([Queue(QUEUE_NAME, connection=redis)], connection=redis)
+    worker = Worker([Queue(name, connection=redis) for name in names], connection=redis)
+    log.info("worker %s on %s", worker.name, ", ".join(names))
     worker.work(burst=burst, with_scheduler=False)

@@ -15,6 +15,14 @@ from PIL import Image
 
 POSITIVE = "Lesion"
 NEGATIVE = "Healthy"
+# A Label Studio labeling config for these classes (the benchmarks' generated projects)
+LABEL_CONFIG = f"""<View>
+  <Image name="image" value="$image"/>
+  <Choices name="diagnosis" toName="image">
+    <Choice value="{POSITIVE}"/><Choice value="{NEGATIVE}"/><Choice value="Needs review"/>
+  </Choices>
+  <BrushLabels name="lesion" toName="image"><Label value="{POSITIVE}"/></BrushLabels>
+</View>"""
 
 
 def smooth_texture(rng: np.random.Generator, size: int) -> np.ndarray:

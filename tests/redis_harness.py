@@ -80,6 +80,10 @@ class Worker:
                 pass
         self.proc.wait(10)
 
+    @staticmethod
+    def descendants(pid: int) -> list[int]:
+        return _descendants(pid)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()  # RQ's warm shutdown: the job in progress finishes first
@@ -87,7 +91,8 @@ class Worker:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.kill()
-        self.log.close()
+        if not self.log.closed:
+            self.log.close()
 
 
 def _descendants(pid: int) -> list[int]:

@@ -357,6 +357,109 @@ def test_connect_errors_and_projects_without_a_model(stack: dict[str, Any]) -> N
     assert "do not match" in health["projects"][str(pid)]["reason"]
 
 
+# --- pre-annotation of a whole project over RQ workers ----------------------------------------------------------
+def _preannotate(stack: dict[str, Any], project: int, *args: str, env: dict[str, str] | None = None) -> Any:
+    cmd = [str(Path(h.PYTHON).parent / "axx-backend"), "preannotate", "--project", str(project), "--json", *args]
+    full_env = {**os.environ, **stack["backend_env"], **(env or {})}
+    return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: Any, timeout: float = 600) -> dict[str, Any]:
+    out, err = proc.communicate(timeout=timeout)
+    assert out.strip(), f"no summary (exit {proc.returncode}):\n{err[-4000:]}"
+    summary = json.loads(out.strip().splitlines()[-1])
+    summary["exit"], summary["stderr"] = proc.returncode, err
+    return summary
+
+
+def _generated_url_tasks(stack: dict[str, Any], prefix: str, n: int, seed: int) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(seed)
+    tasks = []
+    for i in range(n):
+        image, _ = make_image(rng, 96, i % 2 == 0)
+        name = f"{prefix}_{i:03d}.png"
+        (stack["static"] / name).write_bytes(_png(image))
+        tasks.append({"image": f"{stack['static_url']}/{name}"})
+    return tasks
+
+
+def test_preannotate_over_workers_loses_nothing_when_workers_stop_or_die(stack: dict[str, Any]) -> None:
+    """40 tasks in chunks of 4 over RQ: the fixture's worker and two more. One gets SIGTERM while it holds a
+    chunk (it must finish that chunk, then exit), the other SIGKILL (its chunk must be retried). Every task
+    ends with exactly one prediction of the version; a second run posts nothing."""
+    from redis import Redis
+    from rq import Worker as RQWorker
+
+    ls, work = stack["ls"], stack["work"]
+    pid = ls.create_project("AXX preannotate", LABEL_CONFIG)
+    ls.import_tasks(pid, _generated_url_tasks(stack, "pre", 40, seed=23))
+    redis = Redis.from_url(stack["redis"].url)
+    stopped = Worker(stack["redis"].url, work / "pre-stopped.log", stack["backend_env"])
+    killed = Worker(stack["redis"].url, work / "pre-killed.log", stack["backend_env"])
+    try:
+        _wait_for("three workers", lambda: RQWorker.count(connection=redis) >= 3, 120)
+        proc = _preannotate(stack, pid, "--chunk", "4", env={"AXX_HEARTBEAT_TTL": "6"})
+        stopped_chunk = None
+        deadline = time.monotonic() + 300
+        while stopped_chunk is None or killed.proc.poll() is None:
+            assert time.monotonic() < deadline and proc.poll() is None, "the new workers never took a chunk"
+            for key in redis.scan_iter(f"axx:preannotate:{pid}:lease:*"):
+                holder = int((redis.get(key) or b"::0").decode().split(":")[1])
+                if stopped_chunk is None and holder in Worker.descendants(stopped.proc.pid):
+                    stopped.proc.terminate()  # RQ's warm shutdown: finish the chunk, then exit
+                    stopped_chunk = key.decode().rsplit(":", 1)[1]
+                elif killed.proc.poll() is None and holder in Worker.descendants(killed.proc.pid):
+                    killed.kill()  # like an OOM kill: the chunk's lease expires and the command retries it
+            time.sleep(0.2)
+        assert stopped.proc.wait(120) == 0
+        summary = _finish(proc)
+    finally:
+        stopped.stop()
+        killed.stop()
+    assert summary["exit"] == 0, summary["stderr"][-4000:]
+    assert summary["executor"] == "rq" and summary["to_predict"] == 40 and summary["chunks"] == 10
+    assert summary["failed_chunks"] == [] and summary["without_prediction"] == 0
+    assert summary["retried_chunks"] >= 1  # the killed worker's chunk
+    run = json.loads(redis.hget(next(redis.scan_iter(f"axx:preannotate:{pid}:*:results")), stopped_chunk))
+    assert run["attempt"] == 0  # the stopped worker finished its own chunk: no retry was needed
+    predictions = ls.predictions(pid)
+    per_task: dict[int, int] = {}
+    for p in predictions:
+        assert p["model_version"] == stack["version"]
+        per_task[int(p["task"])] = per_task.get(int(p["task"]), 0) + 1
+    assert sorted(per_task) == sorted(t["id"] for t in ls.tasks(pid)) and set(per_task.values()) == {1}
+    assert ls.api("GET", f"/api/projects/{pid}")["model_version"] == stack["version"]
+
+    again = _finish(_preannotate(stack, pid, "--chunk", "4"))
+    assert again["exit"] == 0 and again["posted"] == 0 and again["to_predict"] == 0
+    assert again["skipped_with_version"] == 40 and len(ls.predictions(pid)) == 40
+
+
+def test_preannotate_in_process_fails_bad_images_only(stack: dict[str, Any]) -> None:
+    """Without REDIS_URL the chunks run in the command; a corrupt and a missing image fail their own tasks
+    (a prediction that says why) and the others are predicted."""
+    ls = stack["ls"]
+    pid = ls.create_project("AXX preannotate bad", LABEL_CONFIG)
+    tasks = _generated_url_tasks(stack, "prebad", 3, seed=29)
+    (stack["static"] / "prebad_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    tasks += [{"image": f"{stack['static_url']}/prebad_corrupt.png"}, {"image": f"{stack['static_url']}/gone.png"}]
+    ls.import_tasks(pid, tasks)
+    summary = _finish(_preannotate(stack, pid, "--chunk", "2", env={"REDIS_URL": ""}))
+    assert summary["exit"] == 0, summary["stderr"][-4000:]
+    assert summary["executor"] == "in-process" and summary["posted"] == 5 and summary["unusable_images"] == 2
+    assert summary["without_prediction"] == 0 and len(summary["errors"]) == 2
+    by_image = {t["data"]["image"].rsplit("/", 1)[-1]: t["id"] for t in ls.tasks(pid)}
+    stored = {int(p["task"]): p for p in ls.predictions(pid)}
+    assert len(stored) == 5
+    for name, needle in (("prebad_corrupt.png", "cannot read image"), ("gone.png", "HTTP 404")):
+        p = stored[by_image[name]]
+        assert p["score"] is None and _by_type(p, "choices") == []
+        assert needle in _by_type(p, "textarea")[0]["value"]["text"][0]
+        assert needle in summary["errors"][str(by_image[name])]
+    for i in range(3):
+        assert _by_type(stored[by_image[f"prebad_{i:03d}.png"]], "choices"), i
+
+
 # --- the learning loop (keep these last: they add a prediction per task and move project.model_version) -----------
 # Which task images get an annotation, and whether it has the brush mask too: all 7 lesion images with their
 # generated mask (5 stay in training after the validation split: enough for the seg head, METHOD.md

@@ -11,12 +11,14 @@ import binascii
 import hmac
 import logging
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 
 from ..labelstudio.config import ConfigError
+from .metrics import prometheus_text
 from .model import AxxModel, Runtime, get_runtime
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ def create_app(runtime: Runtime | Callable[[], Runtime] | None = None) -> Flask:
     @app.before_request
     def _auth() -> Response | None:
         rt = get()
+        g.started = time.perf_counter()
         rt.metrics.request(request.path)
         expected = rt.settings.basic_auth
         if expected and not _basic_auth_ok(expected):
@@ -73,6 +76,15 @@ def create_app(runtime: Runtime | Callable[[], Runtime] | None = None) -> Flask:
             response.headers["WWW-Authenticate"] = 'Basic realm="axx-backend"'
             return response
         return None
+
+    @app.after_request
+    def _observe(response: Response) -> Response:
+        rt = get()
+        if "started" in g:
+            rt.metrics.observe(request.path, time.perf_counter() - g.started)
+        if response.status_code >= 500:
+            rt.metrics.error(request.path)
+        return response
 
     @app.errorhandler(ConfigError)
     def _config_error(exc: ConfigError) -> Response:
@@ -86,7 +98,6 @@ def create_app(runtime: Runtime | Callable[[], Runtime] | None = None) -> Flask:
 
         if isinstance(exc, HTTPException):
             return error_response(exc.code or 500, exc.description or exc.name)
-        get().metrics.error(request.path)
         log.exception("%s failed", request.path)
         return error_response(500, f"{type(exc).__name__}: {exc}")
 
@@ -139,7 +150,16 @@ def create_app(runtime: Runtime | Callable[[], Runtime] | None = None) -> Flask:
 
     @app.get("/metrics")
     def metrics() -> Response:
+        """Requests, latency, predictions, jobs and model versions (JSON, or `?format=prometheus`)."""
         rt = get()
-        return jsonify({**rt.metrics.snapshot(), "loaded_versions": rt.registry.loaded()})
+        snapshot = {
+            **rt.metrics.snapshot(),
+            "model_versions": rt.model_versions(),
+            "loaded_versions": rt.registry.loaded(),
+            "jobs": rt.jobs_overview(),
+        }
+        if request.args.get("format") == "prometheus":
+            return Response(prometheus_text(snapshot), mimetype="text/plain; version=0.0.4")
+        return jsonify(snapshot)
 
     return app

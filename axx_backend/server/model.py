@@ -12,19 +12,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from ..jobs import make_jobs
 from ..labelstudio.client import LabelStudioClient, ModelVersionSync
 from ..labelstudio.config import ConfigCache, ProjectConfig
-from ..labelstudio.images import ImageFetcher, ImageFetchError
-from ..labelstudio.results import build_prediction, failed_prediction
+from ..labelstudio.images import ImageFetcher
+from ..labelstudio.predict import predict_tasks
 from ..settings import Settings
 from .metrics import Metrics
 from .registry import ModelRegistry, Resolved
@@ -120,6 +116,25 @@ class Runtime:
             "training": {"backend": self.jobs.kind if self.jobs else None, "projects": self.jobs_status()},
         }
 
+    def model_versions(self) -> dict[str, str]:
+        """The version serving each project seen by this process, and the shared one ("*")."""
+        versions = {p: str(info["model_version"]) for p, info in dict(self.projects).items()}
+        shared = self.registry.resolve(None, None)
+        if shared.version:
+            versions["*"] = shared.version
+        return versions
+
+    def jobs_overview(self) -> dict[str, Any]:
+        """Training runs by project and, on RQ, the queues' job counts."""
+        overview: dict[str, Any] = {"backend": self.jobs.kind if self.jobs else None, "training": self.jobs_status()}
+        queues = getattr(self.jobs, "queues", None)
+        if queues is not None:
+            try:
+                overview["queues"] = queues()
+            except Exception as exc:  # Redis down: /metrics must still answer
+                overview["queues_error"] = f"{type(exc).__name__}: {exc}"
+        return overview
+
     def jobs_status(self) -> dict[str, Any]:
         if self.jobs is None:
             return {}
@@ -190,7 +205,6 @@ class AxxModel:
     ) -> dict[str, Any]:
         rt = self.runtime
         start = time.monotonic()
-        deadline = start + rt.settings.predict_time_budget
         cfg = self.config
         resolved = self.resolved
         n = len(tasks)
@@ -204,116 +218,30 @@ class AxxModel:
         assert resolved.path is not None and resolved.version is not None
         model = rt.registry.get(resolved.path)
         version = resolved.version
-        results: list[Any] = [[] for _ in tasks]
-        done = [False] * n  # answered (predicted, failed, invalid or unreachable); the rest ran out of time
-        counts = {"predicted": 0, "failed": 0, "skipped_budget": 0, "skipped_transient": 0, "invalid": 0}
-        inference_seconds = 0.0
-        per_image: float | None = None  # measured seconds per image, to stop before the budget runs out
-        batch_size = max(1, model.annotator.settings.batch_size)
-        window = max(batch_size * 2, rt.settings.fetch_workers)  # downloads in flight ahead of inference
-
-        pool = ThreadPoolExecutor(rt.settings.fetch_workers, thread_name_prefix="fetch")
-        futures: dict[int, Future[Image.Image]] = {}
-        submitted = 0
-
-        def top_up(upto: int) -> None:
-            nonlocal submitted
-            while submitted < min(n, upto):
-                futures[submitted] = pool.submit(rt.fetcher.load, self._image_ref(tasks[submitted], cfg))
-                submitted += 1
-
-        def run_batch(batch: list[tuple[int, Image.Image]]) -> bool:
-            """Annotate one batch; False when the time budget does not allow it."""
-            nonlocal inference_seconds, per_image
-            expected = (per_image or 0.0) * len(batch)
-            remaining = deadline - time.monotonic()
-            if expected > remaining or not model.lock.acquire(timeout=max(0.0, remaining - expected)):
-                return False
-            try:
-                t0 = time.perf_counter()
-                annotations = annotate_each_on_error(model.annotator, [img for _, img in batch])
-                took = time.perf_counter() - t0
-            finally:
-                model.lock.release()
-            inference_seconds += took
-            rate = took / len(batch)
-            per_image = rate if per_image is None else 0.5 * per_image + 0.5 * rate
-            for (i, _), ann in zip(batch, annotations, strict=True):
-                done[i] = True
-                if isinstance(ann, Exception):  # this image broke the model; the others of the batch are fine
-                    log.error("task %s: prediction failed: %s", _task_id(tasks[i]), ann)
-                    counts["failed"] += 1
-                    results[i] = failed_prediction(cfg, version, f"prediction failed: {type(ann).__name__}: {ann}")
-                    continue
-                prediction = build_prediction(ann, cfg, version)
-                errors = cfg.validate(prediction)
-                if errors:  # LS would store wrong names silently: refuse and say why
-                    log.error("task %s: prediction does not fit the labeling config: %s", _task_id(tasks[i]), errors)
-                    counts["invalid"] += 1
-                    continue
-                results[i] = prediction
-                counts["predicted"] += 1
-            return True
-
-        stopped = False
-        try:
-            batch: list[tuple[int, Image.Image]] = []
-            for i in range(n):
-                top_up(i + window)
-                try:
-                    image = futures.pop(i).result(timeout=max(0.01, deadline - time.monotonic()))
-                except FutureTimeout:
-                    stopped = True
-                    break
-                except ImageFetchError as exc:
-                    done[i] = True
-                    if exc.transient:
-                        log.warning("task %s: image not read, will be asked again: %s", _task_id(tasks[i]), exc)
-                        counts["skipped_transient"] += 1
-                    else:
-                        log.warning("task %s: image cannot be used: %s", _task_id(tasks[i]), exc)
-                        counts["failed"] += 1
-                        results[i] = failed_prediction(cfg, version, str(exc))
-                    continue
-                batch.append((i, image))
-                if len(batch) == batch_size:
-                    if not run_batch(batch):
-                        stopped = True
-                        break
-                    batch = []
-            else:
-                if batch and not run_batch(batch):
-                    stopped = True
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-
-        counts["skipped_budget"] = done.count(False)
-        if stopped:
+        budget = rt.settings.predict_time_budget - (time.monotonic() - start)  # loading the model counts too
+        out = predict_tasks(
+            tasks, cfg, model.annotator, version, rt.fetcher, lock=model.lock,
+            fetch_workers=rt.settings.fetch_workers, time_budget=budget, project=self.project_id,
+        )  # fmt: skip
+        counts = out.counts
+        if out.stopped:
             log.warning(
                 "project %s: time budget of %.0f s reached: %d of %d tasks left for a later request "
                 "(AXX_PREDICT_TIME_BUDGET)", self.project_id, rt.settings.predict_time_budget,
                 counts["skipped_budget"], n,
             )  # fmt: skip
         seconds = time.monotonic() - start
-        summary.update(counts, seconds=round(seconds, 3), inference_seconds=round(inference_seconds, 3))
+        summary.update(counts, seconds=round(seconds, 3), inference_seconds=round(out.inference_seconds, 3))
         summary["tasks_per_second"] = round(counts["predicted"] / seconds, 3) if seconds > 0 else None
         rt.metrics.predict(summary)
         log.info(
             "project %s: %d tasks -> %d predicted, %d failed, %d later (budget), %d later (unreachable) in %.1f s",
             self.project_id, n, counts["predicted"], counts["failed"], counts["skipped_budget"],
-            counts["skipped_transient"], seconds,
+            counts["skipped_transient"], seconds, extra={"project": self.project_id, "model_version": version},
         )  # fmt: skip
         if counts["predicted"] or counts["failed"]:
             rt.sync.schedule(self.project_id, version)  # after this answer LS stores them; then the PATCH works
-        return {"results": results, "model_version": version}
-
-    @staticmethod
-    def _image_ref(task: dict[str, Any], cfg: ProjectConfig) -> str:
-        data = task.get("data") or {}
-        ref = data.get(cfg.image_key)
-        if not isinstance(ref, str):
-            return ""  # ImageFetcher.resolve says "the task has no image URL"
-        return ref
+        return {"results": out.results, "model_version": version}
 
     # --- learning -------------------------------------------------------------------------------------------------
     def fit(self, event: str, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
@@ -350,24 +278,3 @@ class AxxModel:
         outcome = rt.jobs.submit(project_id, payload, reason=event)
         log.info("webhook %s for project %s: training %s", event, project_id, outcome["status"])
         return {**outcome, "event": event}
-
-
-def _task_id(task: dict[str, Any]) -> Any:
-    return task.get("id")
-
-
-def annotate_each_on_error(annotator: Any, images: list[Image.Image]) -> list[Any]:
-    """Annotations of a batch; if the batch fails, each image alone, so one bad image costs only its own task."""
-    try:
-        return list(annotator.annotate(images))
-    except Exception as exc:
-        if len(images) == 1:
-            return [exc]
-        log.warning("a batch of %d images failed (%s): retrying one by one", len(images), exc)
-    out: list[Any] = []
-    for image in images:
-        try:
-            out.extend(annotator.annotate([image]))
-        except Exception as exc:
-            out.append(exc)
-    return out

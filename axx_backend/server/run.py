@@ -13,7 +13,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from .logs import configure_logging
+from ..logs import configure_logging
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,8 @@ def gunicorn_options(host: str, port: int, settings: ServerSettings) -> dict[str
         "worker_class": "gthread",
         # gthread workers heartbeat while requests run; keep the timeout above Label Studio's 100 s anyway
         "timeout": int(max(120, settings.predict_time_budget + 60)),
-        "graceful_timeout": 30,
+        # SIGTERM: stop accepting, let a /predict in flight finish within its budget, then stop
+        "graceful_timeout": int(settings.predict_time_budget + 15),
         "keepalive": 5,
         "loglevel": settings.log_level.lower(),
         "accesslog": "-",

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from ..logs import configure_logging
 from .app import create_app
-from .logs import configure_logging
 from .settings import ServerSettings
 
 configure_logging(ServerSettings.from_env().log_level)
