@@ -234,8 +234,12 @@ def rq_chunk_entry(spec_json: dict[str, Any], index: int, task_ids: list[int], a
     if redis.hexists(keys["results"], str(index)):
         return {"skipped": "already done"}
     token = f"{socket.gethostname()}:{os.getpid()}:{attempt}:{uuid.uuid4().hex[:8]}"
-    if not redis.set(keys["lease"], token, nx=True, ex=spec.lease_seconds):
-        return {"skipped": "another attempt holds the chunk"}
+    # A killed attempt's lease outlives it by up to a lease period: wait for it rather than give up.
+    deadline = time.monotonic() + 2 * spec.lease_seconds + 5
+    while not redis.set(keys["lease"], token, nx=True, ex=spec.lease_seconds):
+        if time.monotonic() > deadline:
+            return {"skipped": "another attempt holds the chunk"}
+        time.sleep(1.0)
     refresh, release = redis.register_script(_REFRESH), redis.register_script(_RELEASE)
     stop = threading.Event()
 
@@ -359,12 +363,12 @@ def preannotate(
             runner.release()
 
     after = list_tasks(client, spec.project)
-    missing = [int(t["id"]) for t in after if spec.version not in prediction_versions(t)]
-    if only_missing:
-        missing = [i for i in missing if i in set(todo)]
     done = [c for c in chunks if c.state == "done"]
     failed = [c for c in chunks if c.state != "done"]
-    posted = sum(int(c.result.get("posted", 0)) for c in done)
+    # Counted from Label Studio, not from the chunks: a killed attempt may have posted part of its chunk.
+    with_version = {int(t["id"]) for t in after if spec.version in prediction_versions(t)}
+    missing = sorted(set(todo) - with_version)  # of the tasks this run set out to predict
+    posted = len(todo) - len(missing)
     seconds = time.monotonic() - started
     summary: dict[str, Any] = {
         "project": spec.project,
@@ -381,10 +385,11 @@ def preannotate(
         "failed_chunks": [{"chunk": c.index, "task_ids": c.task_ids, "error": c.error} for c in failed],
         "errors": {k: v for c in chunks for k, v in c.result.get("errors", {}).items()},
         "without_prediction": len(missing),
+        "without_prediction_ids": missing[:100],
         "seconds": round(seconds, 1),
         "tasks_per_second": round(posted / seconds, 2) if seconds > 0 else None,
     }
-    if sync_model_version and len(missing) < len(after):
+    if sync_model_version and with_version:
         summary["project_model_version"] = ModelVersionSync(client).sync_now(spec.project, spec.version, (0, 1, 2, 4))
     return summary
 
