@@ -468,6 +468,9 @@ class _RQRunner:
             self.redis.eval(_RELEASE, 1, self.keys["active"], self.spec.run)
             self._claimed = False
 
+    def _lease_alive(self, index: int) -> bool:
+        return bool(self.redis.exists(_keys(self.spec.project, self.spec.run, index)["lease"]))
+
     def _enqueue(self, c: ChunkState) -> None:
         c.job_id = f"axx-pre-{self.spec.run}-{c.index}-a{c.attempt}"
         self.queue.enqueue(
@@ -488,16 +491,18 @@ class _RQRunner:
         while pending:
             time.sleep(self.poll)
             self.redis.expire(self.keys["active"], self.spec.lease_seconds)
+            # Jobs and leases first, results last: a chunk that ends in between is seen as done, not as lost.
+            waiting = list(pending.values())
+            jobs = Job.fetch_many([c.job_id for c in waiting], connection=self.redis)
+            leases = [self._lease_alive(c.index) for c in waiting]
             results = self.redis.hgetall(self.keys["results"])
-            jobs = Job.fetch_many([c.job_id for c in pending.values()], connection=self.redis)
-            for c, job in zip(list(pending.values()), jobs, strict=True):
+            for c, job, lease_alive in zip(waiting, jobs, leases, strict=True):
                 raw = results.get(str(c.index).encode())
                 if raw is not None:
                     c.result, c.state = json.loads(raw), "done"
                     del pending[c.index]
                     continue
                 status = job.get_status(refresh=False) if job is not None else None
-                lease_alive = bool(self.redis.exists(_keys(self.spec.project, self.spec.run, c.index)["lease"]))
                 error = None
                 if job is None:
                     error = "the job disappeared from Redis"

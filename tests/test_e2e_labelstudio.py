@@ -17,6 +17,10 @@ While the worker trains, the same START_TRAINING -> new version path runs on a s
 second backend without Redis (training in a thread of the server). The learning tests come last in this
 file: they add a second prediction per task and move the project's model_version.
 
+`axx-backend preannotate` runs on projects of its own: over RQ with the fixture's worker and two more (one
+stopped with SIGTERM and one SIGKILLed while each holds a chunk), then again (nothing posted twice), and
+in-process on bad images.
+
 The review flag is not forced: a uniform grey image makes the members disagree, so it is flagged and is
 the least confident task (no AXX_UNCERTAINTY_THRESHOLD override). The server and the reference Annotator
 run with AXX_BATCH_SIZE=1 because the MC-dropout generator is seeded per batch: with batch 1 each image's

@@ -221,6 +221,11 @@ def test_predict_one_result_per_task_in_order(tmp_path: Path, images: tuple[str,
     assert fake.annotator.calls == [2, 2]  # batches of Settings.batch_size, in task order
     m = client.get("/metrics").get_json()
     assert m["tasks"]["predicted"] == 4 and m["tasks"]["failed"] == 3 and m["tasks"]["skipped_transient"] == 1
+    assert m["latency_seconds"]["/predict"]["count"] == 1 and m["latency_seconds"]["/predict"]["p50"] > 0
+    assert m["model_versions"]["*"] == version and m["jobs"]["backend"] == "thread"
+    text = client.get("/metrics?format=prometheus").get_data(as_text=True)
+    assert 'axx_tasks_total{outcome="predicted"} 4' in text
+    assert f'axx_model_version_info{{project="*",version="{version}"}} 1' in text
 
 
 def test_time_budget_answers_what_it_can(tmp_path: Path, images: tuple[str, Path]) -> None:
