@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .ensemble import Ensemble, Member, select_device
+from .ensemble import Ensemble, Member, MemberOutput, select_device
 from .masks import fuse_maps
 from .saliency import fast_xgradcam, gradcam_maps, normalize_maps, upsample
 from .segmentation import SegHead, seg_probabilities
@@ -105,7 +105,7 @@ class Annotator:
         self.settings = settings
         if settings.mask_source != "auto":
             mask_source = settings.mask_source
-        if mask_source == "seg_head" and not all(hasattr(m, "seg_head") for m in ensemble.members):
+        if mask_source == "seg_head" and not all(m.seg_head is not None for m in ensemble.members):
             raise VersionError("mask_source seg_head, but this version has no segmentation heads")
         self.mask_source = mask_source
         self.version = version
@@ -129,7 +129,12 @@ class Annotator:
         explicit = settings.explicit_from_env() if explicit is None else explicit
         version_dir = Path(version_dir)
         meta = read_version_meta(version_dir)
-        calibrated = {k: v for k, v in meta.get("thresholds", {}).items() if k in CALIBRATED and k not in explicit}
+        stored = meta.get("thresholds", {})
+        calibrated = {k: v for k, v in stored.items() if k in CALIBRATED and k not in explicit}
+        # A fusion rule chosen explicitly gets the version's threshold for that rule, when it has one.
+        rule_thresholds = stored.get("fusion_thresholds") or {}
+        if "mask_fusion" in explicit and "cam_threshold" not in explicit and settings.mask_fusion in rule_thresholds:
+            calibrated["cam_threshold"] = float(rule_thresholds[settings.mask_fusion])
         settings = settings.replace(**calibrated)
         negative = None
         if "negative_classes" in meta and not explicit & {"negative_classes", "negative_pattern"}:
@@ -199,7 +204,7 @@ class Annotator:
             if not decision.flagged and label not in self.negative:
                 size = (img.height, img.width)
                 maps = [
-                    self._saliency(members[i], outputs[i].features[b : b + 1], x[b : b + 1], decision.label, size)
+                    self._saliency(members[i], outputs[i], b, x[b : b + 1], decision.label, size)
                     for i in decision.agreeing
                 ]
                 if self.mask_source == "seg_head":
@@ -214,27 +219,41 @@ class Annotator:
         return annotations
 
     def _saliency(
-        self, member: Member, features: torch.Tensor, image: torch.Tensor, label: int, size: tuple[int, int]
+        self, member: Member, output: MemberOutput, b: int, image: torch.Tensor, label: int, size: tuple[int, int]
     ) -> np.ndarray:
-        """One member's map at the original image size: its segmentation head's foreground
+        """One member's map of image `b` at its original size: its segmentation head's foreground
         probability, or its normalised CAM of class `label`."""
         if self.mask_source == "seg_head":
-            return upsample(seg_probabilities(member.seg_head, features).cpu(), size)[0].numpy()
-        return self.cam(member, features, image, label, size)
+            assert member.seg_head is not None and output.seg_features is not None
+            return seg_map(member.seg_head, output.seg_features[b : b + 1], size)
+        return self.cam(member, output.features[b : b + 1], image, label, size)
 
     def cam(
         self, member: Member, features: torch.Tensor, image: torch.Tensor, label: int, size: tuple[int, int]
     ) -> np.ndarray:
         """One member's normalised CAM of class `label` at `size` = (H, W): fast XGrad-CAM from the
         features, or a grad-cam method from the image (`cam_method`)."""
-        classes = torch.tensor([label], device=features.device)
         if self.settings.cam_method == "fast":
-            with torch.no_grad():
-                cam = normalize_maps(fast_xgradcam(features, member.head.fc.weight.detach(), classes))
-        else:
-            cam = torch.from_numpy(gradcam_maps(member, member.normalize(image), classes, self.settings.cam_method))
+            return member_cam(member, features, label, size)
+        classes = torch.tensor([label], device=features.device)
+        cam = torch.from_numpy(gradcam_maps(member, member.normalize(image), classes, self.settings.cam_method))
         # Normalise, upsample, normalise again: the order of grad-cam's XGradCAM output.
         return normalize_maps(upsample(cam.float().cpu(), size))[0].numpy()
+
+
+def member_cam(member: Member, features: torch.Tensor, label: int, size: tuple[int, int]) -> np.ndarray:
+    """A member's normalised fast XGrad-CAM of class `label` at `size` = (H, W), from its last feature
+    map [1, K, h, w]: what serving fuses, and what training calibrates thresholds on (cached maps)."""
+    with torch.no_grad():
+        classes = torch.tensor([label], device=features.device)
+        cam = normalize_maps(fast_xgradcam(features.float(), member.head.fc.weight.detach(), classes))
+    # Normalise, upsample, normalise again: the order of grad-cam's XGradCAM output.
+    return normalize_maps(upsample(cam.cpu(), size))[0].numpy()
+
+
+def seg_map(head: SegHead, seg_features: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """A segmentation head's foreground probability at `size` = (H, W), from the map it reads [1, K, h, w]."""
+    return upsample(seg_probabilities(head, seg_features).cpu(), size)[0].numpy()
 
 
 def read_version_meta(version_dir: Path) -> dict[str, Any]:
@@ -272,8 +291,20 @@ def load_ensemble(version_dir: Path, meta: dict[str, Any], settings: Settings) -
         member.head.fc.bias.data.copy_(heads[f"{name}.bias"])
         member.temperature.fill_(float(spec.get("temperature", 1.0)))
         if f"{name}.seg.weight" in heads:
-            member.seg_head = SegHead(member.num_features)
-            member.seg_head.conv.weight.data.copy_(heads[f"{name}.seg.weight"])
+            # Versions written before the stride-16 head have no `seg_layer`: theirs reads the last map.
+            member.seg_layer = spec.get("seg_layer")
+            weight = heads[f"{name}.seg.weight"]
+            try:
+                channels = member.seg_channels
+            except ValueError as exc:
+                raise VersionError(f"version {version_dir.name}: member {name}: {exc}") from exc
+            if weight.shape[1] != channels:
+                raise VersionError(
+                    f"version {version_dir.name}: member {name}'s segmentation head has {weight.shape[1]} inputs, "
+                    f"but the map it reads ({member.seg_layer or 'last feature map'}) has {channels} channels"
+                )
+            member.seg_head = SegHead(channels)
+            member.seg_head.conv.weight.data.copy_(weight)
             member.seg_head.conv.bias.data.copy_(heads[f"{name}.seg.bias"])
         members.append(member)
     return Ensemble(members, classes).eval()

@@ -5,6 +5,9 @@ MC Dropout runs the backbone once (eval mode, BatchNorm frozen) and samples T dr
 masks on the pooled features in one batched tensor operation. We own the head because
 timm applies its head dropout functionally, so `model.train()` on Dropout modules would
 not switch it on (and would also unfreeze BatchNorm statistics).
+
+A member may also carry a segmentation head (segmentation.py) that reads the output of an
+earlier stage (`seg_layer`, stride 16): a forward hook grabs it during the same backbone pass.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .segmentation import SegHead
 from .weights import WeightInfo, WeightsNotFoundError, load_backbone
 
 log = logging.getLogger(__name__)
@@ -49,8 +53,35 @@ class MCDropoutHead(nn.Module):
         return torch.einsum("tbk,ck->tbc", pooled.unsqueeze(0) * mask, self.fc.weight) + self.fc.bias
 
 
+def seg_layer_of(backbone: nn.Module) -> str | None:
+    """The module whose output the segmentation head reads: the deepest stage at a finer stride than
+    the last one (stride 16 for the usual CNNs: resnet `layer3`, efficientnet/mobilenet `blocks.4`,
+    densenet `features.denseblock3`), from timm's `feature_info`. None: the last feature map (a model
+    without `feature_info`, or one whose stages share a stride, such as a ViT).
+
+    Why not the last map: at stride 32 (7x7 at 224 px) even a perfect per-cell predictor caps the
+    IoU near 0.63 on the benchmark, and a linear read-out of it did not transfer to unseen objects.
+    """
+    info = getattr(backbone, "feature_info", None)
+    if not isinstance(info, list) or len(info) < 2:
+        return None
+    last = info[-1].get("reduction")
+    finer = [d for d in info[:-1] if last is not None and d.get("reduction", last) < last]
+    return str(finer[-1]["module"]) if finer else None
+
+
+def layer_channels(backbone: nn.Module, layer: str) -> int:
+    """Output channels of the `feature_info` stage `layer`."""
+    for d in getattr(backbone, "feature_info", []) or []:
+        if d.get("module") == layer:
+            return int(d["num_chs"])
+    raise ValueError(f"{type(backbone).__name__} has no feature stage {layer!r}")
+
+
 class Member(nn.Module):
     """One backbone with its MC-dropout head; inputs are RGB tensors in [0, 1]."""
+
+    seg_head: SegHead | None
 
     def __init__(
         self, name: str, backbone: nn.Module, num_classes: int, dropout: float, weight_info: WeightInfo
@@ -65,10 +96,17 @@ class Member(nn.Module):
         self.register_buffer("mean", torch.tensor(weight_info.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(weight_info.std).view(1, 3, 1, 1))
         self.register_buffer("temperature", torch.ones(()))
+        self.seg_head = None  # set by training or by loading a version with segmentation heads
+        self.seg_layer = seg_layer_of(backbone)  # None: the head reads the last feature map
 
     @property
     def num_features(self) -> int:
         return self.head.fc.in_features
+
+    @property
+    def seg_channels(self) -> int:
+        """Channels of the map the segmentation head reads."""
+        return self.num_features if self.seg_layer is None else layer_channels(self.backbone, self.seg_layer)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean) / self.std
@@ -76,6 +114,23 @@ class Member(nn.Module):
     def features(self, normalized: torch.Tensor) -> torch.Tensor:
         """The feature map [B, K, h, w] that feeds the global average pool."""
         return self.feature_tap(self.backbone.forward_features(normalized))
+
+    def features_and_seg(self, normalized: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(last feature map, the map the segmentation head reads) from ONE backbone pass: the
+        `seg_layer` output is captured by a forward hook that lives only for this call."""
+        if self.seg_layer is None:
+            feats = self.features(normalized)
+            return feats, feats
+        captured: list[torch.Tensor] = []
+        module = self.backbone.get_submodule(self.seg_layer)
+        handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            feats = self.features(normalized)
+        finally:
+            handle.remove()
+        if len(captured) != 1 or not isinstance(captured[0], torch.Tensor) or captured[0].dim() != 4:
+            raise RuntimeError(f"{self.name}: stage {self.seg_layer!r} did not give one [B, K, h, w] map")
+        return feats, captured[0]
 
     def forward(self, normalized: torch.Tensor) -> torch.Tensor:
         """Deterministic logits (dropout is off in eval mode); what grad-cam differentiates."""
@@ -89,6 +144,7 @@ class MemberOutput:
     features: torch.Tensor  # [B, K, h, w], float32
     logits: torch.Tensor  # [B, C] deterministic, temperature-scaled
     mc_probs: torch.Tensor  # [T, B, C] softmax of temperature-scaled MC logits
+    seg_features: torch.Tensor | None = None  # what the seg head reads [B, K', h', w']; only with a seg head
 
 
 class Ensemble(nn.Module):
@@ -143,9 +199,14 @@ class Ensemble(nn.Module):
             x = member.normalize(images)
             if _is_channels_last(member):
                 x = x.contiguous(memory_format=torch.channels_last)
+            seg_feats = None
             with _autocast(x.device, precision):
-                feats = member.features(x)
+                if member.seg_head is not None:  # the stride-16 map only when a head will read it
+                    feats, seg_feats = member.features_and_seg(x)
+                else:
+                    feats = member.features(x)
             feats = feats.float()
+            seg_feats = None if seg_feats is None else seg_feats.float()
             pooled = feats.mean(dim=(2, 3))
             temperature = member.temperature.clamp_min(1e-3)
             logits = member.head.fc(pooled) / temperature
@@ -153,7 +214,7 @@ class Ensemble(nn.Module):
                 mc_logits = _full_mc_logits(member, x, samples, precision) / temperature
             else:
                 mc_logits = member.head.sample(pooled, samples, generator) / temperature
-            outputs.append(MemberOutput(feats, logits, mc_logits.softmax(dim=-1)))
+            outputs.append(MemberOutput(feats, logits, mc_logits.softmax(dim=-1), seg_feats))
         return outputs
 
 

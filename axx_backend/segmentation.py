@@ -1,6 +1,13 @@
 """Pixel supervision (METHOD.md "Learning" 3, after Belharbi et al.): a light segmentation
-head per member on the feature map that also feeds the classifier, trained with BCE + Dice on
-oracle masks and, with weight lambda, on pseudo-masks of confident unlabelled images."""
+head per member, trained with BCE + Dice on oracle masks and, with weight lambda, on pseudo-masks
+of confident unlabelled images.
+
+The head reads the stride-16 stage of the backbone (`Member.seg_layer`, captured by a forward
+hook in the same pass that feeds the classifier), not the stride-32 map the CAM uses: 14x14 cells
+at 224 px instead of 7x7, whose resolution alone capped a perfect read-out at IoU 0.63 on the
+benchmark, and mid-level features that transfer to unseen objects. Versions written before
+that keep their heads on the last map (`seg_layer` absent from version.json).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ class SegHead(nn.Module):
     """A 1x1 convolution: one foreground logit per feature cell.
 
     Deliberately tiny: it is trained from a handful of masks on frozen features, and a
-    linear read-out of the same features the CAM uses cannot overfit much.
+    linear read-out cannot overfit much.
     """
 
     def __init__(self, in_channels: int) -> None:

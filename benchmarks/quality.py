@@ -6,12 +6,14 @@ shows objects never seen in training). Members: the `offline` preset (weights fr
 For each variant (binary: object present / absent; multiclass: Animal / Food / Plant / Background):
 
 - `labels`: the AXX setting. The version is trained on image labels only (the train masks hidden),
-  so it serves CAM masks with the default rule and threshold. The mask thresholds of each member and
-  of each fusion rule are then chosen on the masks of the *validation* split of the training folder
-  (the images train held out), never on the test split.
+  so it has no calibrated mask threshold. The mask thresholds of each member and of each fusion rule
+  are then chosen on the masks of the *validation* split of the training folder (the images train
+  held out), never on the test split, and the served CAM mask uses the best rule at its threshold
+  there (as `axx-backend evaluate --calibrate-on` does).
 - `masks` (with `--full-masks`): `axx-backend train` on the folder as it is, i.e. with every train
   mask as an oracle mask (CAM calibration + segmentation heads, METHOD.md "Learning" 3): the
-  pixel-supervised upper end of the active-learning curve.
+  pixel-supervised upper end of the active-learning curve. Evaluated with the thresholds the version
+  stored (as `axx-backend evaluate` without `--calibrate-on` does).
 
     .venv/bin/python benchmarks/make_dataset.py --out runs/bench
     .venv/bin/python benchmarks/quality.py --data runs/bench --work runs/quality --docs docs
@@ -36,7 +38,13 @@ from typing import Any
 import torch
 
 from axx_backend.annotator import Annotator, read_version_meta
-from axx_backend.evaluation.evaluate import calibrate_thresholds, evaluate, format_table
+from axx_backend.evaluation.evaluate import (
+    calibrate_thresholds,
+    evaluate,
+    format_table,
+    serving_with,
+    version_thresholds,
+)
 from axx_backend.evaluation.plots import write_plots
 from axx_backend.settings import Settings
 from axx_backend.training import read_folder_dataset, stratified_split, train_on_samples
@@ -67,12 +75,18 @@ def run_one(
     annotator = Annotator.from_version(store.path(version), settings, explicit=set())
     meta = read_version_meta(store.path(version))
 
-    # Thresholds on the masks of the validation split of the training folder (never the test split).
     t1 = time.perf_counter()
-    # The trainer's own split of what it was given (stratified by class and "has a mask", seeded).
-    _, val_idx = stratified_split([f"{s.label}|{s.has_mask}" for s in samples], settings.val_fraction, settings.seed)
-    val = [folder[i] for i in val_idx]  # the same images, with their masks
-    thresholds = calibrate_thresholds(annotator, val, f"validation split of {train_dir}")
+    if setting == "labels":
+        # Thresholds on the masks of the validation split of the training folder (never the test split):
+        # the trainer's own split of what it was given (stratified by class and "has a mask", seeded).
+        _, val_idx = stratified_split(
+            [f"{s.label}|{s.has_mask}" for s in samples], settings.val_fraction, settings.seed
+        )
+        val = [folder[i] for i in val_idx]  # the same images, with their masks
+        thresholds = calibrate_thresholds(annotator, val, f"validation split of {train_dir}")
+        annotator = serving_with(annotator, thresholds)
+    else:
+        thresholds = version_thresholds(annotator, meta)  # calibrated by train on its oracle masks
     test, _ = read_folder_dataset(test_dir)
     ev = evaluate(annotator, test, thresholds, n_examples=6)
     t_eval = time.perf_counter() - t1

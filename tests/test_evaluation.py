@@ -19,7 +19,7 @@ from axx_backend.evaluation.calibration import (
     threshold_ious,
 )
 from axx_backend.evaluation.commands import register
-from axx_backend.evaluation.evaluate import MaskThresholds, evaluate, iter_results, member_maps
+from axx_backend.evaluation.evaluate import MaskThresholds, evaluate, evaluate_folder, iter_results, member_maps
 from axx_backend.evaluation.simulate import binary_entropy, selection_score
 from axx_backend.masks import fuse_maps
 from axx_backend.settings import Settings
@@ -216,6 +216,23 @@ def test_evaluate_table_and_thresholds_calibrated_on_the_training_validation_spl
     assert "| accuracy |" in stdout and "| **ensemble (served: " in stdout
     assert "member resnet50" in stdout and "intersection of agreeing members" in stdout
     assert f"validation split of {dataset_dir}" in stdout
+
+
+def test_calibrate_on_overrides_the_served_cam_mask_too(trained_model_dir, test_set, dataset_dir):
+    """--calibrate-on replaces the version's thresholds for every row, the served mask included."""
+    store = ModelStore(trained_model_dir)
+    forced = {"mask_source", "mask_fusion", "cam_threshold"}
+    settings = Settings(mask_source="cam", mask_fusion="mean", cam_threshold=0.5)
+    annotator = Annotator.from_version(store.path(store.current()), settings, explicit=forced)
+    meta = store.metadata(store.current())
+    report = evaluate_folder(test_set, annotator, meta, calibrate_on=dataset_dir, n_examples=0).report
+    served = report["mask_thresholds"]["served"]
+    assert served["rule"] in ("mean", "intersection")
+    assert report["iou"]["ensemble"]["rule"] == f"cam:{served['rule']}"
+    assert report["iou"]["ensemble"]["threshold"] == served["threshold"] == report["iou"][served["rule"]]["threshold"]
+    # The served mask is that rule's mask at that threshold, image by image.
+    assert report["iou"]["ensemble"]["mean"] == pytest.approx(report["iou"][served["rule"]]["mean"], abs=1e-9)
+    assert annotator.settings.cam_threshold == 0.5  # the caller's annotator is left as it was
 
 
 def test_evaluate_refuses_to_calibrate_on_the_test_set(trained_model_dir, test_set, capsys):

@@ -1,25 +1,9 @@
-"""The pixel phase's pieces on hand-made data."""
+"""The pixel phase's pieces on hand-made data (threshold calibration: test_evaluation.py, the one
+implementation; the k-fold decision: test_segmentation_head.py)."""
 
-import numpy as np
 import torch
 
 from axx_backend.segmentation import SegHead, bce_dice_loss, train_seg_head
-from axx_backend.training.pixels import calibrate_fusion
-
-
-def test_calibrate_fusion_picks_the_rule_and_threshold_with_the_best_iou():
-    truth = np.zeros((4, 4), bool)
-    truth[:2, :2] = True
-    # Member B also marks part of a third column, with 0.7.
-    a = np.where(truth, 0.9, 0.1)
-    b = np.where(truth, 0.9, 0.1)
-    b[:2, 2] = 0.7
-    rule, threshold, score = calibrate_fusion([[a, b]], [truth], thresholds=(0.5, 0.75))
-    # mean at 0.5 is exact: the extra pixels average (0.1 + 0.7) / 2 = 0.4; ties keep the first.
-    assert (rule, threshold, score) == ("mean", 0.5, 1.0)
-    # The union (votes:1) takes B's extra pixels at 0.5 (IoU 4/6) and is exact only at 0.75.
-    rule, threshold, score = calibrate_fusion([[a, b]], [truth], rules=("votes:1",), thresholds=(0.5, 0.75))
-    assert (threshold, score) == (0.75, 1.0)
 
 
 def test_seg_head_learns_a_mask_that_is_linear_in_the_features():

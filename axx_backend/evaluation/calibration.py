@@ -3,6 +3,8 @@
 The probe of METHOD.md showed that a threshold tuned per member and then AND-ed shrinks the mask
 (IoU 0.237 vs 0.350 with one threshold tuned for the AND): each fusion rule gets its own threshold,
 chosen where that rule's mean IoU is highest. Use validation data only, never the test split.
+
+The one implementation for both training (training/pixels.py, on the oracle masks) and `evaluate`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from ..settings import parse_fusion
 
 # Candidate thresholds: 0.05, 0.10, ..., 0.95 (the maps are min-max normalised to [0, 1]).
 DEFAULT_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
+# The fusion rules a version calibrates (training) and evaluate reports, each at its own threshold.
+FUSION_RULES: tuple[str, ...] = ("mean", "intersection")
 
 
 def rule_map(maps: Sequence[np.ndarray], rule: str) -> np.ndarray:
@@ -58,7 +62,7 @@ def threshold_ious(
 def calibrate_fusion(
     maps_per_image: Sequence[Sequence[np.ndarray]],
     gt_masks: Sequence[np.ndarray],
-    rules: Sequence[str] = ("mean", "intersection"),
+    rules: Sequence[str] = FUSION_RULES,
     grid: Sequence[float] = DEFAULT_GRID,
 ) -> dict[str, float]:
     """{rule: the threshold of `grid` with the highest mean validation IoU for that rule}.
@@ -74,7 +78,7 @@ def calibrate_fusion(
 def fusion_scores(
     maps_per_image: Sequence[Sequence[np.ndarray]],
     gt_masks: Sequence[np.ndarray],
-    rules: Sequence[str] = ("mean", "intersection"),
+    rules: Sequence[str] = FUSION_RULES,
     grid: Sequence[float] = DEFAULT_GRID,
 ) -> dict[str, np.ndarray]:
     """{rule: mean validation IoU at each threshold of `grid`}."""
@@ -95,7 +99,7 @@ def calibrate_members(
 def choose_rule(
     maps_per_image: Sequence[Sequence[np.ndarray]],
     gt_masks: Sequence[np.ndarray],
-    rules: Sequence[str] = ("mean", "intersection"),
+    rules: Sequence[str] = FUSION_RULES,
     grid: Sequence[float] = DEFAULT_GRID,
 ) -> tuple[str, float, float]:
     """(rule, threshold, validation IoU) of the best rule: what a version should serve."""

@@ -17,6 +17,7 @@ same forward (recorded while it runs), so the backbones run once per image.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import math
@@ -30,19 +31,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..annotator import Annotation, Annotator
+from ..annotator import Annotation, Annotator, seg_map
+from ..ensemble import MemberOutput
 from ..images import ImageError
 from ..masks import fuse_maps
-from ..saliency import upsample
-from ..segmentation import seg_probabilities
 from ..settings import Settings
 from ..training.dataset import Sample, read_folder_dataset, stratified_split
 from . import metrics
-from .calibration import calibrate_fusion, calibrate_members, choose_rule, fusion_scores
+from .calibration import FUSION_RULES, calibrate_fusion, calibrate_members, choose_rule, fusion_scores
 
 log = logging.getLogger(__name__)
 
-CAM_RULES = ("mean", "intersection")
+CAM_RULES = FUSION_RULES
 
 
 @dataclass
@@ -109,10 +109,9 @@ def member_maps(
         size = (img.height, img.width)
         cams, segs = [], []
         for member, out in zip(members, outputs, strict=True):
-            feats = out.features[b : b + 1]
-            cams.append(annotator.cam(member, feats, x[b : b + 1], int(classes[b]), size))
+            cams.append(annotator.cam(member, out.features[b : b + 1], x[b : b + 1], int(classes[b]), size))
             if seg:
-                segs.append(upsample(seg_probabilities(member.seg_head, feats).cpu(), size)[0].numpy())
+                segs.append(seg_map(member.seg_head, out.seg_features[b : b + 1], size))
         result.append((cams, segs if seg else None))
     return result
 
@@ -193,11 +192,17 @@ def iter_results(
             if served_forward is not None:
                 x, outputs = served_forward
                 sel = torch.tensor(wanted, device=x.device)
-                forward = (x[sel], [dataclasses.replace(o, features=o.features[sel]) for o in outputs])
+                forward = (x[sel], [_select(o, sel) for o in outputs])
             maps = member_maps(annotator, images, [results[j].map_class for j in wanted], forward)
             for j, (cams, segs) in zip(wanted, maps, strict=True):
                 results[j].maps, results[j].seg = cams, segs
         yield from results
+
+
+def _select(output: MemberOutput, sel: torch.Tensor) -> MemberOutput:
+    """The images `sel` of a member's forward (only the maps are read)."""
+    seg = None if output.seg_features is None else output.seg_features[sel]
+    return dataclasses.replace(output, features=output.features[sel], seg_features=seg)
 
 
 @dataclass
@@ -209,12 +214,27 @@ class MaskThresholds:
     source: str
     val_iou: dict[str, float] = field(default_factory=dict)
     n_images: int = 0
+    served: tuple[str, float] | None = None  # (rule, threshold) to serve, when calibrated here
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"members": self.members, "rules": self.rules, "source": self.source}
         if self.n_images:
             out.update(n_images=self.n_images, val_iou=self.val_iou)
+        if self.served:
+            out["served"] = {"rule": self.served[0], "threshold": self.served[1]}
         return out
+
+
+def serving_with(annotator: Annotator, thresholds: MaskThresholds) -> Annotator:
+    """A copy of `annotator` whose CAM masks use the calibrated rule (the best on the calibration images)
+    at its calibrated threshold: what the version would serve had it stored these thresholds. Unchanged
+    when `thresholds` were not calibrated here or the version serves segmentation-head masks."""
+    if thresholds.served is None or annotator.mask_source != "cam":
+        return annotator
+    rule, threshold = thresholds.served
+    served = copy.copy(annotator)
+    served.settings = annotator.settings.replace(mask_fusion=rule, cam_threshold=threshold)
+    return served
 
 
 def version_thresholds(annotator: Annotator, meta: dict[str, Any]) -> MaskThresholds:
@@ -265,39 +285,15 @@ def calibrate_thresholds(annotator: Annotator, samples: Sequence[Sample], source
     if not gts:
         raise ValueError(f"no correctly served image with a mask in {source} to calibrate the mask thresholds on")
     scores = fusion_scores(fused, gts, CAM_RULES)
+    rule, threshold, _ = choose_rule(fused, gts, CAM_RULES)
     return MaskThresholds(
         calibrate_members(own, gts),
         calibrate_fusion(fused, gts, CAM_RULES),
         source,
         {rule: round(float(s.max()), 4) for rule, s in scores.items()},
         len(gts),
+        (rule, threshold),
     )
-
-
-def mask_calibration(annotator: Annotator, samples: Sequence[Sample]) -> dict[str, Any]:
-    """What training should merge into a version's `thresholds` after the heads are trained.
-
-    `samples`: the validation split (only those with an oracle mask are used). The annotator must use
-    the calibrated `uncertainty_threshold` so that flags and agreeing members are those of serving.
-    Returns {} when no validation image with a mask is served correctly (keep the defaults then).
-    """
-    fused, own, gts = _calibration_maps(annotator, samples)
-    if not gts:
-        return {}
-    scores = fusion_scores(fused, gts, CAM_RULES)
-    rule, threshold, val_iou = choose_rule(fused, gts, CAM_RULES)
-    return {
-        "mask_fusion": rule,
-        "cam_threshold": threshold,
-        "fusion_thresholds": calibrate_fusion(fused, gts, CAM_RULES),
-        "member_cam_thresholds": calibrate_members(own, gts),
-        "mask_calibration": {
-            "n_images": len(gts),
-            "val_iou": {r: round(float(s.max()), 4) for r, s in scores.items()},
-            "chosen": rule,
-            "chosen_val_iou": round(val_iou, 4),
-        },
-    }
 
 
 def validation_split_of(
@@ -472,7 +468,8 @@ def evaluate_folder(
     calibrate_on: str | os.PathLike[str] | None = None,
     n_examples: int = 6,
 ) -> Evaluation:
-    """`evaluate` on a dataset folder; mask thresholds from the version, or chosen on `calibrate_on`.
+    """`evaluate` on a dataset folder; mask thresholds from the version, or chosen on `calibrate_on`
+    (an override: then the served CAM mask uses the rule and threshold chosen there too).
 
     When `calibrate_on` is the folder the version was trained on, only its validation split is used
     (the images whose labels fitted the heads are not used to choose thresholds).
@@ -492,6 +489,7 @@ def evaluate_folder(
         if Path(dataset_dir).resolve() == cal_dir.resolve():
             raise ValueError("--calibrate-on must not be the evaluated data set: choose thresholds on other images")
         thresholds = calibrate_thresholds(annotator, cal_samples, f"calibrated on {label}")
+        annotator = serving_with(annotator, thresholds)  # an override: the served CAM mask follows it
     else:
         thresholds = version_thresholds(annotator, meta)
     return evaluate(annotator, samples, thresholds, n_examples)

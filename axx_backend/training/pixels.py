@@ -1,9 +1,19 @@
-"""The pixel phase of training: CAM threshold calibration, pseudo-masks, segmentation heads.
+"""The pixel phase of training: CAM thresholds, pseudo-masks, segmentation heads, and whether the
+heads or the CAM make the served masks.
 
-Everything runs on cached feature maps of the frozen backbones at a target resolution of
-`input_size / 4`, so it costs seconds. Belharbi et al.: oracle masks with weight 1 plus
-pseudo-masks (the fused CAM of confident, unflagged images without a mask) with weight lambda;
-the pseudo-mask threshold is the one that maximises IoU on the images with oracle masks.
+Everything runs on cached maps of the frozen backbones (the last feature map for the CAM, the
+stride-16 stage for the heads; see `Member.seg_layer`) at a target resolution of `input_size / 4`,
+so it costs seconds. Belharbi et al.: oracle masks with weight 1 plus pseudo-masks (the fused CAM
+of confident, unflagged images without a mask) with weight lambda.
+
+- The CAM thresholds (one per fusion rule, one per member, and the served rule) are chosen on every
+  positive oracle mask (evaluation/calibration.py, the one implementation).
+- Head or CAM: k-fold cross-validation over the oracle-masked images. Per fold, the CAM thresholds
+  are chosen and the heads trained on the other folds, and both are scored on the held-out fold;
+  the head serves when its pooled held-out IoU is higher and at least `min_pixel_labels` oracle
+  masks exist (a 1-3-mask validation split decided by chance). The same folds choose lambda
+  between `seg_lambda` and 0 (no pseudo-masks).
+- The final heads train on every oracle mask (+ pseudo-masks at the chosen lambda).
 """
 
 from __future__ import annotations
@@ -17,26 +27,39 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..ensemble import Ensemble
+from ..annotator import member_cam, seg_map
+from ..ensemble import Ensemble, select_device
+from ..evaluation.calibration import FUSION_RULES, calibrate_fusion, calibrate_members, choose_rule
 from ..masks import fuse_maps, iou
-from ..saliency import fast_xgradcam, normalize_maps, upsample
-from ..segmentation import SegHead, seg_probabilities, train_seg_head
+from ..segmentation import SegHead, train_seg_head
 from ..settings import Settings
 from ..uncertainty import decide
 
 log = logging.getLogger(__name__)
 
-FUSION_CANDIDATES = ("mean", "intersection", "votes:2")
-THRESHOLD_GRID = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
+CV_FOLDS = 5  # at most; leave-one-out below that many positive oracle masks
 
 
 @dataclass
 class PixelResult:
-    cam_threshold: float
+    cam_threshold: float  # of the served rule `mask_fusion`
     mask_fusion: str
+    fusion_thresholds: dict[str, float] = field(default_factory=dict)  # per rule; empty: not calibrated
+    member_cam_thresholds: dict[str, float] = field(default_factory=dict)
     seg_heads: dict[str, SegHead] = field(default_factory=dict)
     use_seg_head: bool = False
     metrics: dict[str, Any] = field(default_factory=dict)
+
+    def thresholds(self) -> dict[str, Any]:
+        """What the version's `thresholds` take from this phase (the calibrated values only)."""
+        if not self.fusion_thresholds:
+            return {}
+        return {
+            "cam_threshold": self.cam_threshold,
+            "mask_fusion": self.mask_fusion,
+            "fusion_thresholds": dict(self.fusion_thresholds),
+            "member_cam_thresholds": dict(self.member_cam_thresholds),
+        }
 
 
 def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
@@ -45,141 +68,182 @@ def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
     return torch.from_numpy((np.asarray(img) > 127).astype(np.float32))
 
 
-def member_cams(ensemble: Ensemble, maps: Sequence[torch.Tensor], label: int, size: int) -> list[np.ndarray]:
-    """Each member's normalised XGrad-CAM of `label` at size x size, from cached maps [K, h, w]."""
-    out = []
-    for member, fmap in zip(ensemble.members, maps, strict=True):
-        cam = normalize_maps(
-            fast_xgradcam(fmap.float().unsqueeze(0), member.head.fc.weight.detach(), torch.tensor([label]))
-        )
-        out.append(normalize_maps(upsample(cam, (size, size)))[0].numpy())
-    return out
+def kfold(items: Sequence[int], k: int, seed: int) -> list[list[int]]:
+    """`items` shuffled (seeded) and dealt into min(k, len) folds of near-equal size."""
+    order = [items[j] for j in np.random.default_rng(seed).permutation(len(items))]
+    k = min(k, len(order))
+    return [sorted(order[f::k]) for f in range(k)]
 
 
-def calibrate_fusion(
-    cams_per_image: Sequence[Sequence[np.ndarray]],
-    truths: Sequence[np.ndarray],
-    rules: Sequence[str] = FUSION_CANDIDATES,
-    thresholds: Sequence[float] = THRESHOLD_GRID,
-) -> tuple[str, float, float]:
-    """The (rule, threshold) with the best mean IoU over images; returns (rule, threshold, iou)."""
-    best = ("mean", 0.5, -1.0)
-    for rule in rules:
-        for t in thresholds:
-            scores = [
-                iou(fuse_maps(cams, rule, t)[0], truth) for cams, truth in zip(cams_per_image, truths, strict=True)
-            ]
-            score = float(np.mean(scores))
-            if score > best[2]:
-                best = (rule, float(t), score)
-    return best
+def train_heads(
+    ensemble: Ensemble,
+    seg_maps: dict[int, list[torch.Tensor]],
+    targets: dict[int, torch.Tensor],
+    weights: dict[int, float],
+    settings: Settings,
+) -> dict[str, SegHead]:
+    """One head per member on the cached maps of the images in `targets` (mask [S, S] in {0, 1}),
+    trained on the settings' device (full-batch epochs are memory-bound on a CPU), returned on the CPU."""
+    device = select_device(settings.device)
+    order = list(targets)
+    target = torch.stack([targets[i] for i in order]).to(device)
+    weight = torch.tensor([weights[i] for i in order], device=device)
+    heads = {}
+    for m, member in enumerate(ensemble.members):
+        features = torch.stack([seg_maps[i][m] for i in order]).to(device)
+        head = SegHead(features.shape[1]).to(device)
+        with torch.enable_grad():
+            train_seg_head(head, features, target, weight, settings.seg_epochs, seed=settings.seed)
+        heads[member.name] = head.cpu()
+    return heads
 
 
 def fit_pixels(
     ensemble: Ensemble,
     maps: dict[int, list[torch.Tensor]],
+    seg_maps: dict[int, list[torch.Tensor]],
     member_probs: dict[int, list[np.ndarray]],
     member_entropy: dict[int, list[float]],
     labels: dict[int, int | None],
     oracle: dict[int, np.ndarray],
-    train: set[int],
-    val: set[int],
     negative: set[int],
     uncertainty_threshold: float,
     settings: Settings,
 ) -> PixelResult:
-    """`maps[i]`: per-member cached feature maps of sample i; `oracle[i]`: its mask, if any.
+    """`maps[i]` / `seg_maps[i]`: per-member cached last / seg-layer feature maps of sample i;
+    `oracle[i]`: its mask, if any.
 
-    `labels[i]` is the class index of a labelled sample (None if unlabelled); `negative`
-    holds the negative class indices; `train`/`val` split the labelled samples.
+    `labels[i]` is the class index of a labelled sample (None if unlabelled); `negative` holds the
+    negative class indices.
     """
     size = max(8, settings.input_size // 4)
     targets = {i: resize_mask(m, size) for i, m in oracle.items()}
+    truths = {i: t.numpy() > 0 for i, t in targets.items()}
+    names = [m.name for m in ensemble.members]
+    cam_cache: dict[tuple[int, int], list[np.ndarray]] = {}
 
-    def cams(i: int, label: int, only: Sequence[int] | None = None) -> list[np.ndarray]:
-        chosen = member_cams(ensemble, maps[i], label, size)
-        return [chosen[m] for m in only] if only is not None else chosen
+    def cams(i: int, label: int) -> list[np.ndarray]:
+        if (i, label) not in cam_cache:
+            cam_cache[(i, label)] = [
+                member_cam(member, fmap.unsqueeze(0), label, (size, size))
+                for member, fmap in zip(ensemble.members, maps[i], strict=True)
+            ]
+        return cam_cache[(i, label)]
 
     def voters(i: int, label: int) -> list[int]:
         agree = [m for m, p in enumerate(member_probs[i]) if int(np.argmax(p)) == label]
         return agree or list(range(len(ensemble.members)))
 
-    positive_oracle = [i for i in oracle if labels.get(i) is not None and labels[i] not in negative]
-    fit_set = [i for i in positive_oracle if i in train]
+    # The oracle-masked images of a positive class: those a CAM or head mask is scored on.
+    positive: dict[int, int] = {i: lab for i in oracle if (lab := labels.get(i)) is not None and lab not in negative}
+    positives = list(positive)
+
+    def fused_cams(i: int) -> list[np.ndarray]:
+        return [cams(i, positive[i])[m] for m in voters(i, positive[i])]
+
     result = PixelResult(settings.cam_threshold, settings.mask_fusion)
-    if fit_set:
-        rule, threshold, fit_iou = calibrate_fusion(
-            [cams(i, labels[i], voters(i, labels[i])) for i in fit_set], [targets[i].numpy() > 0 for i in fit_set]
-        )
+    if positives:
+        fused = [fused_cams(i) for i in positives]
+        gts = [truths[i] for i in positives]
+        rule, threshold, fit_iou = choose_rule(fused, gts, FUSION_RULES)
         result.mask_fusion, result.cam_threshold = rule, threshold
+        result.fusion_thresholds = calibrate_fusion(fused, gts, FUSION_RULES)
+        own = {name: [cams(i, positive[i])[m] for i in positives] for m, name in enumerate(names)}
+        result.member_cam_thresholds = calibrate_members(own, gts)
         result.metrics["cam_calibration"] = {
             "rule": rule,
             "threshold": threshold,
             "iou": fit_iou,
-            "images": len(fit_set),
+            "images": len(positives),
+            "fusion_thresholds": result.fusion_thresholds,
         }
-        log.info("CAM masks: %s at %.2f gives IoU %.3f on %d oracle masks", rule, threshold, fit_iou, len(fit_set))
+        log.info("CAM masks: %s at %.2f gives IoU %.3f on %d oracle masks", rule, threshold, fit_iou, len(positives))
 
-    # Pseudo-masks for images without an oracle mask: confident, unflagged, predicted positive,
-    # and agreeing with the image label when there is one. Known negatives give empty masks.
-    pseudo: dict[int, torch.Tensor] = {}
+    # Pseudo-mask candidates among the images without an oracle mask: confident, unflagged, predicted
+    # positive, and agreeing with the image label when there is one. Known negatives give empty masks.
+    empty: list[int] = []
+    candidates: dict[int, tuple[int, list[int]]] = {}  # i -> (class, agreeing members)
     for i in maps:
-        if i in oracle or i in val:
+        if i in oracle:
             continue
         if labels.get(i) is not None and labels[i] in negative:
-            pseudo[i] = torch.zeros(size, size)
+            empty.append(i)
             continue
         decision = decide(member_probs[i], member_entropy[i], uncertainty_threshold, settings.min_uncertain_to_flag)
         if decision.flagged or decision.label in negative:
             continue
         if labels.get(i) is not None and labels[i] != decision.label:
             continue
-        mask, _ = fuse_maps(cams(i, decision.label, decision.agreeing), result.mask_fusion, result.cam_threshold)
-        pseudo[i] = torch.from_numpy(mask.astype(np.float32))
+        candidates[i] = (decision.label, list(decision.agreeing))
 
-    train_oracle = [i for i in oracle if i not in val]
-    result.metrics.update({"oracle_masks": len(train_oracle), "pseudo_masks": len(pseudo), "target_size": size})
-    if not train_oracle:
+    def pseudo_masks(rule: str, threshold: float) -> dict[int, torch.Tensor]:
+        """The pseudo-masks at a CAM rule and threshold (those calibrated on the masks a head may see)."""
+        out = {i: torch.zeros(size, size) for i in empty}
+        for i, (label, agreeing) in candidates.items():
+            mask, _ = fuse_maps([cams(i, label)[m] for m in agreeing], rule, threshold)
+            out[i] = torch.from_numpy(mask.astype(np.float32))
+        return out
+
+    def training_set(
+        masked: Sequence[int], pseudo: dict[int, torch.Tensor], lam: float
+    ) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
+        chosen = {i: targets[i] for i in masked} | (pseudo if lam > 0 else {})
+        weights = {i: 1.0 if i in oracle else lam for i in chosen}
+        return chosen, weights
+
+    pseudo = pseudo_masks(result.mask_fusion, result.cam_threshold)
+    result.metrics.update({"oracle_masks": len(oracle), "pseudo_masks": len(pseudo), "target_size": size})
+    if not oracle:
         return result
 
-    order = train_oracle + list(pseudo)
-    weights = torch.tensor([1.0] * len(train_oracle) + [settings.seg_lambda] * len(pseudo))
-    target = torch.stack([targets[i] for i in train_oracle] + [pseudo[i] for i in order[len(train_oracle) :]])
-    for m, member in enumerate(ensemble.members):
-        head = SegHead(member.num_features)
-        features = torch.stack([maps[i][m].float() for i in order])
-        loss = train_seg_head(head, features, target, weights, settings.seg_epochs, seed=settings.seed)
-        result.seg_heads[member.name] = head
-        log.info(
-            "seg head %s: loss %.4f on %d oracle + %d pseudo masks", member.name, loss, len(train_oracle), len(pseudo)
+    # Lambda is cross-validated against 0: hundreds of pseudo-masks at 0.1 each can outweigh a few
+    # oracle masks, and then the head learns to copy the CAM it was meant to beat.
+    lambdas = [settings.seg_lambda] + ([0.0] if settings.seg_lambda > 0 and pseudo else [])
+    lam = settings.seg_lambda
+    enough = len(oracle) >= settings.min_pixel_labels
+    if not enough or len(positives) < 2:
+        result.metrics["seg_head_decision"] = (
+            f"CAM masks kept ({len(oracle)} oracle masks, {len(positives)} of a positive class; "
+            f"min {settings.min_pixel_labels} and 2 to cross-validate)"
         )
+    else:
+        folds = kfold(positives, CV_FOLDS, settings.seed)
+        cam_scores: list[float] = []
+        seg_scores: dict[float, list[float]] = {v: [] for v in lambdas}
+        for held in folds:
+            rest = [i for i in positives if i not in held]
+            rule, threshold, _ = choose_rule([fused_cams(i) for i in rest], [truths[i] for i in rest], FUSION_RULES)
+            cam_scores += [iou(fuse_maps(fused_cams(i), rule, threshold)[0], truths[i]) for i in held]
+            masked = [i for i in oracle if i not in held]
+            fold_pseudo = pseudo_masks(rule, threshold)
+            for lam_c in lambdas:
+                heads = train_heads(ensemble, seg_maps, *training_set(masked, fold_pseudo, lam_c), settings)
+                for i in held:
+                    who = voters(i, positive[i])
+                    probs = [seg_map(heads[names[m]], seg_maps[i][m].unsqueeze(0), (size, size)) for m in who]
+                    seg_scores[lam_c].append(iou(fuse_maps(probs, "mean", settings.seg_threshold)[0], truths[i]))
+        by_lambda = {lam_c: float(np.mean(v)) for lam_c, v in seg_scores.items()}
+        lam = max(lambdas, key=lambda v: by_lambda[v])  # a tie keeps the configured lambda (listed first)
+        cam_iou, seg_iou = float(np.mean(cam_scores)), by_lambda[lam]
+        result.use_seg_head = seg_iou > cam_iou
+        # `val_*`: held-out IoU pooled over the folds (every positive oracle mask is held out once).
+        result.metrics.update(
+            {
+                "val_iou_cam": cam_iou,
+                "val_iou_seg_head": seg_iou,
+                "val_iou_seg_head_by_lambda": {str(k): v for k, v in by_lambda.items()},
+                "cv_folds": len(folds),
+                "cv_masks": len(positives),
+            }
+        )
+        verdict = "seg head used" if result.use_seg_head else "CAM masks kept"
+        result.metrics["seg_head_decision"] = (
+            f"{verdict} ({len(folds)}-fold IoU seg {seg_iou:.3f} (lambda {lam:g}) vs CAM {cam_iou:.3f})"
+        )
+        log.info("%d-fold IoU: CAM %.3f, seg head %s", len(folds), cam_iou, by_lambda)
 
-    # Validation: does the head beat the CAM masks on held-out oracle masks?
-    val_positive = [i for i in positive_oracle if i in val]
-    if not val_positive:
-        result.metrics["seg_head_decision"] = "no validation masks: CAM masks kept"
-        return result
-    cam_scores, seg_scores = [], []
-    for i in val_positive:
-        who = voters(i, labels[i])
-        truth = targets[i].numpy() > 0
-        cam_scores.append(iou(fuse_maps(cams(i, labels[i], who), result.mask_fusion, result.cam_threshold)[0], truth))
-        seg_maps = [
-            upsample(
-                seg_probabilities(result.seg_heads[ensemble.members[m].name], maps[i][m].unsqueeze(0)), (size, size)
-            )[0].numpy()
-            for m in who
-        ]
-        seg_scores.append(iou(fuse_maps(seg_maps, "mean", settings.seg_threshold)[0], truth))
-    cam_iou, seg_iou = float(np.mean(cam_scores)), float(np.mean(seg_scores))
-    enough = len(train_oracle) >= settings.min_pixel_labels
-    result.use_seg_head = enough and seg_iou > cam_iou
-    result.metrics.update({"val_iou_cam": cam_iou, "val_iou_seg_head": seg_iou, "val_masks": len(val_positive)})
-    result.metrics["seg_head_decision"] = (
-        "seg head used"
-        if result.use_seg_head
-        else f"CAM masks kept ({len(train_oracle)} oracle masks, min {settings.min_pixel_labels}; "
-        f"IoU seg {seg_iou:.3f} vs CAM {cam_iou:.3f})"
-    )
-    log.info("validation IoU: CAM %.3f, seg head %.3f -> %s", cam_iou, seg_iou, result.metrics["seg_head_decision"])
+    # The final heads: every oracle mask (+ pseudo-masks at the chosen lambda).
+    result.seg_heads = train_heads(ensemble, seg_maps, *training_set(list(oracle), pseudo, lam), settings)
+    result.metrics["seg_lambda"] = lam
+    log.info("seg heads trained on %d oracle + %d pseudo masks (lambda %g)", len(oracle), len(pseudo), lam)
     return result

@@ -1,10 +1,12 @@
 """Training a version, one code path for a folder and a Label Studio project:
 
 1. optional fine-tuning of the backbones (`finetune`: last stage or all);
-2. one backbone pass per image and member, caching pooled features (and feature maps where
-   the pixel phase needs them); the MC-dropout heads then train in milliseconds per epoch;
+2. one backbone pass per image and member, caching pooled features (and, where the pixel phase
+   needs them, the last feature map and the stride-16 map the segmentation head reads, both
+   from that same pass); the MC-dropout heads then train in milliseconds per epoch;
 3. temperature and review threshold calibrated on a held-out split;
-4. the pixel phase (training/pixels.py): CAM threshold, pseudo-masks, segmentation heads;
+4. the pixel phase (training/pixels.py): CAM thresholds, pseudo-masks, segmentation heads and
+   the cross-validated choice between them;
 5. an atomic write of the version, which becomes current.
 """
 
@@ -43,12 +45,14 @@ Progress = Callable[[str, float], None]  # (stage, fraction done); jobs report t
 @dataclass
 class FeatureCache:
     """Pooled features per member for the readable samples (and their mirrored copies), and
-    full feature maps (float16) for the samples the pixel phase needs."""
+    feature maps (float16) for the samples the pixel phase needs: the last one (CAM) and the one
+    the segmentation head reads (`Member.seg_layer`)."""
 
     samples: list[Sample]  # the samples that could be read, in order
     pooled: list[torch.Tensor]  # per member [N, K]
     pooled_flipped: list[torch.Tensor] | None  # per member [N, K]
     maps: dict[int, list[torch.Tensor]]  # sample index -> per member [K, h, w]
+    seg_maps: dict[int, list[torch.Tensor]]  # sample index -> per member [K', h', w'] (stride 16)
     skipped: list[str]  # "key: reason" of unreadable images
 
 
@@ -67,6 +71,7 @@ def extract_features(
     pooled: list[list[torch.Tensor]] = [[] for _ in members]
     flipped: list[list[torch.Tensor]] = [[] for _ in members]
     maps: dict[int, list[torch.Tensor]] = {}
+    seg_maps: dict[int, list[torch.Tensor]] = {}
     batch = max(1, annotator.settings.batch_size)
     bar = tqdm(total=len(samples), desc="features", unit="img", disable=None)
     for start in range(0, len(samples), batch):
@@ -87,12 +92,16 @@ def extract_features(
                     normalized = member.normalize(view)
                     if annotator.settings.channels_last and annotator.device.type == "cpu":
                         normalized = normalized.contiguous(memory_format=torch.channels_last)
-                    fmap = member.features(normalized).float()
+                    wanted = [b for b in range(len(images)) if v == 0 and kept[first + b].key in keep_maps]
+                    if wanted:  # the seg-layer map comes from this same pass (a forward hook)
+                        fmap, smap = member.features_and_seg(normalized)
+                        fmap, smap = fmap.float(), smap.float()
+                    else:
+                        fmap = member.features(normalized).float()
                     (pooled if v == 0 else flipped)[i].append(fmap.mean(dim=(2, 3)).cpu())
-                    if v == 0:
-                        for b in range(len(images)):
-                            if kept[first + b].key in keep_maps:
-                                maps.setdefault(first + b, []).append(fmap[b].half().cpu().clone())
+                    for b in wanted:
+                        maps.setdefault(first + b, []).append(fmap[b].half().cpu().clone())
+                        seg_maps.setdefault(first + b, []).append(smap[b].half().cpu().clone())
         bar.update(len(chunk))
         if progress:
             progress("features", min(1.0, (start + len(chunk)) / max(1, len(samples))))
@@ -104,6 +113,7 @@ def extract_features(
         [torch.cat(p) for p in pooled],
         [torch.cat(p) for p in flipped] if flip else None,
         maps,
+        seg_maps,
         skipped,
     )
 
@@ -276,6 +286,8 @@ def train_on_samples(
                 "mean": list(member.weight_info.mean),
                 "std": list(member.weight_info.std),
                 "temperature": temperature,
+                # The map a segmentation head of this version reads (None: the last feature map).
+                "seg_layer": member.seg_layer,
             }
         )
 
@@ -314,17 +326,17 @@ def train_on_samples(
         pixels = fit_pixels(
             ensemble,
             cache.maps,
+            cache.seg_maps,
             {i: [p[k] for p in mapped_probs] for k, i in enumerate(mapped)},
             {i: [float(h[k]) for h in mapped_entropy] for k, i in enumerate(mapped)},
             labels_of,
             oracle,
-            set(train_idx),
-            set(val_idx),
             {index[c] for c in negative},
             thresholds["uncertainty_threshold"],
             settings,
         )
-        thresholds["cam_threshold"], thresholds["mask_fusion"] = pixels.cam_threshold, pixels.mask_fusion
+        # Served CAM rule and threshold, every rule's and member's threshold: calibrated on the oracle masks.
+        thresholds.update(pixels.thresholds())
         metrics["pixels"] = pixels.metrics
     mask_source = "seg_head" if pixels is not None and pixels.use_seg_head else "cam"
 
