@@ -24,6 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
+        print(f"axx-backend {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # one clear line for the user; the traceback with LOG_LEVEL=DEBUG
         log.debug("failed", exc_info=True)

@@ -97,7 +97,8 @@ def list_tasks(
         batch = body["tasks"] if isinstance(body, dict) else body
         tasks.extend(batch)
         total = body.get("total") if isinstance(body, dict) else None
-        if len(batch) < page_size or (total is not None and len(tasks) >= total):
+        # `total` when Label Studio gives it (it may cap page_size below ours), else a short page ends the list
+        if not batch or (len(tasks) >= total if total is not None else len(batch) < page_size):
             break
         page += 1
     return tasks
