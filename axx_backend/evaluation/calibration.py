@@ -70,9 +70,12 @@ def calibrate_fusion(
     `maps_per_image[i]`: the normalised maps ([H, W] in [0, 1]) that would be fused for image i (the
     agreeing members'), at the size of `gt_masks[i]`. Ties go to the lowest threshold.
     """
-    return {
-        rule: float(grid[int(np.argmax(s))]) for rule, s in fusion_scores(maps_per_image, gt_masks, rules, grid).items()
-    }
+    return best_thresholds(fusion_scores(maps_per_image, gt_masks, rules, grid), grid)
+
+
+def best_thresholds(scores: Mapping[str, np.ndarray], grid: Sequence[float] = DEFAULT_GRID) -> dict[str, float]:
+    """{rule: its best threshold} from `fusion_scores` (computed once, read several ways)."""
+    return {rule: float(grid[int(np.argmax(s))]) for rule, s in scores.items()}
 
 
 def fusion_scores(
@@ -103,7 +106,11 @@ def choose_rule(
     grid: Sequence[float] = DEFAULT_GRID,
 ) -> tuple[str, float, float]:
     """(rule, threshold, validation IoU) of the best rule: what a version should serve."""
-    scores = fusion_scores(maps_per_image, gt_masks, rules, grid)
-    best = max(rules, key=lambda r: (float(scores[r].max()), r == "mean"))  # a tie goes to mean
+    return best_rule(fusion_scores(maps_per_image, gt_masks, rules, grid), grid)
+
+
+def best_rule(scores: Mapping[str, np.ndarray], grid: Sequence[float] = DEFAULT_GRID) -> tuple[str, float, float]:
+    """`choose_rule` from `fusion_scores` already computed."""
+    best = max(scores, key=lambda r: (float(scores[r].max()), r == "mean"))  # a tie goes to mean
     i = int(np.argmax(scores[best]))
     return best, float(grid[i]), float(scores[best][i])

@@ -38,7 +38,7 @@ from ..masks import fuse_maps
 from ..settings import Settings
 from ..training.dataset import Sample, read_folder_dataset, stratified_split
 from . import metrics
-from .calibration import FUSION_RULES, calibrate_fusion, calibrate_members, choose_rule, fusion_scores
+from .calibration import FUSION_RULES, best_rule, best_thresholds, calibrate_members, fusion_scores
 
 log = logging.getLogger(__name__)
 
@@ -285,10 +285,10 @@ def calibrate_thresholds(annotator: Annotator, samples: Sequence[Sample], source
     if not gts:
         raise ValueError(f"no correctly served image with a mask in {source} to calibrate the mask thresholds on")
     scores = fusion_scores(fused, gts, CAM_RULES)
-    rule, threshold, _ = choose_rule(fused, gts, CAM_RULES)
+    rule, threshold, _ = best_rule(scores)
     return MaskThresholds(
         calibrate_members(own, gts),
-        calibrate_fusion(fused, gts, CAM_RULES),
+        best_thresholds(scores),
         source,
         {rule: round(float(s.max()), 4) for rule, s in scores.items()},
         len(gts),

@@ -29,7 +29,14 @@ from PIL import Image
 
 from ..annotator import member_cam, seg_map
 from ..ensemble import Ensemble, select_device
-from ..evaluation.calibration import FUSION_RULES, calibrate_fusion, calibrate_members, choose_rule
+from ..evaluation.calibration import (
+    FUSION_RULES,
+    best_rule,
+    best_thresholds,
+    calibrate_members,
+    choose_rule,
+    fusion_scores,
+)
 from ..masks import fuse_maps, iou
 from ..segmentation import SegHead, train_seg_head
 from ..settings import Settings
@@ -145,9 +152,10 @@ def fit_pixels(
     if positives:
         fused = [fused_cams(i) for i in positives]
         gts = [truths[i] for i in positives]
-        rule, threshold, fit_iou = choose_rule(fused, gts, FUSION_RULES)
+        scores = fusion_scores(fused, gts, FUSION_RULES)
+        rule, threshold, fit_iou = best_rule(scores)
         result.mask_fusion, result.cam_threshold = rule, threshold
-        result.fusion_thresholds = calibrate_fusion(fused, gts, FUSION_RULES)
+        result.fusion_thresholds = best_thresholds(scores)
         own = {name: [cams(i, positive[i])[m] for i in positives] for m, name in enumerate(names)}
         result.member_cam_thresholds = calibrate_members(own, gts)
         result.metrics["cam_calibration"] = {
@@ -215,7 +223,7 @@ def fit_pixels(
             rule, threshold, _ = choose_rule([fused_cams(i) for i in rest], [truths[i] for i in rest], FUSION_RULES)
             cam_scores += [iou(fuse_maps(fused_cams(i), rule, threshold)[0], truths[i]) for i in held]
             masked = [i for i in oracle if i not in held]
-            fold_pseudo = pseudo_masks(rule, threshold)
+            fold_pseudo = pseudo_masks(rule, threshold) if any(v > 0 for v in lambdas) else {}
             for lam_c in lambdas:
                 heads = train_heads(ensemble, seg_maps, *training_set(masked, fold_pseudo, lam_c), settings)
                 for i in held:
@@ -245,5 +253,6 @@ def fit_pixels(
     # The final heads: every oracle mask (+ pseudo-masks at the chosen lambda).
     result.seg_heads = train_heads(ensemble, seg_maps, *training_set(list(oracle), pseudo, lam), settings)
     result.metrics["seg_lambda"] = lam
-    log.info("seg heads trained on %d oracle + %d pseudo masks (lambda %g)", len(oracle), len(pseudo), lam)
+    used = len(pseudo) if lam > 0 else 0
+    log.info("seg heads trained on %d oracle + %d pseudo masks (lambda %g)", len(oracle), used, lam)
     return result
