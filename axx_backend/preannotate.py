@@ -135,20 +135,19 @@ def post_prediction(client: LabelStudioClient, task_id: int, prediction: dict[st
 
 
 # --- one chunk (a worker, or this process) ---------------------------------------------------------------------
-_models: dict[str, Any] = {}  # version path -> (annotator, lock): in-process runs load a version once
-_models_lock = threading.Lock()
+_registries: dict[str, Any] = {}  # model dir -> ModelRegistry: an in-process run loads its version once
+_registries_lock = threading.Lock()
 
 
-def _annotator(spec: RunSpec) -> tuple[Any, threading.Lock]:
-    from .annotator import Annotator
+def _registry(model_dir: str) -> Any:
+    """The server's per-process cache of loaded versions (`server.registry.ModelRegistry`), one per model dir."""
+    from .server.registry import ModelRegistry
     from .settings import Settings
 
-    with _models_lock:
-        if spec.version_path not in _models:
-            settings = Settings.from_env()
-            annotator = Annotator.from_version(Path(spec.version_path), settings, settings.explicit_from_env())
-            _models[spec.version_path] = (annotator, threading.Lock())
-        return _models[spec.version_path]
+    with _registries_lock:
+        if model_dir not in _registries:
+            _registries[model_dir] = ModelRegistry(model_dir, Settings.from_env())
+        return _registries[model_dir]
 
 
 def predict_chunk(spec: RunSpec, task_ids: list[int], holds_lease: Callable[[], bool] | None = None) -> dict[str, Any]:
@@ -170,9 +169,9 @@ def predict_chunk(spec: RunSpec, task_ids: list[int], holds_lease: Callable[[], 
         "errors": {},
     }
     if todo:
-        annotator, lock = _annotator(spec)
+        model = _registry(spec.model_dir).get(Path(spec.version_path))
         out = predict_tasks(
-            todo, cfg, annotator, spec.version, fetcher, lock=lock, fetch_workers=settings.fetch_workers,
+            todo, cfg, model.annotator, spec.version, fetcher, lock=model.lock, fetch_workers=settings.fetch_workers,
             project=spec.project,
         )  # fmt: skip
         for i, (task, prediction) in enumerate(zip(todo, out.results, strict=True)):
@@ -299,16 +298,13 @@ def plan_run(
     lease_seconds: int = 60,
 ) -> tuple[RunSpec, LabelStudioClient]:
     """Pin the version serving the project (as `/predict` would choose it); errors say why there is none."""
-    from .server.registry import ModelRegistry
     from .server.settings import ServerSettings
-    from .settings import Settings
 
-    method = Settings.from_env()
-    settings = ServerSettings.from_env(method=method)
+    settings = ServerSettings.from_env()
     client = LabelStudioClient(url, api_key)
     info = client.get_project(project)
     cfg = ConfigCache(settings.config).get(info["label_config"])
-    resolved = ModelRegistry(model_dir, method).resolve(str(project), cfg)
+    resolved = _registry(str(model_dir)).resolve(str(project), cfg)
     if not resolved.ready:
         raise RuntimeError(f"project {project}: no model version to pre-annotate with: {resolved.reason}")
     assert resolved.path is not None and resolved.version is not None
