@@ -24,15 +24,10 @@ from axx_backend.server.app import create_app
 from axx_backend.server.model import UNTRAINED, Runtime, project_id_of
 from axx_backend.server.registry import LoadedModel, ModelRegistry
 from axx_backend.settings import Settings
+from axx_backend.synthetic import LABEL_CONFIG
 from axx_backend.versions import ModelStore
 
-CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <Choices name="diagnosis" toName="image">
-    <Choice value="Lesion"/><Choice value="Healthy"/><Choice value="Needs review"/>
-  </Choices>
-  <BrushLabels name="lesion" toName="image"><Label value="Lesion"/></BrushLabels>
-</View>"""
+CONFIG = LABEL_CONFIG  # Image + Choices Lesion/Healthy/Needs review + BrushLabels Lesion
 
 
 class FakeAnnotator:
