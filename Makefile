@@ -41,6 +41,7 @@ $(LS_VENV)/bin/label-studio:
 test: setup $(LS_VENV)/bin/label-studio
 	@command -v redis-server >/dev/null || { echo "make test needs redis-server: apt-get install -y redis-server"; exit 1; }
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	AXX_LS_VENV=$(abspath $(LS_VENV)) $(BIN)/python -m pytest -q
 
 bench: setup

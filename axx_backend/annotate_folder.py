@@ -15,25 +15,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .annotator import Annotator
-from .images import ImageError, list_images, load_image
-from .render import overlay
-from .settings import Settings
-from .versions import ModelStore, VersionError
+from .core.images import ImageError, list_images, load_image
+from .core.render import overlay
+from .core.settings import Settings
+from .engine.annotator import load_annotator
 
 log = logging.getLogger(__name__)
-
-
-def load_annotator(
-    model_dir: str | os.PathLike[str], settings: Settings, version: str | None = None, explicit: set[str] | None = None
-) -> Annotator:
-    store = ModelStore(model_dir)
-    name = version or store.current()
-    if name is None:
-        raise VersionError(
-            f"{model_dir} has no current version: run `axx-backend train DATASET_DIR --model-dir {model_dir}`"
-        )
-    return Annotator.from_version(store.path(name), settings, explicit)
 
 
 def annotate_folder(

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .settings import model_dir_from
+from .core.settings import model_dir_from
 
 log = logging.getLogger("axx_backend")
 
@@ -18,7 +18,7 @@ log = logging.getLogger("axx_backend")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .logs import configure_logging
+    from .core.logs import configure_logging
 
     configure_logging()
     try:
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(**overrides: object):
-    from .settings import Settings
+    from .core.settings import Settings
 
     return Settings.from_env(**overrides)
 
@@ -193,7 +193,7 @@ def cmd_preannotate(args: argparse.Namespace) -> int:
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
-    from .versions import ModelStore
+    from .core.versions import ModelStore
 
     store = ModelStore(model_dir_from(args.model_dir))
     current = store.current()

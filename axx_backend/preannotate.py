@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .jobs.queues import PREANNOTATE_QUEUE
 from .labelstudio.client import LabelStudioClient, ModelVersionSync
 from .labelstudio.config import ConfigCache, ProjectConfig
 from .labelstudio.images import ImageFetcher
@@ -38,7 +39,7 @@ from .labelstudio.predict import predict_tasks
 
 log = logging.getLogger(__name__)
 
-QUEUE_NAME = "axx-preannotate"
+QUEUE_NAME = PREANNOTATE_QUEUE
 TASK_FIELDS = "id,data,predictions_model_versions"
 
 
@@ -141,8 +142,8 @@ _registries_lock = threading.Lock()
 
 def _registry(model_dir: str) -> Any:
     """The server's per-process cache of loaded versions (`server.registry.ModelRegistry`), one per model dir."""
-    from .server.registry import ModelRegistry
-    from .settings import Settings
+    from .core.settings import Settings
+    from .engine.registry import ModelRegistry
 
     with _registries_lock:
         if model_dir not in _registries:
@@ -304,7 +305,7 @@ def plan_run(
     client = LabelStudioClient(url, api_key)
     info = client.get_project(project)
     cfg = ConfigCache(settings.config).get(info["label_config"])
-    resolved = _registry(str(model_dir)).resolve(str(project), cfg)
+    resolved = _registry(str(model_dir)).resolve(str(project), cfg.class_mismatch)
     if not resolved.ready:
         raise RuntimeError(f"project {project}: no model version to pre-annotate with: {resolved.reason}")
     assert resolved.path is not None and resolved.version is not None

@@ -35,9 +35,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from axx_backend.core.synthetic import LABEL_CONFIG, make_dataset, make_image  # noqa: E402
+from axx_backend.core.versions import ModelStore  # noqa: E402
 from axx_backend.jobs import RQJobs  # noqa: E402
-from axx_backend.synthetic import LABEL_CONFIG, make_dataset, make_image  # noqa: E402
-from axx_backend.versions import ModelStore  # noqa: E402
 from tests import ls_harness as h  # noqa: E402  (process helpers: free ports, waiting, stopping)
 from tests.redis_harness import RedisServer, Worker  # noqa: E402
 

@@ -87,13 +87,14 @@ import pytorch_grad_cam  # noqa: E402, F401  (imported here, so that its import 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import axx_backend.annotator as annotator_mod  # noqa: E402
-from axx_backend.annotator import Annotation, Annotator  # noqa: E402
-from axx_backend.ensemble import Ensemble, MCDropoutHead, Member  # noqa: E402
-from axx_backend.masks import fuse_maps, iou  # noqa: E402
-from axx_backend.saliency import gradcam_maps, normalize_maps, upsample  # noqa: E402
-from axx_backend.settings import PRESETS, Settings  # noqa: E402
-from axx_backend.uncertainty import decide, mc_statistics  # noqa: E402
+import axx_backend.engine.annotator as annotator_mod  # noqa: E402
+from axx_backend.core.annotation import Annotation  # noqa: E402
+from axx_backend.core.settings import PRESETS, Settings  # noqa: E402
+from axx_backend.engine.annotator import Annotator  # noqa: E402
+from axx_backend.engine.ensemble import Ensemble, MCDropoutHead, Member  # noqa: E402
+from axx_backend.engine.masks import fuse_maps, iou  # noqa: E402
+from axx_backend.engine.saliency import gradcam_maps, normalize_maps, upsample  # noqa: E402
+from axx_backend.engine.uncertainty import decide, mc_statistics  # noqa: E402
 
 CLASSES = ("a", "b")
 TARGET_PREDICT_VS_LIMIT = 1.3

@@ -37,7 +37,9 @@ from typing import Any
 
 import torch
 
-from axx_backend.annotator import Annotator, read_version_meta
+from axx_backend.core.settings import Settings
+from axx_backend.core.versions import ModelStore
+from axx_backend.engine.annotator import Annotator, read_version_meta
 from axx_backend.evaluation.evaluate import (
     calibrate_thresholds,
     evaluate,
@@ -46,9 +48,7 @@ from axx_backend.evaluation.evaluate import (
     version_thresholds,
 )
 from axx_backend.evaluation.plots import write_plots
-from axx_backend.settings import Settings
 from axx_backend.training import read_folder_dataset, stratified_split, train_on_samples
-from axx_backend.versions import ModelStore
 
 log = logging.getLogger("quality")
 

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from axx_backend.synthetic import make_dataset
+from axx_backend.core.synthetic import make_dataset
 
 
 def run_cli(*args, env=None, check=True):

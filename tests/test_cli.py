@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from axx_backend.annotator import Annotator
-from axx_backend.masks import iou
-from axx_backend.settings import Settings
-from axx_backend.synthetic import make_image
-from axx_backend.versions import ModelStore, VersionError
+from axx_backend.core.settings import Settings
+from axx_backend.core.synthetic import make_image
+from axx_backend.core.versions import ModelStore, VersionError
+from axx_backend.engine.annotator import Annotator
+from axx_backend.engine.masks import iou
 
 from .conftest import run_cli
 
@@ -164,7 +164,7 @@ def test_a_version_trained_with_masks_says_which_source_makes_its_masks(trained_
 
 
 def test_a_version_trained_without_masks_uses_cam_masks(tmp_path):
-    from axx_backend.synthetic import make_dataset
+    from axx_backend.core.synthetic import make_dataset
 
     dataset = make_dataset(tmp_path / "d", n_per_class=8, size=96, seed=3, masks=False)
     run_cli("train", dataset, "--model-dir", tmp_path / "m", "--preset", "offline", "--input-size", "128")
@@ -179,7 +179,7 @@ def test_a_version_trained_without_masks_uses_cam_masks(tmp_path):
 def test_finetune_last_stage_trains_only_the_last_stage_and_reloads(tmp_path, dataset_dir):
     from safetensors.torch import load_file
 
-    from axx_backend.weights import load_backbone
+    from axx_backend.engine.weights import load_backbone
 
     model_dir = tmp_path / "m"
     run_cli(

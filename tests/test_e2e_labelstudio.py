@@ -48,12 +48,12 @@ from label_studio_sdk.converter.brush import decode_rle, mask2rle
 from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 
-from axx_backend.images import load_image
+from axx_backend.core.images import load_image
+from axx_backend.core.synthetic import make_dataset, make_image
+from axx_backend.core.versions import ModelStore
 from axx_backend.jobs import QUEUE_NAME
 from axx_backend.labelstudio.config import parse_config
 from axx_backend.labelstudio.dataset import annotation_label_and_mask
-from axx_backend.synthetic import make_dataset, make_image
-from axx_backend.versions import ModelStore
 from tests import ls_harness as h
 from tests.redis_harness import RedisServer, Worker
 
@@ -249,8 +249,8 @@ def test_every_task_has_a_prediction_of_the_backend_version(stack: dict[str, Any
 
 
 def test_masks_and_choices_match_the_engine(stack: dict[str, Any]) -> None:
-    from axx_backend.annotator import Annotator
-    from axx_backend.settings import Settings
+    from axx_backend.core.settings import Settings
+    from axx_backend.engine.annotator import Annotator
 
     env = {**os.environ, **E2E_ENV}  # the reference Annotator runs with the server's settings
     settings = Settings.from_env(env)

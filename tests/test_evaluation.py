@@ -9,23 +9,23 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from axx_backend.annotator import Annotator
-from axx_backend.evaluation import metrics
-from axx_backend.evaluation.calibration import (
+from axx_backend.core.settings import Settings
+from axx_backend.core.synthetic import make_dataset
+from axx_backend.core.thresholds import (
     calibrate_fusion,
     calibrate_members,
     choose_rule,
     rule_map,
     threshold_ious,
 )
+from axx_backend.core.versions import ModelStore
+from axx_backend.engine.annotator import Annotator
+from axx_backend.engine.masks import fuse_maps
+from axx_backend.evaluation import metrics
 from axx_backend.evaluation.commands import register
 from axx_backend.evaluation.evaluate import MaskThresholds, evaluate, evaluate_folder, iter_results, member_maps
 from axx_backend.evaluation.simulate import binary_entropy, selection_score
-from axx_backend.masks import fuse_maps
-from axx_backend.settings import Settings
-from axx_backend.synthetic import make_dataset
 from axx_backend.training import read_folder_dataset
-from axx_backend.versions import ModelStore
 
 # ---------------------------------------------------------------- classification
 

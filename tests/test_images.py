@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from axx_backend.images import ImageError, load_image
+from axx_backend.core.images import ImageError, load_image
 
 
 def encode(img, fmt="PNG", **kw):

@@ -4,8 +4,8 @@ import time
 
 import pytest
 
+from axx_backend.core.versions import ModelStore
 from axx_backend.jobs import InProcessJobs, RQJobs
-from axx_backend.versions import ModelStore
 
 from .redis_harness import RedisServer, Worker
 

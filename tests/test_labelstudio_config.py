@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from axx_backend.core.settings import Settings
 from axx_backend.labelstudio.config import ConfigCache, ConfigError, ConfigOptions, parse_config
 from axx_backend.server.settings import ServerSettings
-from axx_backend.settings import Settings
 
 NEG = ConfigOptions(is_negative=Settings().is_negative)
 

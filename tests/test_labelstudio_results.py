@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle
 
-from axx_backend.annotator import Annotation, MemberResult
+from axx_backend.core.annotation import Annotation, MemberResult
 from axx_backend.labelstudio.config import parse_config
 from axx_backend.labelstudio.results import build_prediction, explain, failed_prediction
 

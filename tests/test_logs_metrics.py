@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from axx_backend.logs import JsonFormatter, configure_logging
+from axx_backend.core.logs import JsonFormatter, configure_logging
 from axx_backend.server.metrics import Metrics, prometheus_text
 
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from axx_backend.masks import dice, fuse_maps, iou
-from axx_backend.settings import parse_fusion
+from axx_backend.core.settings import parse_fusion
+from axx_backend.engine.masks import dice, fuse_maps, iou
 
 A = np.array([[0.9, 0.6, 0.1], [0.2, 0.8, 0.0]])
 B = np.array([[0.7, 0.2, 0.1], [0.9, 0.9, 0.0]])

@@ -3,7 +3,7 @@ implementation; the k-fold decision: test_segmentation_head.py)."""
 
 import torch
 
-from axx_backend.segmentation import SegHead, bce_dice_loss, train_seg_head
+from axx_backend.engine.segmentation import SegHead, bce_dice_loss, train_seg_head
 
 
 def test_seg_head_learns_a_mask_that_is_linear_in_the_features():

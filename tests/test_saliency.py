@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from axx_backend.ensemble import Ensemble
-from axx_backend.saliency import fast_xgradcam, gradcam_maps, normalize_maps, upsample
+from axx_backend.engine.ensemble import Ensemble
+from axx_backend.engine.saliency import fast_xgradcam, gradcam_maps, normalize_maps, upsample
 
 
 def warm_up_batchnorm(member, images):

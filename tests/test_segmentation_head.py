@@ -11,17 +11,17 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from axx_backend.annotator import Annotator
-from axx_backend.ensemble import Ensemble, Member, seg_layer_of
+from axx_backend.core.settings import Settings
+from axx_backend.core.synthetic import blob_mask, make_image
+from axx_backend.core.versions import ModelStore, VersionError
+from axx_backend.engine.annotator import Annotator
+from axx_backend.engine.ensemble import Ensemble, Member, seg_layer_of
+from axx_backend.engine.masks import iou
+from axx_backend.engine.saliency import upsample
+from axx_backend.engine.segmentation import SegHead, seg_probabilities, train_seg_head
+from axx_backend.engine.weights import WeightInfo, create_backbone
 from axx_backend.evaluation.evaluate import version_thresholds
-from axx_backend.masks import iou
-from axx_backend.saliency import upsample
-from axx_backend.segmentation import SegHead, seg_probabilities, train_seg_head
-from axx_backend.settings import Settings
-from axx_backend.synthetic import blob_mask, make_image
 from axx_backend.training.pixels import fit_pixels, kfold
-from axx_backend.versions import ModelStore, VersionError
-from axx_backend.weights import WeightInfo, create_backbone
 
 
 @pytest.mark.parametrize(

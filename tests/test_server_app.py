@@ -19,13 +19,13 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
-from axx_backend.annotator import Annotation, MemberResult
+from axx_backend.core.annotation import Annotation, MemberResult
+from axx_backend.core.settings import Settings
+from axx_backend.core.synthetic import LABEL_CONFIG
+from axx_backend.core.versions import ModelStore
+from axx_backend.engine.registry import LoadedModel, ModelRegistry
 from axx_backend.server.app import create_app
 from axx_backend.server.model import UNTRAINED, Runtime, project_id_of
-from axx_backend.server.registry import LoadedModel, ModelRegistry
-from axx_backend.settings import Settings
-from axx_backend.synthetic import LABEL_CONFIG
-from axx_backend.versions import ModelStore
 
 CONFIG = LABEL_CONFIG  # Image + Choices Lesion/Healthy/Needs review + BrushLabels Lesion
 
@@ -324,7 +324,7 @@ def test_registry_loads_each_version_once_across_threads(tmp_path: Path, monkeyp
         time.sleep(0.3)
         return FakeAnnotator(path.name)
 
-    monkeypatch.setattr("axx_backend.server.registry.Annotator.from_version", slow_load)
+    monkeypatch.setattr("axx_backend.engine.registry.Annotator.from_version", slow_load)
     registry = ModelRegistry(models, Settings(), max_loaded=1)
     path = models / ModelStore(models).current()  # type: ignore[operator]
     got: list[Any] = []

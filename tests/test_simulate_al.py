@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from axx_backend.annotator import Annotator
+from axx_backend.core.settings import Settings
+from axx_backend.core.synthetic import make_dataset
+from axx_backend.core.versions import ModelStore
+from axx_backend.engine.annotator import Annotator
 from axx_backend.evaluation.commands import register
 from axx_backend.evaluation.evaluate import iter_results
 from axx_backend.evaluation.simulate import load_pool_and_test, select, selection_score, simulate_al
-from axx_backend.settings import Settings
-from axx_backend.synthetic import make_dataset
 from axx_backend.training import Sample, read_folder_dataset
-from axx_backend.versions import ModelStore
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from axx_backend.ensemble import MCDropoutHead
-from axx_backend.uncertainty import confidence, decide, mc_statistics
+from axx_backend.engine.ensemble import MCDropoutHead
+from axx_backend.engine.uncertainty import confidence, decide, mc_statistics
 
 
 def test_mc_statistics_match_hand_computation():

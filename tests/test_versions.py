@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from axx_backend.versions import ModelStore, VersionError
+from axx_backend.core.versions import ModelStore, VersionError
 
 
 def fill_with(meta):

@@ -15,8 +15,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from skimage import data
 
-from axx_backend.ensemble import build_members_for_preset
-from axx_backend.weights import WeightsNotFoundError, create_backbone, load_backbone
+from axx_backend.engine.ensemble import build_members_for_preset
+from axx_backend.engine.weights import WeightsNotFoundError, create_backbone, load_backbone
 
 CAT_CLASSES = set(range(281, 286))  # ImageNet tabby, tiger cat, Persian, Siamese, Egyptian cat
 
@@ -95,7 +95,7 @@ def test_a_file_for_another_architecture_is_a_clear_error(tmp_path):
 
 def test_missing_weights_name_every_source_tried(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from axx_backend import weights
+    from axx_backend.engine import weights
 
     weights.hub_reachable.cache_clear()
     with pytest.raises(WeightsNotFoundError) as err:
@@ -107,7 +107,7 @@ def test_missing_weights_name_every_source_tried(tmp_path, monkeypatch):
 
 def test_auto_preset_falls_back_to_offline_and_says_why(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from axx_backend import weights
+    from axx_backend.engine import weights
 
     weights.hub_reachable.cache_clear()
     with caplog.at_level(logging.WARNING):

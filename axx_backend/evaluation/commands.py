@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..settings import model_dir_from
+from ..core.settings import model_dir_from
 
 
 def register(subparsers: Any) -> None:
@@ -55,10 +55,9 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ..annotate_folder import load_annotator
-    from ..annotator import read_version_meta
-    from ..settings import Settings
-    from ..versions import ModelStore
+    from ..core.settings import Settings
+    from ..core.versions import ModelStore
+    from ..engine.annotator import load_annotator, read_version_meta
     from .evaluate import evaluate_folder, format_table
 
     start = time.perf_counter()
@@ -82,7 +81,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate_al(args: argparse.Namespace) -> int:
-    from ..settings import Settings
+    from ..core.settings import Settings
     from .simulate import simulate_al
 
     members = tuple(m.strip() for m in args.members.split(",")) if args.members else None

@@ -31,14 +31,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..annotator import Annotation, Annotator, seg_map
-from ..ensemble import MemberOutput
-from ..images import ImageError
-from ..masks import fuse_maps
-from ..settings import Settings
-from ..training.dataset import Sample, read_folder_dataset, stratified_split
+from ..core.annotation import Annotation
+from ..core.data import Sample, read_folder_dataset, stratified_split
+from ..core.images import ImageError
+from ..core.settings import Settings
+from ..core.thresholds import FUSION_RULES, best_rule, best_thresholds, calibrate_members, fusion_scores
+from ..engine.annotator import Annotator, seg_map
+from ..engine.ensemble import MemberOutput
+from ..engine.masks import fuse_maps
 from . import metrics
-from .calibration import FUSION_RULES, best_rule, best_thresholds, calibrate_members, fusion_scores
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..masks import dice, iou  # one definition for the pipeline and its measurement
+from ..engine.masks import dice, iou  # one definition for the pipeline and its measurement
 
 
 def accuracy(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray) -> float:

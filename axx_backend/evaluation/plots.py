@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..masks import fuse_maps
-from ..render import heat_colours, mask_outline
+from ..core.render import heat_colours, mask_outline
+from ..engine.masks import fuse_maps
 from . import metrics
 from .evaluate import CAM_RULES, Evaluation
 

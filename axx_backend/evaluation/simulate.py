@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..annotator import Annotator, read_version_meta
-from ..settings import Settings
-from ..training.dataset import Sample, read_folder_dataset, stratified_split
-from ..versions import ModelStore
+from ..core.data import Sample, read_folder_dataset, stratified_split
+from ..core.settings import Settings
+from ..core.versions import ModelStore
+from ..engine.annotator import Annotator, read_version_meta
 from .evaluate import CAM_RULES, calibrate_thresholds, evaluate, iter_results, version_thresholds
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from typing import Any
 
 from label_studio_sdk.label_interface import LabelInterface
 
-from ..settings import Settings
+from ..core.settings import Settings
 
 # Choice values that mean "a person should look at this" (case-insensitive, whole value).
 DEFAULT_REVIEW_PATTERN = r"^\s*(needs?[ _-]?review|to[ _-]?review|review|uncertain|unsure|not[ _-]?sure|flagged)\s*$"

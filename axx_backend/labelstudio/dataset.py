@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 from label_studio_sdk.converter.brush import decode_rle
 
-from ..images import ImageError
-from ..settings import Settings
-from ..training.dataset import Sample
+from ..core.data import Sample
+from ..core.images import ImageError
+from ..core.settings import Settings
 from .client import LabelStudioClient
 from .config import ProjectConfig, parse_config
 from .images import ImageFetcher, ImageFetchError

@@ -4,7 +4,7 @@
 - `http(s)://` URLs go out only to hosts in the allow-list (default: the Label Studio host); the key is
   sent only to Label Studio itself. Redirects are followed by hand so every hop is checked the same way.
 - Size, pixel count and time are bounded; decoding (EXIF orientation, 16-bit, grayscale, RGBA, CMYK)
-  is `axx_backend.images.load_image` on the bytes, the same code the CLI and training use.
+  is `axx_backend.core.images.load_image` on the bytes, the same code the CLI and training use.
 
 Errors say whether they are `transient` (network, auth, allow-list: worth asking again later) or about
 the image itself (not found, not an image, too large), so the server knows whether to store a result.
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import requests
 from PIL import Image
 
-from ..images import ImageError, load_image
+from ..core.images import ImageError, load_image
 from .client import ApiKeyAuth, LabelStudioError, PerThreadSession
 
 MAX_REDIRECTS = 3

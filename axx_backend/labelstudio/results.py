@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 from label_studio_sdk.converter.brush import mask2rle
 
-from ..annotator import Annotation
+from ..core.annotation import Annotation
 from .config import ProjectConfig
 
 

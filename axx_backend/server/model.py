@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.settings import Settings
+from ..engine.registry import ModelRegistry, Resolved
 from ..jobs import make_jobs
 from ..labelstudio.client import LabelStudioClient, ModelVersionSync
 from ..labelstudio.config import ConfigCache, ProjectConfig
 from ..labelstudio.images import ImageFetcher
 from ..labelstudio.predict import predict_tasks
-from ..settings import Settings
 from .metrics import Metrics
-from .registry import ModelRegistry, Resolved
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ class AxxModel:
     @property
     def resolved(self) -> Resolved:
         if self._resolved is None:
-            self._resolved = self.runtime.registry.resolve(self.project_id, self.config)
+            self._resolved = self.runtime.registry.resolve(self.project_id, self.config.class_mismatch)
             self.runtime.note_project(self.project_id, self._resolved)
         return self._resolved
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from ..logs import configure_logging
+from ..core.logs import configure_logging
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""The server's own settings, from the environment (the method's numbers stay in axx_backend.settings).
+"""The server's own settings, from the environment (the method's numbers stay in axx_backend.core.settings).
 
 Names follow label-studio-ml 2.x where it has one (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, MODEL_DIR,
 BASIC_AUTH_USER, BASIC_AUTH_PASS, LOG_LEVEL, WORKERS, THREADS); the rest are AXX_*.
@@ -10,9 +10,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from ..core.settings import Settings
 from ..labelstudio.config import ConfigOptions
 from ..labelstudio.images import FetchLimits
-from ..settings import Settings
 
 TRUE = ("1", "true", "yes", "on")
 

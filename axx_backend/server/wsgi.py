@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..logs import configure_logging
+from ..core.logs import configure_logging
 from .app import create_app
 from .settings import ServerSettings
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ensemble import Ensemble, Member
+from ..engine.ensemble import Ensemble, Member
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..annotator import member_cam, seg_map
-from ..ensemble import Ensemble, select_device
-from ..evaluation.calibration import (
+from ..core.settings import Settings
+from ..core.thresholds import (
     FUSION_RULES,
     best_rule,
     best_thresholds,
@@ -37,10 +36,11 @@ from ..evaluation.calibration import (
     choose_rule,
     fusion_scores,
 )
-from ..masks import fuse_maps, iou
-from ..segmentation import SegHead, train_seg_head
-from ..settings import Settings
-from ..uncertainty import decide
+from ..engine.annotator import member_cam, seg_map
+from ..engine.ensemble import Ensemble, select_device
+from ..engine.masks import fuse_maps, iou
+from ..engine.segmentation import SegHead, train_seg_head
+from ..engine.uncertainty import decide
 
 log = logging.getLogger(__name__)
 

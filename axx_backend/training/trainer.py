@@ -25,15 +25,15 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from ..annotator import Annotator
-from ..ensemble import build_members_for_preset, select_device
-from ..images import ImageError
-from ..settings import Settings
-from ..uncertainty import confidence, decide, mc_statistics
-from ..versions import ModelStore
-from ..weights import fingerprint
+from ..core.data import Sample, read_folder_dataset, stratified_split
+from ..core.images import ImageError
+from ..core.settings import Settings
+from ..core.versions import ModelStore
+from ..engine.annotator import Annotator
+from ..engine.ensemble import build_members_for_preset, select_device
+from ..engine.uncertainty import confidence, decide, mc_statistics
+from ..engine.weights import fingerprint
 from .calibration import calibrate_uncertainty_threshold, fit_temperature, flag_rate, risk_coverage
-from .dataset import Sample, read_folder_dataset, stratified_split
 from .finetune import FINETUNE_MODES, finetune_ensemble
 from .pixels import fit_pixels
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,80 +13,20 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..core.annotation import Annotation, MemberResult
+from ..core.settings import Settings
+from ..core.versions import ModelStore, VersionError
 from .ensemble import Ensemble, Member, MemberOutput, select_device
 from .masks import fuse_maps
 from .saliency import fast_xgradcam, gradcam_maps, normalize_maps, upsample
 from .segmentation import SegHead, seg_probabilities
-from .settings import Settings
 from .uncertainty import confidence, decide, mc_statistics
-from .versions import VersionError
 from .weights import load_backbone
 
 log = logging.getLogger(__name__)
 
 # Values a version calibrates; they replace the defaults of Settings unless set explicitly.
 CALIBRATED = ("uncertainty_threshold", "cam_threshold", "mask_fusion", "min_uncertain_to_flag", "seg_threshold")
-
-
-@dataclass
-class MemberResult:
-    name: str
-    probs: list[float]
-    label: str
-    entropy: float  # normalised predictive entropy, 0..1
-    mutual_info: float  # BALD, normalised by log C
-    std_top: float
-    uncertain: bool
-    agrees: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "probs": [round(p, 6) for p in self.probs],
-            "label": self.label,
-            "entropy": round(self.entropy, 6),
-            "mutual_info": round(self.mutual_info, 6),
-            "std_top": round(self.std_top, 6),
-            "uncertain": self.uncertain,
-            "agrees": self.agrees,
-        }
-
-
-@dataclass
-class Annotation:
-    """What the ensemble says about one image; Label Studio I/O and the CLI consume it."""
-
-    label: str  # ensemble class (majority of confident members; ensemble argmax when flagged)
-    probs: dict[str, float]  # mean of the members' MC-mean probabilities
-    score: float  # ensemble confidence = 1 - normalised entropy of `probs` (low = uncertain)
-    class_score: float  # mean probability of `label` over the agreeing members
-    flagged: bool  # needs expert review: no mask
-    reason: str
-    members: list[MemberResult]
-    width: int
-    height: int
-    mask: np.ndarray | None = None  # uint8 {0, 1} [height, width]; None when flagged or negative class
-    mask_source: str | None = None  # e.g. "cam:mean", "cam:intersection"
-    heat: np.ndarray | None = field(default=None, repr=False)  # fused map in [0, 1], for overlays
-
-    @property
-    def mask_area(self) -> int:
-        return 0 if self.mask is None else int(self.mask.sum())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "label": self.label,
-            "score": round(self.score, 6),
-            "class_score": round(self.class_score, 6),
-            "probs": {k: round(v, 6) for k, v in self.probs.items()},
-            "flagged": self.flagged,
-            "reason": self.reason,
-            "members": [m.to_dict() for m in self.members],
-            "mask_area": self.mask_area,
-            "mask_source": self.mask_source,
-            "width": self.width,
-            "height": self.height,
-        }
 
 
 class Annotator:
@@ -308,3 +247,15 @@ def load_ensemble(version_dir: Path, meta: dict[str, Any], settings: Settings) -
             member.seg_head.conv.bias.data.copy_(heads[f"{name}.seg.bias"])
         members.append(member)
     return Ensemble(members, classes).eval()
+
+
+def load_annotator(
+    model_dir: str | os.PathLike[str], settings: Settings, version: str | None = None, explicit: set[str] | None = None
+) -> Annotator:
+    store = ModelStore(model_dir)
+    name = version or store.current()
+    if name is None:
+        raise VersionError(
+            f"{model_dir} has no current version: run `axx-backend train DATASET_DIR --model-dir {model_dir}`"
+        )
+    return Annotator.from_version(store.path(name), settings, explicit)

@@ -12,9 +12,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from ..settings import Settings
-from .dataset import read_folder_dataset
-from .trainer import train_on_samples
+from ..core.data import read_folder_dataset
+from ..core.settings import Settings
+from ..training.trainer import train_on_samples
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ..settings import parse_fusion
+from .settings import parse_fusion
 
 # Candidate thresholds: 0.05, 0.10, ..., 0.95 (the maps are min-max normalised to [0, 1]).
 DEFAULT_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))

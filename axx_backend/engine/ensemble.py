@@ -265,7 +265,7 @@ def build_members_for_preset(
     preset: str, classes: Sequence[str], dropout: float, weights_dir: str | None, explicit: Sequence[str] = ()
 ) -> tuple[Ensemble, str]:
     """Resolve `auto`: the paper's members when all their weights resolve, else `offline`."""
-    from .settings import PRESETS
+    from ..core.settings import PRESETS
 
     if explicit:
         return Ensemble.build(explicit, classes, dropout, "auto", weights_dir), "custom"

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..images import IMAGE_SUFFIXES, load_image
+from .images import IMAGE_SUFFIXES, load_image
 
 
 @dataclass

@@ -14,18 +14,20 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from ..annotator import Annotator
-from ..labelstudio.config import ProjectConfig
-from ..settings import Settings
-from ..versions import ModelStore, VersionError
+from ..core.settings import Settings
+from ..core.versions import ModelStore, VersionError
+from .annotator import Annotator
 
 log = logging.getLogger(__name__)
+
+ClassCheck = Callable[[tuple[str, ...]], str | None]
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,9 @@ class ModelRegistry:
             self._meta[path] = (mtime, meta)
         return meta
 
-    def resolve(self, project_id: str | None, cfg: ProjectConfig | None) -> Resolved:
+    def resolve(self, project_id: str | None, class_mismatch: ClassCheck | None = None) -> Resolved:
+        """`class_mismatch(classes)`: why a version with these classes cannot serve the project, or None
+        (Label Studio's `ProjectConfig.class_mismatch`); None: any classes do."""
         store, own = self.store_for(project_id)
         name = store.current()
         where = f"{store.root}/current"
@@ -105,8 +109,8 @@ class ModelRegistry:
             return Resolved(None, None, reason=f"{where}: {exc}")
         version = str(meta.get("version", name))
         classes = tuple(meta.get("classes", ()))
-        if cfg is not None:
-            mismatch = cfg.class_mismatch(classes)
+        if class_mismatch is not None:
+            mismatch = class_mismatch(classes)
             if mismatch:
                 hint = "" if own else f"; train a version for this project into {self.root}/{project_id or '<id>'}/"
                 return Resolved(None, None, classes, reason=f"{where} ({version}): {mismatch}{hint}")

@@ -5,7 +5,7 @@ going is coalesced into it (a queued run reads the project's data when it starts
 trains on the latest annotations). Annotations that arrive during a run are counted towards
 the next trigger.
 
-The job function is `axx_backend.training.project.train_project(project, payload, progress)`;
+The job function is `axx_backend.jobs.project.train_project(project, payload, progress)`;
 it writes a new version atomically, so a failed or killed job leaves `current` untouched.
 """
 
@@ -20,9 +20,11 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from .queues import PREANNOTATE_QUEUE, QUEUES, TRAINING_QUEUE
+
 log = logging.getLogger(__name__)
 
-QUEUE_NAME = "axx-training"
+QUEUE_NAME = TRAINING_QUEUE  # the training queue (name kept for callers)
 JOB_TIMEOUT = int(os.environ.get("AXX_JOB_TIMEOUT", 6 * 3600))
 HEARTBEAT_TTL = int(os.environ.get("AXX_HEARTBEAT_TTL", 60))  # s: how long a killed worker's run still looks alive
 
@@ -31,7 +33,7 @@ JobFunction = Callable[[str, dict[str, Any], Progress], str]
 
 
 def default_job(project: str, payload: dict[str, Any], progress: Progress) -> str:
-    from .training.project import train_project
+    from .project import train_project
 
     return train_project(project, payload, progress)
 
@@ -140,10 +142,8 @@ class RQJobs:
         """Jobs waiting, running and failed on the training and pre-annotation queues (for /metrics)."""
         from rq import Queue
 
-        from .preannotate import QUEUE_NAME as PREANNOTATE_QUEUE
-
         out = {}
-        for name in (QUEUE_NAME, PREANNOTATE_QUEUE):
+        for name in QUEUES:
             queue = Queue(name, connection=self.redis)
             out[name] = {
                 "queued": queue.count,
@@ -251,18 +251,16 @@ def run_worker(redis_url: str | None = None, burst: bool = False, queues: list[s
     from redis import Redis
     from rq import Queue, Worker
 
-    from .preannotate import QUEUE_NAME as PREANNOTATE_QUEUE
-
     url = redis_url or os.environ.get("REDIS_URL")
     if not url:
         raise ValueError("REDIS_URL is not set: the worker needs Redis (without it, the server trains in-process)")
-    names = queues or [QUEUE_NAME, PREANNOTATE_QUEUE]
-    unknown = sorted(set(names) - {QUEUE_NAME, PREANNOTATE_QUEUE})
+    names = queues or list(QUEUES)
+    unknown = sorted(set(names) - set(QUEUES))
     if unknown:
-        raise ValueError(f"unknown queue(s) {unknown}: use {QUEUE_NAME} and/or {PREANNOTATE_QUEUE}")
+        raise ValueError(f"unknown queue(s) {unknown}: use {TRAINING_QUEUE} and/or {PREANNOTATE_QUEUE}")
     # torch, the trainer and the annotator, imported once here: forked job processes inherit them
-    import axx_backend.annotator  # noqa: F401
-    import axx_backend.training.project  # noqa: F401
+    import axx_backend.engine.annotator  # noqa: F401
+    import axx_backend.jobs.project  # noqa: F401
 
     redis = Redis.from_url(url)
     worker = Worker([Queue(name, connection=redis) for name in names], connection=redis)

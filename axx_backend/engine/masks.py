@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .settings import parse_fusion
+from ..core.settings import parse_fusion
 
 
 def fuse_maps(maps: Sequence[np.ndarray], rule: str, threshold: float) -> tuple[np.ndarray, np.ndarray]:
