@@ -199,11 +199,10 @@ def cmd_versions(args: argparse.Namespace) -> int:
     current = store.current()
     for name in store.list_versions():
         meta = store.metadata(name)
-        metrics = meta.get("metrics", {})
         mark = "*" if name == current else " "
         print(
-            f"{mark} {name}  preset={meta.get('preset')}  classes={','.join(meta.get('classes', []))}  "
-            f"val_accuracy={metrics.get('accuracy')}  flagged={metrics.get('flagged_rate')}"
+            f"{mark} {name}  preset={meta.preset}  classes={','.join(meta.classes)}  masks={meta.mask_source}  "
+            f"val_accuracy={meta.metrics.get('accuracy')}  flagged={meta.metrics.get('flagged_rate')}"
         )
     return 0
 

@@ -39,7 +39,7 @@ import torch
 
 from axx_backend.core.settings import Settings
 from axx_backend.core.versions import ModelStore
-from axx_backend.engine.annotator import Annotator, read_version_meta
+from axx_backend.engine.annotator import Annotator
 from axx_backend.evaluation.evaluate import (
     calibrate_thresholds,
     evaluate,
@@ -73,7 +73,7 @@ def run_one(
     t_train = time.perf_counter() - t0
     store = ModelStore(out / "models")
     annotator = Annotator.from_version(store.path(version), settings, explicit=set())
-    meta = read_version_meta(store.path(version))
+    meta = store.metadata(version)
 
     t1 = time.perf_counter()
     if setting == "labels":
@@ -97,13 +97,13 @@ def run_one(
         "dataset": str(test_dir),
         "train_seconds": round(t_train, 1),
         "eval_seconds": round(t_eval, 1),
-        "version_mask_source": meta.get("mask_source", "cam"),
-        "version_pixels": meta.get("metrics", {}).get("pixels"),
+        "version_mask_source": meta.mask_source,
+        "version_pixels": meta.metrics.get("pixels"),
         **ev.report,
     }
     what = "image labels only" if setting == "labels" else "image labels + every train mask"
     title = (
-        f"### {variant}, trained on {what} ({meta['training']['n_images']} train images, "
+        f"### {variant}, trained on {what} ({meta.training.n_images} train images, "
         f"{report['n_images']} test images; train {t_train:.0f} s, evaluate {t_eval:.0f} s)"
     )
     table = format_table(report, title)

@@ -21,13 +21,13 @@ def test_train_writes_a_calibrated_version(trained_model_dir):
     name = store.current()
     assert name is not None and store.list_versions() == [name]
     meta = store.metadata(name)
-    assert meta["classes"] == ["Healthy", "Lesion"]
-    assert meta["negative_classes"] == ["Healthy"]
-    assert meta["preset"] == "offline"
-    assert [m["name"] for m in meta["members"]] == ["tf_efficientnet_lite0", "mobilenetv2_100", "resnet50"]
-    assert all(m["source"].startswith("pip:") and len(m["fingerprint"]) == 16 for m in meta["members"])
-    assert 0.0 <= meta["thresholds"]["uncertainty_threshold"] <= 1.0
-    assert meta["metrics"]["n_val"] > 0 and meta["metrics"]["accuracy"] >= 0.75
+    assert list(meta.classes) == ["Healthy", "Lesion"]
+    assert list(meta.negative_classes) == ["Healthy"]
+    assert meta.preset == "offline"
+    assert [m.name for m in meta.members] == ["tf_efficientnet_lite0", "mobilenetv2_100", "resnet50"]
+    assert all(m.source.startswith("pip:") and len(m.fingerprint) == 16 for m in meta.members)
+    assert 0.0 <= meta.thresholds.uncertainty_threshold <= 1.0
+    assert meta.metrics["n_val"] > 0 and meta.metrics["accuracy"] >= 0.75
     assert (store.path(name) / "heads.safetensors").is_file()
 
 
@@ -153,14 +153,14 @@ def test_train_on_a_folder_without_classes_is_a_clear_error(tmp_path):
 def test_a_version_trained_with_masks_says_which_source_makes_its_masks(trained_model_dir, annotated):
     store = ModelStore(trained_model_dir)
     meta = store.metadata(store.current())
-    pixels = meta["metrics"]["pixels"]
-    assert meta["training"]["oracle_masks"] == 14
+    pixels = meta.metrics["pixels"]
+    assert meta.training.oracle_masks == 14
     assert pixels["oracle_masks"] == 14  # every mask: the head-or-CAM choice is cross-validated over them all
     beats_cam = pixels["val_iou_seg_head"] > pixels["val_iou_cam"] and pixels["oracle_masks"] >= 5
-    assert meta["mask_source"] == ("seg_head" if beats_cam else "cam")
+    assert meta.mask_source == ("seg_head" if beats_cam else "cam")
     _, lines, _ = annotated
     sources = {line["mask_source"] for line in lines.values() if line.get("mask_area")}
-    assert sources == ({"seg_head"} if beats_cam else {f"cam:{meta['thresholds']['mask_fusion']}"})
+    assert sources == ({"seg_head"} if beats_cam else {f"cam:{meta.thresholds.mask_fusion}"})
 
 
 def test_a_version_trained_without_masks_uses_cam_masks(tmp_path):
@@ -170,7 +170,7 @@ def test_a_version_trained_without_masks_uses_cam_masks(tmp_path):
     run_cli("train", dataset, "--model-dir", tmp_path / "m", "--preset", "offline", "--input-size", "128")
     store = ModelStore(tmp_path / "m")
     meta = store.metadata(store.current())
-    assert meta["mask_source"] == "cam" and "pixels" not in meta["metrics"]
+    assert meta.mask_source == "cam" and "pixels" not in meta.metrics
     from safetensors.torch import load_file
 
     assert not [k for k in load_file(str(store.path(store.current()) / "heads.safetensors")) if ".seg." in k]
@@ -199,7 +199,7 @@ def test_finetune_last_stage_trains_only_the_last_stage_and_reloads(tmp_path, da
     store = ModelStore(model_dir)
     version = store.path(store.current())
     meta = store.metadata(store.current())
-    assert meta["training"]["finetune"] == "last-stage"
+    assert meta.training.finetune == "last-stage"
     tuned = load_file(str(version / "backbone-resnet50.safetensors"))
     original, _ = load_backbone("resnet50", "pip")
     reference = original.state_dict()

@@ -678,16 +678,16 @@ def test_start_training_runs_one_job_on_the_worker(stack: dict[str, Any], learne
 def test_new_version_is_trained_on_the_project_annotations(stack: dict[str, Any], learned: dict[str, Any]) -> None:
     ls, pid = stack["ls"], stack["project"]
     meta = ModelStore(stack["models"] / str(pid)).metadata(learned["version"])
-    training = meta["training"]
-    assert training["source"] == f"{ls.url} project {pid}"
-    assert training["oracle_masks"] == sum(ANNOTATE.values()) == 7
-    assert training["n_labelled"] == len(ANNOTATE)
-    assert training["per_class"] == {"Lesion": 7, "Healthy": 4}
-    assert training["n_images"] == len(stack["uploads"]) + 2  # 13 tasks, the corrupt one skipped
-    (skipped,) = training["skipped"]
+    training = meta.training
+    assert training.source == f"{ls.url} project {pid}"
+    assert training.oracle_masks == sum(ANNOTATE.values()) == 7
+    assert training.n_labelled == len(ANNOTATE)
+    assert training.per_class == {"Lesion": 7, "Healthy": 4}
+    assert training.n_images == len(stack["uploads"]) + 2  # 13 tasks, the corrupt one skipped
+    (skipped,) = training.skipped
     corrupt = next(t for t in _tasks(stack) if t["data"]["image"].endswith("corrupt.png"))
     assert skipped.startswith(f"{corrupt['id']}: "), skipped
-    assert set(meta["classes"]) == {"Lesion", "Healthy"} and meta["input_size"] == 224
+    assert set(meta.classes) == {"Lesion", "Healthy"} and meta.input_size == 224
     # what the run read back through the export API is what was submitted: the classes and the masks, bit for bit
     cfg = parse_config(LABEL_CONFIG)
     exported = ls.api("GET", f"/api/projects/{pid}/export", params={"exportType": "JSON", "download_all_tasks": "true"})
@@ -704,8 +704,8 @@ def test_new_version_is_trained_on_the_project_annotations(stack: dict[str, Any]
             np.testing.assert_array_equal(mask, stack["truth"][name][1], err_msg=name)
         else:
             assert mask is None, name
-    assert meta["mask_source"] in ("cam", "seg_head") and "pixels" in meta["metrics"]
-    print(f"new version {learned['version']}: masks from {meta['mask_source']}; pixels {meta['metrics']['pixels']}")
+    assert meta.mask_source in ("cam", "seg_head") and "pixels" in meta.metrics
+    print(f"new version {learned['version']}: masks from {meta.mask_source}; pixels {meta.metrics['pixels']}")
     # Label Studio learnt the new version from /setup, and the backend lists it for the project
     assert learned["ml_after"]["model_version"] == learned["version"]
     assert learned["versions"]["versions"] == [learned["version"]]
@@ -725,7 +725,7 @@ def test_every_task_gets_a_prediction_of_the_new_version(stack: dict[str, Any], 
     assert stack["ls"].api("GET", f"/api/projects/{stack['project']}")["model_version"] == learned["version"]
 
     # every mask says where it comes from: the version's choice (seg head or CAM), in meta and explanation
-    mask_source = ModelStore(stack["models"] / str(stack["project"])).metadata(learned["version"])["mask_source"]
+    mask_source = ModelStore(stack["models"] / str(stack["project"])).metadata(learned["version"]).mask_source
     brushes = 0
     for plist in new.values():
         for region in _by_type(plist[0], "brushlabels"):
@@ -765,7 +765,7 @@ def test_start_training_without_redis_trains_in_the_server(stack: dict[str, Any]
     store = ModelStore(stack["models"] / pid)
     assert store.list_versions() == [status["version"]]  # two presses, one run
     assert store.current() == status["version"]
-    training = store.metadata(status["version"])["training"]
-    assert training["source"] == f"{stack['ls'].url} project {pid}"
-    assert training["oracle_masks"] == 2 and training["per_class"] == {"Lesion": 2, "Healthy": 2}
+    training = store.metadata(status["version"]).training
+    assert training.source == f"{stack['ls'].url} project {pid}"
+    assert training.oracle_masks == 2 and training.per_class == {"Lesion": 2, "Healthy": 2}
     assert inprocess["ml_after"]["model_version"] == status["version"]

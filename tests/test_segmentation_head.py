@@ -183,22 +183,22 @@ def test_fewer_oracle_masks_than_min_pixel_labels_keep_the_cam():
 def test_a_version_stores_the_seg_layer_and_calibrated_thresholds(trained_model_dir):
     store = ModelStore(trained_model_dir)
     meta = store.metadata(store.current())
-    layers = {spec["name"]: spec["seg_layer"] for spec in meta["members"]}
+    layers = {spec.name: spec.seg_layer for spec in meta.members}
     assert layers == {"tf_efficientnet_lite0": "blocks.4", "mobilenetv2_100": "blocks.4", "resnet50": "layer3"}
     heads = load_file(str(store.path(store.current()) / "heads.safetensors"))
     assert heads["resnet50.seg.weight"].shape[1] == 1024 and heads["mobilenetv2_100.seg.weight"].shape[1] == 96
-    th = meta["thresholds"]
-    assert set(th["fusion_thresholds"]) == {"mean", "intersection"}
-    assert th["cam_threshold"] == th["fusion_thresholds"][th["mask_fusion"]]
-    assert set(th["member_cam_thresholds"]) == set(layers)
+    th = meta.thresholds
+    assert set(th.fusion_thresholds) == {"mean", "intersection"}
+    assert th.cam_threshold == th.fusion_thresholds[th.mask_fusion]
+    assert set(th.member_cam_thresholds) == set(layers)
     annotator = Annotator.from_version(store.path(store.current()), Settings(), explicit=set())
     assert version_thresholds(annotator, meta).source == "version"  # evaluate needs no --calibrate-on
     # An explicitly chosen rule gets the version's threshold for that rule.
-    other = "intersection" if th["mask_fusion"] == "mean" else "mean"
+    other = "intersection" if th.mask_fusion == "mean" else "mean"
     chosen = Annotator.from_version(
         store.path(store.current()), Settings(mask_fusion=other, mask_source="cam"), explicit={"mask_fusion"}
     )
-    assert chosen.settings.cam_threshold == th["fusion_thresholds"][other]
+    assert chosen.settings.cam_threshold == th.fusion_thresholds[other]
 
 
 def _copy_version(store, tmp_path):

@@ -22,6 +22,7 @@ from PIL import Image
 from axx_backend.core.annotation import Annotation, MemberResult
 from axx_backend.core.settings import Settings
 from axx_backend.core.synthetic import LABEL_CONFIG
+from axx_backend.core.version_meta import VersionMeta
 from axx_backend.core.versions import ModelStore
 from axx_backend.engine.registry import LoadedModel, ModelRegistry
 from axx_backend.server.app import create_app
@@ -73,7 +74,7 @@ class FakeAnnotator:
 
 
 def write_version(root: Path, classes: list[str]) -> str:
-    return ModelStore(root).write_version(lambda _tmp: {"classes": classes})
+    return ModelStore(root).write_version(lambda _tmp: VersionMeta(classes=tuple(classes), members=()))
 
 
 def png(arr: np.ndarray) -> bytes:

@@ -67,7 +67,7 @@ def test_the_oracle_reveals_k_new_masks_per_round_and_nothing_else(split_dataset
     assert len({r["iou_served"] for r in table}) == 1
     # Without thresholds of its own, the version's CAM rules are re-thresholded on the revealed masks.
     assert "oracle" not in table[0]["threshold_source"]
-    if not store.metadata(store.current())["thresholds"].get("fusion_thresholds"):
+    if not store.metadata(store.current()).thresholds.fusion_thresholds:
         assert table[1]["threshold_source"] == "3 oracle masks"
     png = Image.open(tmp_path / "al_random.png")
     assert png.size[0] > 300
@@ -153,7 +153,7 @@ def test_simulate_al_command_retrains_with_the_revealed_masks(split_dataset, tmp
     store = ModelStore(models)
     versions = store.list_versions()
     assert len(versions) == 2
-    oracle = sorted(store.metadata(v)["training"].get("oracle_masks", 0) for v in versions)
+    oracle = sorted(store.metadata(v).training.oracle_masks for v in versions)
     assert oracle == [0, 5]
     with open(summary["csv"]) as fh:
         table = list(csv.DictReader(fh))

@@ -12,21 +12,19 @@ complete, so a killed job leaves at most a `.tmp-*` directory that is never load
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import secrets
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-VERSION_FILE = "version.json"
+from .version_meta import VERSION_FILE, VersionError, VersionMeta, load_version, save_version
+
+__all__ = ["CURRENT", "VERSION_FILE", "ModelStore", "VersionError", "new_version_name"]
+
 CURRENT = "current"
-
-
-class VersionError(RuntimeError):
-    """A version is missing, incomplete or unreadable."""
 
 
 def new_version_name() -> str:
@@ -40,9 +38,9 @@ class ModelStore:
         self.root = Path(root)
 
     def write_version(
-        self, fill: Callable[[Path], dict[str, Any]], name: str | None = None, make_current: bool = True
+        self, fill: Callable[[Path], VersionMeta], name: str | None = None, make_current: bool = True
     ) -> str:
-        """Create a version: `fill(tmp_dir)` writes its files and returns the metadata dict.
+        """Create a version: `fill(tmp_dir)` writes its files and returns its `VersionMeta`.
 
         The metadata is written last as `version.json`, the directory renamed into place,
         and `current` moved to it. Any exception leaves the store as it was.
@@ -52,13 +50,13 @@ class ModelStore:
         tmp = self.root / f".tmp-{name}-{secrets.token_hex(4)}"
         tmp.mkdir()
         try:
-            meta = dict(fill(tmp))
-            meta["version"] = name
-            meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            meta = fill(tmp)
+            created = meta.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            meta = dataclasses.replace(meta, version=name, created=created)
             for path in tmp.rglob("*"):
                 if path.is_file():
                     _fsync_file(path)
-            _write_json_durable(tmp / VERSION_FILE, meta)
+            save_version(tmp, meta)
             _fsync_dir(tmp)
             os.rename(tmp, self.root / name)
             _fsync_dir(self.root)
@@ -100,18 +98,8 @@ class ModelStore:
             raise VersionError(f"no complete version {name!r} in {self.root}")
         return self.root / name
 
-    def metadata(self, name: str) -> dict[str, Any]:
-        try:
-            return json.loads((self.path(name) / VERSION_FILE).read_text())
-        except json.JSONDecodeError as exc:
-            raise VersionError(f"{self.root / name / VERSION_FILE} is not valid JSON: {exc}") from exc
-
-
-def _write_json_durable(path: Path, data: dict[str, Any]) -> None:
-    with open(path, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
+    def metadata(self, name: str) -> VersionMeta:
+        return load_version(self.path(name))
 
 
 def _fsync_file(path: Path) -> None:

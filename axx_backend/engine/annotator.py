@@ -15,7 +15,8 @@ from PIL import Image
 
 from ..core.annotation import Annotation, MemberResult
 from ..core.settings import Settings
-from ..core.versions import ModelStore, VersionError
+from ..core.version_meta import MemberSpec, VersionError, VersionMeta, load_version
+from ..core.versions import ModelStore
 from .ensemble import Ensemble, Member, MemberOutput, select_device
 from .masks import fuse_maps
 from .saliency import fast_xgradcam, gradcam_maps, normalize_maps, upsample
@@ -67,26 +68,18 @@ class Annotator:
         settings = settings or Settings.from_env()
         explicit = settings.explicit_from_env() if explicit is None else explicit
         version_dir = Path(version_dir)
-        meta = read_version_meta(version_dir)
-        stored = meta.get("thresholds", {})
-        calibrated = {k: v for k, v in stored.items() if k in CALIBRATED and k not in explicit}
-        # A fusion rule chosen explicitly gets the version's threshold for that rule, when it has one.
-        rule_thresholds = stored.get("fusion_thresholds") or {}
-        if "mask_fusion" in explicit and "cam_threshold" not in explicit and settings.mask_fusion in rule_thresholds:
-            calibrated["cam_threshold"] = float(rule_thresholds[settings.mask_fusion])
-        settings = settings.replace(**calibrated)
+        meta = load_version(version_dir)
+        settings = settings.replace(**calibrated_settings(meta, settings, explicit))
         negative = None
-        if "negative_classes" in meta and not explicit & {"negative_classes", "negative_pattern"}:
-            negative = set(meta["negative_classes"])
-        ensemble = load_ensemble(version_dir, meta, settings)
-        version = meta.get("version", version_dir.name)
+        if meta.negative_classes is not None and not explicit & {"negative_classes", "negative_pattern"}:
+            negative = set(meta.negative_classes)
         return cls(
-            ensemble,
+            load_ensemble(version_dir, meta, settings),
             settings,
-            version=version,
-            input_size=meta.get("input_size"),
+            version=meta.version or version_dir.name,
+            input_size=meta.input_size,
             negative_classes=negative,
-            mask_source=meta.get("mask_source", "cam"),
+            mask_source=meta.mask_source,
         )
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -195,58 +188,67 @@ def seg_map(head: SegHead, seg_features: torch.Tensor, size: tuple[int, int]) ->
     return upsample(seg_probabilities(head, seg_features).cpu(), size)[0].numpy()
 
 
-def read_version_meta(version_dir: Path) -> dict[str, Any]:
-    import json
+def calibrated_settings(meta: VersionMeta, settings: Settings, explicit: set[str]) -> dict[str, Any]:
+    """The settings a version calibrated (thresholds, fusion rule), except those given explicitly."""
+    stored = meta.thresholds
+    calibrated = {k: getattr(stored, k) for k in CALIBRATED if k not in explicit}
+    # A fusion rule chosen explicitly gets the version's threshold for that rule, when it has one.
+    rules = stored.fusion_thresholds
+    if "mask_fusion" in explicit and "cam_threshold" not in explicit and settings.mask_fusion in rules:
+        calibrated["cam_threshold"] = float(rules[settings.mask_fusion])
+    return calibrated
 
-    path = version_dir / "version.json"
-    if not path.is_file():
-        raise VersionError(f"{version_dir} is not a complete version (no version.json)")
-    return json.loads(path.read_text())
 
-
-def load_ensemble(version_dir: Path, meta: dict[str, Any], settings: Settings) -> Ensemble:
+def load_ensemble(version_dir: Path, meta: VersionMeta, settings: Settings) -> Ensemble:
     """Rebuild the members of a version; refuse weights that differ from the ones it was trained on."""
     from safetensors.torch import load_file
 
-    classes = meta["classes"]
     heads = load_file(str(version_dir / "heads.safetensors"))
-    members = []
-    for spec in meta["members"]:
-        name = spec["name"]
-        finetuned = version_dir / f"backbone-{name}.safetensors"
-        if finetuned.is_file():
-            backbone, info = load_backbone(name, str(finetuned))
-        else:
-            backbone, info = load_backbone(name, spec.get("weights", "auto"), settings.weights_dir)
-            if spec.get("fingerprint") and info.fingerprint != spec["fingerprint"]:
-                raise VersionError(
-                    f"version {version_dir.name}: member {name} was trained on weights {spec['fingerprint']} "
-                    f"({spec.get('source')}), but they now resolve to {info.fingerprint} ({info.source})"
-                )
-        if "mean" in spec:
-            info = type(info)(info.source, tuple(spec["mean"]), tuple(spec["std"]), info.fingerprint)
-        member = Member(name, backbone, len(classes), meta.get("dropout", settings.dropout), info)
-        member.head.fc.weight.data.copy_(heads[f"{name}.weight"])
-        member.head.fc.bias.data.copy_(heads[f"{name}.bias"])
-        member.temperature.fill_(float(spec.get("temperature", 1.0)))
-        if f"{name}.seg.weight" in heads:
-            # Versions written before the stride-16 head have no `seg_layer`: theirs reads the last map.
-            member.seg_layer = spec.get("seg_layer")
-            weight = heads[f"{name}.seg.weight"]
-            try:
-                channels = member.seg_channels
-            except ValueError as exc:
-                raise VersionError(f"version {version_dir.name}: member {name}: {exc}") from exc
-            if weight.shape[1] != channels:
-                raise VersionError(
-                    f"version {version_dir.name}: member {name}'s segmentation head has {weight.shape[1]} inputs, "
-                    f"but the map it reads ({member.seg_layer or 'last feature map'}) has {channels} channels"
-                )
-            member.seg_head = SegHead(channels)
-            member.seg_head.conv.weight.data.copy_(weight)
-            member.seg_head.conv.bias.data.copy_(heads[f"{name}.seg.bias"])
-        members.append(member)
-    return Ensemble(members, classes).eval()
+    members = [_load_member(version_dir, spec, meta, heads, settings) for spec in meta.members]
+    return Ensemble(members, list(meta.classes)).eval()
+
+
+def _load_member(
+    version_dir: Path, spec: MemberSpec, meta: VersionMeta, heads: dict[str, torch.Tensor], settings: Settings
+) -> Member:
+    name = spec.name
+    finetuned = version_dir / f"backbone-{name}.safetensors"
+    if finetuned.is_file():
+        backbone, info = load_backbone(name, str(finetuned))
+    else:
+        backbone, info = load_backbone(name, spec.weights, settings.weights_dir)
+        if spec.fingerprint and info.fingerprint != spec.fingerprint:
+            raise VersionError(
+                f"version {version_dir.name}: member {name} was trained on weights {spec.fingerprint} "
+                f"({spec.source}), but they now resolve to {info.fingerprint} ({info.source})"
+            )
+    if spec.mean is not None and spec.std is not None:
+        info = type(info)(info.source, spec.mean, spec.std, info.fingerprint)
+    member = Member(name, backbone, len(meta.classes), meta.dropout, info)
+    member.head.fc.weight.data.copy_(heads[f"{name}.weight"])
+    member.head.fc.bias.data.copy_(heads[f"{name}.bias"])
+    member.temperature.fill_(float(spec.temperature))
+    if f"{name}.seg.weight" in heads:
+        _load_seg_head(version_dir, member, spec, heads)
+    return member
+
+
+def _load_seg_head(version_dir: Path, member: Member, spec: MemberSpec, heads: dict[str, torch.Tensor]) -> None:
+    # Versions written before the stride-16 head have no `seg_layer`: theirs reads the last map.
+    member.seg_layer = spec.seg_layer
+    weight = heads[f"{member.name}.seg.weight"]
+    try:
+        channels = member.seg_channels
+    except ValueError as exc:
+        raise VersionError(f"version {version_dir.name}: member {member.name}: {exc}") from exc
+    if weight.shape[1] != channels:
+        raise VersionError(
+            f"version {version_dir.name}: member {member.name}'s segmentation head has {weight.shape[1]} inputs, "
+            f"but the map it reads ({member.seg_layer or 'last feature map'}) has {channels} channels"
+        )
+    member.seg_head = SegHead(channels)
+    member.seg_head.conv.weight.data.copy_(weight)
+    member.seg_head.conv.bias.data.copy_(heads[f"{member.name}.seg.bias"])
 
 
 def load_annotator(

@@ -8,7 +8,6 @@ so /setup stays cheap; the model itself loads lazily on first use, keyed by the 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -22,7 +21,8 @@ from typing import Any
 from PIL import Image
 
 from ..core.settings import Settings
-from ..core.versions import ModelStore, VersionError
+from ..core.version_meta import VERSION_FILE, VersionError, VersionMeta, load_version
+from ..core.versions import ModelStore
 from .annotator import Annotator
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class ModelRegistry:
         self.root = Path(model_dir)
         self.settings = settings
         self.max_loaded = max_loaded
-        self._meta: dict[Path, tuple[float, dict[str, Any]]] = {}
+        self._meta: dict[Path, tuple[float, VersionMeta]] = {}
         self._models: OrderedDict[Path, LoadedModel] = OrderedDict()
         self._loading: dict[Path, threading.Lock] = {}
         self._lock = threading.Lock()
@@ -74,17 +74,13 @@ class ModelRegistry:
                 return project_store, True
         return ModelStore(self.root), False
 
-    def metadata(self, path: Path) -> dict[str, Any]:
-        file = path / "version.json"
-        mtime = file.stat().st_mtime
+    def metadata(self, path: Path) -> VersionMeta:
+        mtime = (path / VERSION_FILE).stat().st_mtime
         with self._lock:
             hit = self._meta.get(path)
         if hit is not None and hit[0] == mtime:
             return hit[1]
-        try:
-            meta = json.loads(file.read_text())
-        except json.JSONDecodeError as exc:
-            raise VersionError(f"{file} is not valid JSON: {exc}") from exc
+        meta = load_version(path)
         with self._lock:
             self._meta[path] = (mtime, meta)
         return meta
@@ -107,8 +103,8 @@ class ModelRegistry:
             meta = self.metadata(path)
         except (OSError, VersionError) as exc:
             return Resolved(None, None, reason=f"{where}: {exc}")
-        version = str(meta.get("version", name))
-        classes = tuple(meta.get("classes", ()))
+        version = meta.version or name
+        classes = meta.classes
         if class_mismatch is not None:
             mismatch = class_mismatch(classes)
             if mismatch:

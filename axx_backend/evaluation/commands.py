@@ -57,7 +57,7 @@ def register(subparsers: Any) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..core.settings import Settings
     from ..core.versions import ModelStore
-    from ..engine.annotator import load_annotator, read_version_meta
+    from ..engine.annotator import load_annotator
     from .evaluate import evaluate_folder, format_table
 
     start = time.perf_counter()
@@ -65,7 +65,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model_dir = model_dir_from(args.model_dir)
     annotator = load_annotator(model_dir, settings, args.version)
     store = ModelStore(model_dir)
-    meta = read_version_meta(store.path(args.version or store.current() or ""))
+    meta = store.metadata(args.version or store.current() or "")
     ev = evaluate_folder(args.dataset_dir, annotator, meta, args.calibrate_on, args.examples if args.out else 0)
     report = {"dataset": str(args.dataset_dir), **ev.report, "seconds": round(time.perf_counter() - start, 1)}
     table = format_table(report, f"axx-backend evaluate {args.dataset_dir}")

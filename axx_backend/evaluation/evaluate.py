@@ -36,6 +36,7 @@ from ..core.data import Sample, read_folder_dataset, stratified_split
 from ..core.images import ImageError
 from ..core.settings import Settings
 from ..core.thresholds import FUSION_RULES, best_rule, best_thresholds, calibrate_members, fusion_scores
+from ..core.version_meta import VersionMeta
 from ..engine.annotator import Annotator, seg_map
 from ..engine.ensemble import MemberOutput
 from ..engine.masks import fuse_maps
@@ -238,20 +239,20 @@ def serving_with(annotator: Annotator, thresholds: MaskThresholds) -> Annotator:
     return served
 
 
-def version_thresholds(annotator: Annotator, meta: dict[str, Any]) -> MaskThresholds:
+def version_thresholds(annotator: Annotator, meta: VersionMeta) -> MaskThresholds:
     """The mask thresholds a version stores: `fusion_thresholds` / `member_cam_thresholds` when it has
     them; else its calibrated `cam_threshold` for its own `mask_fusion` rule, and the default for the rest."""
-    stored = meta.get("thresholds", {})
-    rules = {k: float(v) for k, v in (stored.get("fusion_thresholds") or {}).items()}
-    members = {k: float(v) for k, v in (stored.get("member_cam_thresholds") or {}).items()}
+    stored = meta.thresholds
+    rules = {k: float(v) for k, v in stored.fusion_thresholds.items()}
+    members = {k: float(v) for k, v in stored.member_cam_thresholds.items()}
     default = float(Settings().cam_threshold)
-    calibrated = (meta.get("metrics", {}).get("pixels") or {}).get("cam_calibration")
+    calibrated = (meta.metrics.get("pixels") or {}).get("cam_calibration")
     notes = []
     if rules:
         notes.append("version")
-    elif calibrated and stored.get("mask_fusion") in CAM_RULES:
-        rules[stored["mask_fusion"]] = float(stored["cam_threshold"])
-        notes.append(f"version ({stored['mask_fusion']} only)")
+    elif calibrated and stored.mask_fusion in CAM_RULES:
+        rules[stored.mask_fusion] = float(stored.cam_threshold)
+        notes.append(f"version ({stored.mask_fusion} only)")
     missing = [r for r in CAM_RULES if r not in rules] + (["members"] if not members else [])
     if missing:
         notes.append(f"default {default:g} for {', '.join(missing)}")
@@ -298,7 +299,7 @@ def calibrate_thresholds(annotator: Annotator, samples: Sequence[Sample], source
 
 
 def validation_split_of(
-    dataset_dir: Path, val_fraction: float, seed: int, meta: dict[str, Any] | None = None
+    dataset_dir: Path, val_fraction: float, seed: int, meta: VersionMeta | None = None
 ) -> list[Sample]:
     """The validation samples `train` held out of `dataset_dir`.
 
@@ -306,7 +307,7 @@ def validation_split_of(
     the trainer makes it (stratified by class and by "has a mask", seeded).
     """
     samples, _ = read_folder_dataset(dataset_dir)
-    keys = (meta or {}).get("training", {}).get("val_keys")
+    keys = meta.training.val_keys if meta is not None else ()
     if keys:
         wanted = set(keys)
         return [s for s in samples if s.key in wanted]
@@ -465,7 +466,7 @@ def evaluate(
 def evaluate_folder(
     dataset_dir: str | os.PathLike[str],
     annotator: Annotator,
-    meta: dict[str, Any],
+    meta: VersionMeta,
     calibrate_on: str | os.PathLike[str] | None = None,
     n_examples: int = 6,
 ) -> Evaluation:
@@ -478,7 +479,7 @@ def evaluate_folder(
     samples, _ = read_folder_dataset(dataset_dir)
     if calibrate_on is not None:
         cal_dir = Path(calibrate_on)
-        source = meta.get("training", {}).get("source")
+        source = meta.training.source
         if source and Path(source).resolve() == cal_dir.resolve():
             s = annotator.settings
             cal_samples = validation_split_of(cal_dir, s.val_fraction, s.seed, meta)

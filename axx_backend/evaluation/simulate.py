@@ -33,7 +33,7 @@ import torch
 from ..core.data import Sample, read_folder_dataset, stratified_split
 from ..core.settings import Settings
 from ..core.versions import ModelStore
-from ..engine.annotator import Annotator, read_version_meta
+from ..engine.annotator import Annotator
 from .evaluate import CAM_RULES, calibrate_thresholds, evaluate, iter_results, version_thresholds
 
 log = logging.getLogger(__name__)
@@ -188,9 +188,9 @@ def simulate_al(
         store = ModelStore(store_dir)
         if annotator is None or annotator.version != version:  # loading a version costs seconds: reuse it
             annotator = Annotator.from_version(store.path(version), settings)
-        meta = read_version_meta(store.path(version))
+        meta = store.metadata(version)
         thresholds = version_thresholds(annotator, meta)
-        if revealed and not meta.get("thresholds", {}).get("fusion_thresholds"):
+        if revealed and not meta.cam_calibrated:
             oracle_samples = [s for s in samples if s.has_mask]
             try:
                 thresholds = calibrate_thresholds(annotator, oracle_samples, f"{len(revealed)} oracle masks")

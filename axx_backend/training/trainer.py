@@ -28,6 +28,7 @@ from tqdm import tqdm
 from ..core.data import Sample, read_folder_dataset, stratified_split
 from ..core.images import ImageError
 from ..core.settings import Settings
+from ..core.version_meta import MemberSpec, Thresholds, TrainingInfo, VersionMeta
 from ..core.versions import ModelStore
 from ..engine.annotator import Annotator
 from ..engine.ensemble import build_members_for_preset, select_device
@@ -236,7 +237,7 @@ def train_on_samples(
     mapped = sorted(cache.maps)
     mapped_t = torch.tensor(mapped, dtype=torch.long)
 
-    member_specs: list[dict[str, Any]] = []
+    member_specs: list[MemberSpec] = []
     val_probs: list[np.ndarray] = []
     val_entropy: list[np.ndarray] = []
     mapped_probs: list[np.ndarray] = []
@@ -278,17 +279,16 @@ def train_on_samples(
             info["best_epoch"],
         )
         member_specs.append(
-            {
-                "name": member.name,
-                "source": member.weight_info.source,
-                "fingerprint": member.weight_info.fingerprint if mode == "head" else fingerprint(member.backbone),
-                "finetuned": mode != "head",
-                "mean": list(member.weight_info.mean),
-                "std": list(member.weight_info.std),
-                "temperature": temperature,
-                # The map a segmentation head of this version reads (None: the last feature map).
-                "seg_layer": member.seg_layer,
-            }
+            MemberSpec(
+                name=member.name,
+                source=member.weight_info.source,
+                fingerprint=member.weight_info.fingerprint if mode == "head" else fingerprint(member.backbone),
+                finetuned=mode != "head",
+                mean=tuple(member.weight_info.mean),
+                std=tuple(member.weight_info.std),
+                temperature=temperature,
+                seg_layer=member.seg_layer,  # the map a segmentation head of this version reads
+            )
         )
 
     thresholds: dict[str, Any] = {
@@ -340,7 +340,7 @@ def train_on_samples(
         metrics["pixels"] = pixels.metrics
     mask_source = "seg_head" if pixels is not None and pixels.use_seg_head else "cam"
 
-    def fill(tmp: Path) -> dict[str, Any]:
+    def fill(tmp: Path) -> VersionMeta:
         from safetensors.torch import save_file
 
         heads = {}
@@ -356,30 +356,30 @@ def train_on_samples(
             for member in ensemble.members:
                 state = {k: v.detach().cpu().contiguous() for k, v in member.backbone.state_dict().items()}
                 save_file(state, str(tmp / f"backbone-{member.name}.safetensors"))
-        return {
-            "format": 1,
-            "preset": preset,
-            "members": member_specs,
-            "classes": list(classes),
-            "negative_classes": negative,
-            "input_size": settings.input_size,
-            "dropout": settings.dropout,
-            "mc_samples": settings.mc_samples,
-            "mask_source": mask_source,
-            "thresholds": thresholds,
-            "metrics": metrics,
-            "training": {
-                "source": source,
-                "n_images": len(cache.samples),
-                "n_labelled": len(labelled_idx),
-                "oracle_masks": len(oracle),
-                "skipped": cache.skipped,
-                "per_class": {c: int((labels == index[c]).sum()) for c in classes},
-                "finetune": mode,
-                "finetune_epochs": settings.finetune_epochs if mode != "head" else 0,
-                "device": str(select_device(settings.device)),
-            },
-        }
+        return VersionMeta(
+            classes=tuple(classes),
+            members=tuple(member_specs),
+            preset=preset,
+            negative_classes=tuple(negative),
+            input_size=settings.input_size,
+            dropout=settings.dropout,
+            mc_samples=settings.mc_samples,
+            mask_source=mask_source,
+            thresholds=Thresholds(**thresholds),
+            metrics=metrics,
+            training=TrainingInfo(
+                source=source,
+                n_images=len(cache.samples),
+                n_labelled=len(labelled_idx),
+                oracle_masks=len(oracle),
+                skipped=tuple(cache.skipped),
+                per_class={c: int((labels == index[c]).sum()) for c in classes},
+                finetune=mode,
+                finetune_epochs=settings.finetune_epochs if mode != "head" else 0,
+                device=str(select_device(settings.device)),
+                val_keys=tuple(sorted(val_keys)),
+            ),
+        )
 
     version = ModelStore(model_dir).write_version(fill)
     log.info("wrote version %s to %s (masks from %s)", version, model_dir, mask_source)
