@@ -57,20 +57,16 @@ class Runtime:
     def from_env(cls, environ: dict[str, str] | None = None) -> Runtime:
         method = Settings.from_env(environ)
         settings = ServerSettings.from_env(environ, method)
-        client = None
-        if settings.label_studio_url and settings.api_key:
-            client = LabelStudioClient(settings.label_studio_url, settings.api_key)
-        fetcher = ImageFetcher(
-            settings.label_studio_url, client.auth if client else None, settings.allowed_hosts, settings.limits
-        )
+        ls = settings.labelstudio
+        client = ls.client() if ls.has_api else None
         return cls(
             settings=settings,
             method=method,
-            configs=ConfigCache(settings.config),
+            configs=ConfigCache(ls.config),
             registry=ModelRegistry(settings.model_dir, method, settings.max_loaded_versions),
-            fetcher=fetcher,
+            fetcher=ls.fetcher(client),
             client=client,
-            sync=ModelVersionSync(client if settings.sync_model_version else None),
+            sync=ModelVersionSync(client if ls.sync_model_version else None),
             jobs=make_jobs(settings.redis_url),
         )
 
