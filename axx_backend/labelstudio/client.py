@@ -1,6 +1,6 @@
 """Talking to the Label Studio API: the API key, and keeping the project's model_version in step.
 
-Label Studio 1.23 has two kinds of API key (LABEL_STUDIO.md): a legacy token, sent as
+Label Studio 1.23 has two kinds of API key (docs/LABEL_STUDIO.md, section 6): a legacy token, sent as
 `Authorization: Token <key>`, and a Personal Access Token, a JWT *refresh* token that must be
 exchanged at `POST /api/token/refresh/` for a 5-minute access token sent as `Bearer <access>`.
 `ApiKeyAuth` tells them apart by shape and caches the access token until shortly before it expires.
@@ -218,7 +218,8 @@ class ModelVersionSync:
 
     Label Studio averages the prediction score (the Data Manager's sort and filter) only over predictions
     whose model_version equals the project's. Connecting resets it to the backend's title, and the PATCH
-    is refused until predictions of the version are stored, which happens only after the /predict answer.
+    is refused until predictions of the version are stored, which happens only after the /predict answer
+    (docs/LABEL_STUDIO.md, section 5).
     So: wait a moment, check, PATCH, and retry with backoff while Label Studio answers 400. Never blocks.
     """
 

@@ -1,9 +1,9 @@
 """A Label Studio project as training samples (METHOD.md "Learning" 1).
 
-All tasks come through the export API (START_TRAINING carries no annotations). For each
-task the latest non-cancelled annotation wins: its Choices value is the class, its
-BrushLabels regions (RLE, decoded with the SDK) are the oracle mask. Tasks without an
-annotation are pseudo-mask candidates; a task data field can supply image-level labels.
+All tasks come through the export API (START_TRAINING carries no annotations: docs/LABEL_STUDIO.md,
+section 4). For each task the latest non-cancelled annotation wins: its Choices value is the class, its
+BrushLabels regions (RLE, decoded with the SDK) are the oracle mask. Tasks without an annotation are
+pseudo-mask candidates; a task data field can supply image-level labels.
 """
 
 from __future__ import annotations

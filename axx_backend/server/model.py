@@ -1,4 +1,5 @@
-"""The model class Label Studio talks to, in the style of label-studio-ml 2.x's LabelStudioMLBase.
+"""The model class Label Studio talks to, in the style of label-studio-ml 2.x's LabelStudioMLBase
+(the protocol: docs/LABEL_STUDIO.md).
 
 `AxxModel(project, label_config)` is cheap and made per request, like LabelStudioMLBase; everything
 that must live longer (loaded versions, parsed configs, the API client, the model_version sync) is in
