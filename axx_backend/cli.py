@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from .core.env import environ, get_int, get_str
 from .core.settings import model_dir_from
 
 log = logging.getLogger("axx_backend")
@@ -35,7 +36,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="axx-backend", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    add_folder_commands(sub)  # train, annotate
+    add_service_commands(sub)  # serve, worker
+    add_preannotate_command(sub)
 
+    from .evaluation.commands import register as register_evaluation
+
+    register_evaluation(sub)  # evaluate, simulate-al
+
+    versions = sub.add_parser("versions", help="list the versions of a model directory")
+    versions.add_argument("--model-dir", type=Path, default=None)
+    versions.set_defaults(func=cmd_versions)
+    return parser
+
+
+def add_folder_commands(sub: Any) -> None:
     train = sub.add_parser("train", help="train a model version on DATASET_DIR/images/<class>/<name>.<ext>")
     train.add_argument("dataset_dir", type=Path)
     train.add_argument("--model-dir", type=Path, default=None, help="where versions are written (default: $MODEL_DIR)")
@@ -65,11 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     annotate.set_defaults(func=cmd_annotate)
 
+
+def add_service_commands(sub: Any) -> None:
     serve = sub.add_parser("serve", help="run the Label Studio ML backend (gunicorn)")
     serve.add_argument(
-        "--host", default=os.environ.get("HOST", "127.0.0.1"), help="0.0.0.0 to listen on all interfaces"
+        "--host", default=get_str(environ(), "HOST", "127.0.0.1"), help="0.0.0.0 to listen on all interfaces"
     )
-    serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")))
+    serve.add_argument("--port", type=int, default=get_int(environ(), "PORT", 9090))
     serve.set_defaults(func=cmd_serve)
 
     worker = sub.add_parser("worker", help="run an RQ worker for training and pre-annotation jobs (needs REDIS_URL)")
@@ -81,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.set_defaults(func=cmd_worker)
 
+
+def add_preannotate_command(sub: Any) -> None:
     pre = sub.add_parser(
         "preannotate",
         help="predict every task of a Label Studio project in chunks (RQ workers with REDIS_URL, else here) "
@@ -99,15 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--in-process", action="store_true", help="ignore REDIS_URL: predict in this process")
     pre.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     pre.set_defaults(func=cmd_preannotate)
-
-    from .evaluation.commands import register as register_evaluation
-
-    register_evaluation(sub)  # evaluate, simulate-al
-
-    versions = sub.add_parser("versions", help="list the versions of a model directory")
-    versions.add_argument("--model-dir", type=Path, default=None)
-    versions.set_defaults(func=cmd_versions)
-    return parser
 
 
 def _settings(**overrides: object):
@@ -163,33 +173,37 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_preannotate(args: argparse.Namespace) -> int:
     from .jobs import HEARTBEAT_TTL
+    from .labelstudio.settings import LabelStudioSettings
     from .preannotate import preannotate
 
-    url = os.environ.get("LABEL_STUDIO_URL") or os.environ.get("LABEL_STUDIO_HOST")
-    api_key = os.environ.get("LABEL_STUDIO_API_KEY")
-    if not url or not api_key:
-        raise ValueError("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY: tasks and predictions go through the API")
+    ls = LabelStudioSettings.from_env()
+    ls.require_api("tasks and predictions go through the API")
     summary = preannotate(
-        args.project, model_dir_from(args.model_dir), url, api_key, chunk=args.chunk, only_missing=args.only_missing,
-        redis_url=None if args.in_process else os.environ.get("REDIS_URL") or None, retries=args.retries,
+        args.project, model_dir_from(args.model_dir), ls, chunk=args.chunk, only_missing=args.only_missing,
+        redis_url=None if args.in_process else get_str(environ(), "REDIS_URL"), retries=args.retries,
         lease_seconds=HEARTBEAT_TTL,
     )  # fmt: skip
     if args.json:
         print(json.dumps(summary))
     else:
-        print(
-            f"project {summary['project']} ({summary['model_version']}, {summary['executor']}): "
-            f"{summary['posted']} predictions posted for {summary['to_predict']} tasks in {summary['seconds']} s "
-            f"({summary['tasks_per_second']} tasks/s); {summary['skipped_with_version']} already had one; "
-            f"{summary['unusable_images']} images unusable; {summary['retried_chunks']} chunks retried; "
-            f"{len(summary['failed_chunks'])} chunks failed; {summary['without_prediction']} tasks without a "
-            f"prediction of the version"
-        )
-        for failed in summary["failed_chunks"]:
-            ids = failed["task_ids"]
-            print(f"  failed chunk {failed['chunk']} (tasks {ids[0]}..{ids[-1]}, {len(ids)}): {failed['error']}")
+        print_summary(summary)
     ok = not summary["failed_chunks"] and summary["without_prediction"] == 0
     return 0 if ok else 1
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """`preannotate`'s summary in a few lines for a person."""
+    print(
+        f"project {summary['project']} ({summary['model_version']}, {summary['executor']}): "
+        f"{summary['posted']} predictions posted for {summary['to_predict']} tasks in {summary['seconds']} s "
+        f"({summary['tasks_per_second']} tasks/s); {summary['skipped_with_version']} already had one; "
+        f"{summary['unusable_images']} images unusable; {summary['retried_chunks']} chunks retried; "
+        f"{len(summary['failed_chunks'])} chunks failed; {summary['without_prediction']} tasks without a "
+        f"prediction of the version"
+    )
+    for failed in summary["failed_chunks"]:
+        ids = failed["task_ids"]
+        print(f"  failed chunk {failed['chunk']} (tasks {ids[0]}..{ids[-1]}, {len(ids)}): {failed['error']}")
 
 
 def cmd_versions(args: argparse.Namespace) -> int:

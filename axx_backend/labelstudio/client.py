@@ -1,6 +1,6 @@
 """Talking to the Label Studio API: the API key, and keeping the project's model_version in step.
 
-Label Studio 1.23 has two kinds of API key (LABEL_STUDIO.md): a legacy token, sent as
+Label Studio 1.23 has two kinds of API key (docs/LABEL_STUDIO.md, section 6): a legacy token, sent as
 `Authorization: Token <key>`, and a Personal Access Token, a JWT *refresh* token that must be
 exchanged at `POST /api/token/refresh/` for a 5-minute access token sent as `Bearer <access>`.
 `ApiKeyAuth` tells them apart by shape and caches the access token until shortly before it expires.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import json
 import logging
 import threading
@@ -161,13 +162,64 @@ class LabelStudioClient:
         """PATCH the project's model_version (LS refuses with 400 until a prediction of `version` is stored)."""
         self.json("PATCH", f"/api/projects/{project_id}", json={"model_version": version})
 
+    def export_tasks(self, project_id: int | str) -> list[dict[str, Any]]:
+        """Every task of the project with its annotations (the JSON export: START_TRAINING carries none)."""
+        params = {"exportType": "JSON", "download_all_tasks": "true"}
+        return list(self.json("GET", f"/api/projects/{project_id}/export", params=params))
+
+    def list_tasks(
+        self, project_id: int | str, ids: list[int] | None = None, page_size: int = 500
+    ) -> list[dict[str, Any]]:
+        """The project's tasks (id, data, versions of their predictions), page by page; only `ids` when given."""
+        params: dict[str, Any] = {"project": project_id, "page_size": page_size, "fields": "all"}
+        params["include"] = TASK_FIELDS
+        if ids is not None:
+            params["query"] = json.dumps({"selectedItems": {"all": False, "included": list(ids)}})
+        tasks: list[dict[str, Any]] = []
+        for page in itertools.count(1):
+            r = self.request("GET", "/api/tasks", params={**params, "page": page})
+            if r.status_code == 404 and page > 1:  # "Invalid page": past the last one
+                break
+            if r.status_code >= 400:
+                raise LabelStudioError(f"GET /api/tasks?project={project_id} -> {r.status_code}: {r.text[:300]}")
+            batch, total = _task_page(r.json())
+            tasks.extend(batch)
+            # `total` when Label Studio gives it (it may cap page_size below ours), else a short page ends the list
+            if not batch or (len(tasks) >= total if total is not None else len(batch) < page_size):
+                break
+        return tasks
+
+    def post_prediction(self, task_id: int, prediction: dict[str, Any]) -> None:
+        """Store one prediction (`result`, `score`, `model_version`) on a task."""
+        body = {k: prediction[k] for k in ("result", "score", "model_version") if k in prediction}
+        self.json("POST", "/api/predictions", json={"task": task_id, **body})
+
+
+TASK_FIELDS = "id,data,predictions_model_versions"  # what `list_tasks` asks for
+
+
+def _task_page(body: Any) -> tuple[list[dict[str, Any]], int | None]:
+    """One page of GET /api/tasks: {"tasks": [...], "total": n} (or a bare list from older versions)."""
+    if isinstance(body, dict):
+        return list(body["tasks"]), body.get("total")
+    return list(body), None
+
+
+def prediction_versions(task: dict[str, Any]) -> set[str]:
+    """Label Studio lists a task's prediction versions as one comma-separated string."""
+    raw = task.get("predictions_model_versions") or ""
+    if isinstance(raw, list):
+        return {str(v) for v in raw if v}
+    return {v.strip() for v in str(raw).split(",") if v.strip()}
+
 
 class ModelVersionSync:
     """Keeps `project.model_version` equal to the version the backend serves, in the background.
 
     Label Studio averages the prediction score (the Data Manager's sort and filter) only over predictions
     whose model_version equals the project's. Connecting resets it to the backend's title, and the PATCH
-    is refused until predictions of the version are stored, which happens only after the /predict answer.
+    is refused until predictions of the version are stored, which happens only after the /predict answer
+    (docs/LABEL_STUDIO.md, section 5).
     So: wait a moment, check, PATCH, and retry with backoff while Label Studio answers 400. Never blocks.
     """
 

@@ -113,81 +113,117 @@ def _on_image(control: Any) -> list[Any]:
     return [o for o in (control.objects or []) if getattr(o, "tag", "") == "Image"]
 
 
+class ReviewRule:
+    """Which Choice values mean "a person should look at this": `AXX_REVIEW_CHOICE` when set ("none" turns
+    the review choice off), else values named like "Needs review" (`DEFAULT_REVIEW_PATTERN`)."""
+
+    def __init__(self, explicit: str | None) -> None:
+        self.explicit = explicit
+        self.off = explicit is not None and explicit.strip().lower() in DISABLED
+        self.pattern = re.compile(DEFAULT_REVIEW_PATTERN, re.IGNORECASE)
+
+    def __call__(self, stored: str, visible: str) -> bool:
+        if self.off:
+            return False
+        if self.explicit is not None:
+            return self.explicit in (stored, visible)
+        return bool(self.pattern.match(visible) or self.pattern.match(stored))
+
+
 def parse_config(label_config: str, options: ConfigOptions | None = None) -> ProjectConfig:
     """Find the Image, the class Choices, the BrushLabels (and optional review choice, notes TextArea)."""
     options = options or ConfigOptions()
+    li = _interface(label_config)
+    controls = list(li.controls)
+    is_review = ReviewRule(options.review_choice)
+    choices = _class_control(li, controls, options.choices_control, is_review)
+    image = _on_image(choices)[0]
+    classes = tuple(stored for stored, visible in _choice_values(choices) if not is_review(stored, visible))
+    review_control, review_choice = _review_choice(controls, choices, image, is_review)
+    brush = _brush_control(controls, image, options.brush_control)
+    negatives = frozenset(c for c in classes if options.is_negative(c))
+    return ProjectConfig(
+        image=image.name,
+        image_key=image.value_name or image.name,
+        choices=choices.name,
+        classes=classes,
+        brush=brush.name,
+        brush_labels=tuple(stored for stored, _ in _choice_values(brush)),
+        brush_map=_brush_map(classes, negatives, brush, choices.name, options.brush_map),
+        negatives=negatives,
+        review_control=review_control,
+        review_choice=review_choice,
+        notes=_notes_control(controls, image, options.notes_control),
+        interface=li,
+    )
+
+
+def _interface(label_config: str) -> LabelInterface:
+    """The SDK's view of the config, with an `<Image>`; errors say what is wrong."""
     if not label_config or not label_config.strip():
         raise ConfigError("the labeling config is empty")
     try:
         li = LabelInterface(label_config)
     except Exception as exc:  # the SDK raises several types for XML it cannot parse
         raise ConfigError(f"the labeling config cannot be parsed: {exc}") from exc
-
-    images = [o for o in li.objects if getattr(o, "tag", "") == "Image"]
-    if not images:
+    if not any(getattr(o, "tag", "") == "Image" for o in li.objects):
         raise ConfigError('the labeling config has no <Image> tag: add <Image name="image" value="$image"/>')
-    controls = list(li.controls)
+    return li
 
-    review_re = re.compile(DEFAULT_REVIEW_PATTERN, re.IGNORECASE)
-    explicit_review = options.review_choice
-    review_off = explicit_review is not None and explicit_review.strip().lower() in DISABLED
 
-    def is_review(stored: str, visible: str) -> bool:
-        if review_off:
-            return False
-        if explicit_review is not None:
-            return explicit_review in (stored, visible)
-        return bool(review_re.match(visible) or review_re.match(stored))
-
-    # --- the class control -----------------------------------------------------------------------------------
-    choices_controls = [c for c in controls if _tag(c) == "Choices" and _on_image(c)]
-    if options.choices_control:
-        named = [c for c in choices_controls if c.name == options.choices_control]
-        if not named:
+def _class_control(li: LabelInterface, controls: list[Any], name: str | None, is_review: ReviewRule) -> Any:
+    """The `<Choices>` of the classes: the first on an Image with two class values (or the one named)."""
+    on_image = [c for c in controls if _tag(c) == "Choices" and _on_image(c)]
+    if name:
+        on_image = [c for c in on_image if c.name == name]
+        if not on_image:
             raise ConfigError(
-                f"AXX_CHOICES_CONTROL={options.choices_control}: the labeling config has no <Choices "
-                f'name="{options.choices_control}"> connected to an <Image>'
+                f'AXX_CHOICES_CONTROL={name}: the labeling config has no <Choices name="{name}"> connected to an '
+                "<Image>"
             )
-        choices_controls = named
-    candidates = [c for c in choices_controls if len([v for v in _choice_values(c) if not is_review(*v)]) >= 2]
-    if not candidates:
-        if choices_controls:
-            raise ConfigError(
-                f'<Choices name="{choices_controls[0].name}"> needs at least two class values (besides a review '
-                "choice) for the backend to predict"
-            )
+    candidates = [c for c in on_image if len([v for v in _choice_values(c) if not is_review(*v)]) >= 2]
+    if candidates:
+        return candidates[0]
+    if on_image:
         raise ConfigError(
-            "the labeling config has no <Choices> control connected to the <Image> "
-            f'(e.g. <Choices name="class" toName="{images[0].name}"><Choice value="Lesion"/>'
-            '<Choice value="Healthy"/></Choices>): the backend needs it for the image classes'
+            f'<Choices name="{on_image[0].name}"> needs at least two class values (besides a review '
+            "choice) for the backend to predict"
         )
-    choices = candidates[0]
-    image = _on_image(choices)[0]
-    classes = tuple(stored for stored, visible in _choice_values(choices) if not is_review(stored, visible))
+    image = next(o for o in li.objects if getattr(o, "tag", "") == "Image")
+    raise ConfigError(
+        "the labeling config has no <Choices> control connected to the <Image> "
+        f'(e.g. <Choices name="class" toName="{image.name}"><Choice value="Lesion"/>'
+        '<Choice value="Healthy"/></Choices>): the backend needs it for the image classes'
+    )
 
-    # --- review choice: in the class control, or in another Choices control on the same image ------------------
-    review_control = review_choice = None
+
+def _review_choice(
+    controls: list[Any], choices: Any, image: Any, is_review: ReviewRule
+) -> tuple[str | None, str | None]:
+    """(control, value) of the review choice: in the class control, or in another Choices on the same image."""
     for control in [choices] + [c for c in controls if _tag(c) == "Choices" and c is not choices]:
         if image.name not in (control.to_name or []):
             continue
         hits = [stored for stored, visible in _choice_values(control) if is_review(stored, visible)]
         if hits:
-            review_control, review_choice = control.name, hits[0]
-            break
-    if explicit_review is not None and not review_off and review_choice is None:
+            return control.name, hits[0]
+    if is_review.explicit is not None and not is_review.off:
         raise ConfigError(
-            f'AXX_REVIEW_CHOICE={explicit_review}: no <Choice value="{explicit_review}"> in a <Choices> '
+            f'AXX_REVIEW_CHOICE={is_review.explicit}: no <Choice value="{is_review.explicit}"> in a <Choices> '
             f'connected to <Image name="{image.name}">'
         )
+    return None, None
 
-    # --- brush control and the class -> brush label map ---------------------------------------------------------
+
+def _brush_control(controls: list[Any], image: Any, name: str | None) -> Any:
+    """The `<BrushLabels>` on the image that receives the masks (the first, or the one named)."""
     brushes = [c for c in controls if _tag(c) == "BrushLabels" and image.name in (c.to_name or [])]
-    if options.brush_control:
-        brushes = [c for c in brushes if c.name == options.brush_control]
+    if name:
+        brushes = [c for c in brushes if c.name == name]
         if not brushes:
             raise ConfigError(
-                f"AXX_BRUSH_CONTROL={options.brush_control}: the labeling config has no <BrushLabels "
-                f'name="{options.brush_control}" toName="{image.name}">'
+                f'AXX_BRUSH_CONTROL={name}: the labeling config has no <BrushLabels name="{name}" '
+                f'toName="{image.name}">'
             )
     if not brushes:
         raise ConfigError(
@@ -195,67 +231,53 @@ def parse_config(label_config: str, options: ConfigOptions | None = None) -> Pro
             f'(e.g. <BrushLabels name="mask" toName="{image.name}"><Label value="Lesion"/></BrushLabels>): '
             "the backend needs it for the masks"
         )
-    brush = brushes[0]
-    brush_values = _choice_values(brush)
-    brush_labels = tuple(stored for stored, _ in brush_values)
-    by_visible = {visible: stored for stored, visible in brush_values}
+    return brushes[0]
 
-    negatives = frozenset(c for c in classes if options.is_negative(c))
-    unknown = [c for c in options.brush_map if c not in classes]
+
+def _brush_map(
+    classes: tuple[str, ...], negatives: frozenset[str], brush: Any, choices: str, explicit: Mapping[str, str]
+) -> dict[str, str]:
+    """Positive class -> brush label: `AXX_BRUSH_LABELS` first ("" = no mask), else the label of the same
+    name; negative classes get none. A positive class without a label is an error that says how to fix it."""
+    brush_values = _choice_values(brush)
+    brush_labels = [stored for stored, _ in brush_values]
+    by_visible = {visible: stored for stored, visible in brush_values}
+    unknown = [c for c in explicit if c not in classes]
     if unknown:
-        raise ConfigError(
-            f'AXX_BRUSH_LABELS names classes {unknown} that are not values of <Choices name="{choices.name}">'
-        )
+        raise ConfigError(f'AXX_BRUSH_LABELS names classes {unknown} that are not values of <Choices name="{choices}">')
     brush_map: dict[str, str] = {}
     for cls in classes:
-        if cls in options.brush_map:
-            label = options.brush_map[cls]
-            if not label:
-                continue  # explicitly no mask for this class
-            if label not in brush_labels and label not in by_visible:
+        if cls in explicit:
+            label = explicit[cls]
+            if label and label not in brush_labels and label not in by_visible:
                 raise ConfigError(
                     f'AXX_BRUSH_LABELS maps {cls!r} to {label!r}, but <BrushLabels name="{brush.name}"> has only '
-                    f"{list(brush_labels)}"
+                    f"{brush_labels}"
                 )
-            brush_map[cls] = by_visible.get(label, label)
-        elif cls in negatives:
-            continue
+            if label:  # "" = explicitly no mask for this class
+                brush_map[cls] = by_visible.get(label, label)
         elif cls in brush_labels or cls in by_visible:
-            brush_map[cls] = by_visible.get(cls, cls)
-        else:
+            if cls not in negatives:
+                brush_map[cls] = by_visible.get(cls, cls)
+        elif cls not in negatives:
             raise ConfigError(
                 f'<BrushLabels name="{brush.name}"> has no <Label value="{cls}"/> for the positive class {cls!r} '
-                f"(it has {list(brush_labels)}): add the label, or map the class with "
+                f"(it has {brush_labels}): add the label, or map the class with "
                 f"AXX_BRUSH_LABELS={cls}=<label> (an empty label means no mask)"
             )
+    return brush_map
 
-    # --- optional explanation TextArea ---------------------------------------------------------------------------
-    notes = None
-    notes_opt = options.notes_control
-    if notes_opt is None or notes_opt.strip().lower() not in DISABLED:
-        areas = [c for c in controls if _tag(c) == "TextArea" and image.name in (c.to_name or [])]
-        if notes_opt is not None:
-            areas = [c for c in areas if c.name == notes_opt]
-            if not areas:
-                raise ConfigError(
-                    f'AXX_NOTES_TEXTAREA={notes_opt}: no <TextArea name="{notes_opt}" toName="{image.name}">'
-                )
-        notes = areas[0].name if areas else None
 
-    return ProjectConfig(
-        image=image.name,
-        image_key=image.value_name or image.name,
-        choices=choices.name,
-        classes=classes,
-        brush=brush.name,
-        brush_labels=brush_labels,
-        brush_map=brush_map,
-        negatives=negatives,
-        review_control=review_control,
-        review_choice=review_choice,
-        notes=notes,
-        interface=li,
-    )
+def _notes_control(controls: list[Any], image: Any, name: str | None) -> str | None:
+    """The `<TextArea>` for the explanation: the first on the image, the one named, or none ("none")."""
+    if name is not None and name.strip().lower() in DISABLED:
+        return None
+    areas = [c for c in controls if _tag(c) == "TextArea" and image.name in (c.to_name or [])]
+    if name is not None:
+        areas = [c for c in areas if c.name == name]
+        if not areas:
+            raise ConfigError(f'AXX_NOTES_TEXTAREA={name}: no <TextArea name="{name}" toName="{image.name}">')
+    return areas[0].name if areas else None
 
 
 class ConfigCache:

@@ -1,9 +1,9 @@
 """A Label Studio project as training samples (METHOD.md "Learning" 1).
 
-All tasks come through the export API (START_TRAINING carries no annotations). For each
-task the latest non-cancelled annotation wins: its Choices value is the class, its
-BrushLabels regions (RLE, decoded with the SDK) are the oracle mask. Tasks without an
-annotation are pseudo-mask candidates; a task data field can supply image-level labels.
+All tasks come through the export API (START_TRAINING carries no annotations: docs/LABEL_STUDIO.md,
+section 4). For each task the latest non-cancelled annotation wins: its Choices value is the class, its
+BrushLabels regions (RLE, decoded with the SDK) are the oracle mask. Tasks without an annotation are
+pseudo-mask candidates; a task data field can supply image-level labels.
 """
 
 from __future__ import annotations
@@ -17,28 +17,24 @@ from label_studio_sdk.converter.brush import decode_rle
 
 from ..core.data import Sample
 from ..core.images import ImageError
-from ..core.settings import Settings
-from .client import LabelStudioClient
 from .config import ProjectConfig, parse_config
 from .images import ImageFetcher, ImageFetchError
+from .settings import LabelStudioSettings
 
 log = logging.getLogger(__name__)
 
 
 def project_samples(
-    project: str, payload: dict[str, Any], settings: Settings, progress: Callable[[str, float], None] | None = None
+    project: str, ls: LabelStudioSettings, progress: Callable[[str, float], None] | None = None
 ) -> tuple[list[Sample], list[str]]:
-    """Samples and classes of a project; `payload` holds `url`, `api_key` (and `allowed_hosts`)."""
-    client = LabelStudioClient(payload["url"], payload["api_key"])
-    info = client.get_project(project)
-    cfg = parse_config(info["label_config"])
-    fetcher = ImageFetcher(payload["url"], client.auth, payload.get("allowed_hosts") or None)
+    """Samples and classes of a project. The labeling config is read with `ls.config`, the options serving
+    uses (AXX_CHOICES_CONTROL, AXX_BRUSH_CONTROL, AXX_BRUSH_LABELS, AXX_REVIEW_CHOICE, the negative classes)."""
+    client = ls.client("training reads the project's annotations through the API")
+    cfg = parse_config(client.get_project(project)["label_config"], ls.config)
     if progress:
         progress("export", 0.0)
-    tasks = client.json(
-        "GET", f"/api/projects/{project}/export", params={"exportType": "JSON", "download_all_tasks": "true"}
-    )
-    samples = tasks_to_samples(tasks, cfg, fetcher, label_field=payload.get("label_field") or None)
+    tasks = client.export_tasks(project)
+    samples = tasks_to_samples(tasks, cfg, ls.fetcher(client), label_field=ls.label_field)
     labelled = sum(s.label is not None for s in samples)
     if labelled < 2:
         raise ValueError(f"project {project} has {labelled} labelled tasks: label at least two images to train")

@@ -1,4 +1,4 @@
-"""Annotation -> Label Studio prediction JSON.
+"""Annotation -> Label Studio prediction JSON (the shape and the brush RLE: docs/LABEL_STUDIO.md, section 3).
 
 One small writer per control tag type (the label-studio-ml YOLO example does the same): a Choices
 writer, a BrushLabels writer and a TextArea writer for the explanation. The task score is the ensemble

@@ -1,4 +1,4 @@
-"""The thin web layer: Label Studio's ML backend protocol (LABEL_STUDIO.md) routed to `AxxModel`.
+"""The thin web layer: Label Studio's ML backend protocol (docs/LABEL_STUDIO.md) routed to `AxxModel`.
 
 Endpoints: GET /health, POST /setup, POST /predict, POST /webhook, GET /versions, GET /jobs, GET /metrics
 (and the legacy POST /train, which Label Studio sends when its START_TRAINING webhook flag is off).

@@ -1,4 +1,5 @@
-"""The model class Label Studio talks to, in the style of label-studio-ml 2.x's LabelStudioMLBase.
+"""The model class Label Studio talks to, in the style of label-studio-ml 2.x's LabelStudioMLBase
+(the protocol: docs/LABEL_STUDIO.md).
 
 `AxxModel(project, label_config)` is cheap and made per request, like LabelStudioMLBase; everything
 that must live longer (loaded versions, parsed configs, the API client, the model_version sync) is in
@@ -57,20 +58,16 @@ class Runtime:
     def from_env(cls, environ: dict[str, str] | None = None) -> Runtime:
         method = Settings.from_env(environ)
         settings = ServerSettings.from_env(environ, method)
-        client = None
-        if settings.label_studio_url and settings.api_key:
-            client = LabelStudioClient(settings.label_studio_url, settings.api_key)
-        fetcher = ImageFetcher(
-            settings.label_studio_url, client.auth if client else None, settings.allowed_hosts, settings.limits
-        )
+        ls = settings.labelstudio
+        client = ls.client() if ls.has_api else None
         return cls(
             settings=settings,
             method=method,
-            configs=ConfigCache(settings.config),
+            configs=ConfigCache(ls.config),
             registry=ModelRegistry(settings.model_dir, method, settings.max_loaded_versions),
-            fetcher=fetcher,
+            fetcher=ls.fetcher(client),
             client=client,
-            sync=ModelVersionSync(client if settings.sync_model_version else None),
+            sync=ModelVersionSync(client if ls.sync_model_version else None),
             jobs=make_jobs(settings.redis_url),
         )
 

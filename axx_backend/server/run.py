@@ -9,12 +9,19 @@ per process anyway and uses both cores).
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+from ..core.env import environ, get_str
 from ..core.logs import configure_logging
 from .settings import ServerSettings
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's multiprocess mode (server/metrics.py)
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +67,36 @@ def serve(host: str = "127.0.0.1", port: int = 9090) -> None:
     """Run the backend until interrupted (blocks)."""
     settings = ServerSettings.from_env()
     configure_logging(settings.log_level)
+    made = prepare_metrics_dir(settings.workers)
     log.info(
         "axx-backend on http://%s:%d (model dir %s, %d worker(s) x %d threads, Label Studio %s)",
         host, port, settings.model_dir, settings.workers, settings.threads, settings.label_studio_url or "not set",
     )  # fmt: skip
-    _Gunicorn(gunicorn_options(host, port, settings)).run()
+    try:
+        _Gunicorn(gunicorn_options(host, port, settings)).run()
+    finally:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+
+
+def prepare_metrics_dir(workers: int) -> Path | None:
+    """prometheus-client's multiprocess directory, so `/metrics?format=prometheus` sums every worker's counters.
+
+    `PROMETHEUS_MULTIPROC_DIR` when set (emptied of an earlier run's files, as prometheus-client requires),
+    else with WORKERS > 1 a new temporary directory (returned, to be removed at exit). It is set here, in the
+    master before the workers fork, and before anything imports prometheus_client (which reads it at import;
+    the master never imports it). No gunicorn `child_exit` hook: it only matters for live gauges, and the
+    shared metrics are counters and a histogram, whose files stay so that totals survive a worker restart.
+    """
+    given = get_str(environ(), MULTIPROC_ENV)
+    if given:
+        path = Path(given)
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("*.db"):
+            stale.unlink()
+        return None
+    if workers <= 1:
+        return None
+    made = Path(tempfile.mkdtemp(prefix="axx-prometheus-"))
+    os.environ[MULTIPROC_ENV] = str(made)
+    return made

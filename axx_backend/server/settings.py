@@ -1,43 +1,35 @@
 """The server's own settings, from the environment (the method's numbers stay in axx_backend.core.settings).
 
-Names follow label-studio-ml 2.x where it has one (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, MODEL_DIR,
-BASIC_AUTH_USER, BASIC_AUTH_PASS, LOG_LEVEL, WORKERS, THREADS); the rest are AXX_*.
+Names follow label-studio-ml 2.x where it has one (MODEL_DIR, BASIC_AUTH_USER, BASIC_AUTH_PASS, LOG_LEVEL,
+WORKERS, THREADS); the rest are AXX_*. Everything about Label Studio itself (URL, API key, image fetching,
+how to read a labeling config) is one `LabelStudioSettings`, shared with `preannotate` and the training job.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from ..core.env import Environ, environ, get_bool, get_float, get_int, get_str
 from ..core.settings import Settings
 from ..labelstudio.config import ConfigOptions
 from ..labelstudio.images import FetchLimits
-
-TRUE = ("1", "true", "yes", "on")
+from ..labelstudio.settings import LabelStudioSettings
 
 
 @dataclass(frozen=True)
 class ServerSettings:
     model_dir: str = "models"
-    label_studio_url: str | None = None
-    api_key: str | None = None
     basic_auth_user: str | None = None
     basic_auth_pass: str | None = None
     log_level: str = "INFO"
     workers: int = 1
     threads: int = 8
-    allowed_hosts: tuple[str, ...] = ()  # AXX_ALLOWED_HOSTS; empty = the Label Studio host only
-    limits: FetchLimits = field(default_factory=FetchLimits)
-    fetch_workers: int = 4  # AXX_FETCH_WORKERS: parallel image downloads per /predict
     predict_time_budget: float = 80.0  # AXX_PREDICT_TIME_BUDGET: seconds; LS gives up after 100 s
-    sync_model_version: bool = True  # AXX_SYNC_MODEL_VERSION: PATCH project.model_version after /predict
     preload: bool = True  # AXX_PRELOAD: start loading the serving version in the background on /setup
     max_loaded_versions: int = 2  # AXX_MAX_LOADED_VERSIONS: versions kept in memory per process
-    config: ConfigOptions = field(default_factory=ConfigOptions)
     redis_url: str | None = None  # REDIS_URL: training jobs on RQ; unset = in-process thread
     train_every: int = 10  # AXX_TRAIN_EVERY: train after every N annotations created/updated (0: only on request)
-    label_field: str | None = None  # AXX_LABEL_FIELD: task data field with image-level labels, used for training
+    labelstudio: LabelStudioSettings = field(default_factory=LabelStudioSettings)
 
     @property
     def basic_auth(self) -> tuple[str, str] | None:
@@ -45,60 +37,54 @@ class ServerSettings:
             return self.basic_auth_user, self.basic_auth_pass
         return None
 
+    # The Label Studio side, under the names the server's code has always used.
+    @property
+    def label_studio_url(self) -> str | None:
+        return self.labelstudio.url
+
+    @property
+    def api_key(self) -> str | None:
+        return self.labelstudio.api_key
+
+    @property
+    def allowed_hosts(self) -> tuple[str, ...]:
+        return self.labelstudio.allowed_hosts
+
+    @property
+    def limits(self) -> FetchLimits:
+        return self.labelstudio.limits
+
+    @property
+    def fetch_workers(self) -> int:
+        return self.labelstudio.fetch_workers
+
+    @property
+    def config(self) -> ConfigOptions:
+        return self.labelstudio.config
+
+    @property
+    def label_field(self) -> str | None:
+        return self.labelstudio.label_field
+
+    @property
+    def sync_model_version(self) -> bool:
+        return self.labelstudio.sync_model_version
+
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, method: Settings | None = None) -> ServerSettings:
-        env = os.environ if environ is None else environ
+    def from_env(cls, env: Environ | None = None, method: Settings | None = None) -> ServerSettings:
+        env = environ(env)
         method = method or Settings.from_env(dict(env))
-
-        def get(name: str) -> str | None:
-            value = env.get(name)
-            return value if value not in (None, "") else None
-
-        def number(name: str, default: float, kind: type = float) -> float:
-            raw = get(name)
-            if raw is None:
-                return default
-            try:
-                return kind(raw)
-            except ValueError as exc:
-                raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from exc
-
-        def flag(name: str, default: bool) -> bool:
-            raw = get(name)
-            return default if raw is None else raw.strip().lower() in TRUE
-
-        limits = FetchLimits(
-            max_bytes=int(number("AXX_IMAGE_MAX_BYTES", FetchLimits.max_bytes, int)),
-            max_pixels=int(number("AXX_IMAGE_MAX_PIXELS", FetchLimits.max_pixels, int)),
-            read_timeout=number("AXX_IMAGE_TIMEOUT", FetchLimits.read_timeout),
-        )
-        config = ConfigOptions(
-            choices_control=get("AXX_CHOICES_CONTROL"),
-            brush_control=get("AXX_BRUSH_CONTROL"),
-            brush_map=ConfigOptions.parse_brush_map(get("AXX_BRUSH_LABELS")),
-            review_choice=env.get("AXX_REVIEW_CHOICE"),
-            notes_control=env.get("AXX_NOTES_TEXTAREA"),
-            is_negative=method.is_negative,
-        )
-        hosts = tuple(h.strip() for h in (get("AXX_ALLOWED_HOSTS") or "").split(",") if h.strip())
         return cls(
-            model_dir=get("MODEL_DIR") or method.model_dir,
-            label_studio_url=get("LABEL_STUDIO_URL") or get("LABEL_STUDIO_HOST"),
-            api_key=get("LABEL_STUDIO_API_KEY"),
-            basic_auth_user=get("BASIC_AUTH_USER"),
-            basic_auth_pass=get("BASIC_AUTH_PASS"),
-            log_level=(get("LOG_LEVEL") or "INFO").upper(),
-            workers=int(number("WORKERS", 1, int)),
-            threads=int(number("THREADS", 8, int)),
-            allowed_hosts=hosts,
-            limits=limits,
-            fetch_workers=max(1, int(number("AXX_FETCH_WORKERS", 4, int))),
-            predict_time_budget=number("AXX_PREDICT_TIME_BUDGET", 80.0),
-            sync_model_version=flag("AXX_SYNC_MODEL_VERSION", True),
-            preload=flag("AXX_PRELOAD", True),
-            max_loaded_versions=max(1, int(number("AXX_MAX_LOADED_VERSIONS", 2, int))),
-            config=config,
-            redis_url=get("REDIS_URL"),
-            train_every=max(0, int(number("AXX_TRAIN_EVERY", 10, int))),
-            label_field=get("AXX_LABEL_FIELD"),
+            model_dir=get_str(env, "MODEL_DIR") or method.model_dir,
+            basic_auth_user=get_str(env, "BASIC_AUTH_USER"),
+            basic_auth_pass=get_str(env, "BASIC_AUTH_PASS"),
+            log_level=(get_str(env, "LOG_LEVEL") or "INFO").upper(),
+            workers=get_int(env, "WORKERS", 1),
+            threads=get_int(env, "THREADS", 8),
+            predict_time_budget=get_float(env, "AXX_PREDICT_TIME_BUDGET", 80.0),
+            preload=get_bool(env, "AXX_PRELOAD", True),
+            max_loaded_versions=get_int(env, "AXX_MAX_LOADED_VERSIONS", 2, minimum=1),
+            redis_url=get_str(env, "REDIS_URL"),
+            train_every=get_int(env, "AXX_TRAIN_EVERY", 10, minimum=0),
+            labelstudio=LabelStudioSettings.from_env(env, method),
         )

@@ -1,0 +1,149 @@
+"""One chunk of a pre-annotation run: predict its tasks with the code of `/predict`, post the predictions.
+
+On a worker (`rq_chunk_entry`) the chunk holds a lease in Redis while it runs (`jobs.lease`, the heartbeat
+training runs use too) and checks it before each post, so a chunk taken over by a new attempt stops posting.
+Right before predicting, the chunk re-reads its tasks: a retried or resumed chunk posts only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..jobs.lease import Lease
+from ..labelstudio.client import LabelStudioClient, prediction_versions
+from ..labelstudio.config import ConfigCache
+from ..labelstudio.predict import TaskPredictions, predict_tasks
+from ..labelstudio.settings import LabelStudioSettings
+from .plan import RunSpec, registry_for, run_keys
+
+log = logging.getLogger(__name__)
+
+RESULTS_TTL = 7 * 86400  # s: how long a run's chunk results stay in Redis
+
+
+class ChunkIncomplete(RuntimeError):
+    """Some tasks of a chunk could not be predicted for now (image unreachable): retry the chunk."""
+
+
+class LeaseLost(RuntimeError):
+    """Another attempt took this chunk over (this one stalled past its lease): stop posting."""
+
+
+def chunk_settings(spec: RunSpec, env: dict[str, str] | None = None) -> LabelStudioSettings:
+    """This process's Label Studio settings (the server's environment), on the run's Label Studio."""
+    ls = LabelStudioSettings.from_env(env)
+    return ls.replace(url=spec.url, api_key=spec.api_key or ls.api_key)
+
+
+def predict_chunk(
+    spec: RunSpec,
+    task_ids: list[int],
+    ls: LabelStudioSettings | None = None,
+    holds_lease: Callable[[], bool] | None = None,
+) -> dict[str, Any]:
+    """Predict and post the tasks of `task_ids` that have no prediction of the version yet."""
+    ls = ls or chunk_settings(spec)
+    client = ls.client("a chunk reads its tasks and posts predictions through the API")
+    current = client.list_tasks(spec.project, ids=task_ids)  # fresh: a retry must not post twice
+    todo = [t for t in current if spec.version not in prediction_versions(t)]
+    result: dict[str, Any] = {
+        "tasks": len(task_ids),
+        "already": len(current) - len(todo),
+        "gone": len(task_ids) - len(current),  # deleted from the project since the listing
+        "posted": 0,
+        "failed_images": 0,
+        "errors": {},
+    }
+    if todo:
+        out = _predict(spec, todo, ls, client)
+        _post(client, todo, out, result, holds_lease, task_ids)
+        transient = out.counts["skipped_transient"]
+        if transient:
+            raise ChunkIncomplete(
+                f"{transient} of {len(todo)} tasks not predicted (image unreachable for now; "
+                f"{result['posted']} posted): {dict(list(result['errors'].items())[:3])}"
+            )
+    log.info(
+        "project %s: chunk of %d tasks: %d posted (%d images unusable), %d had one, %d gone",
+        spec.project, len(task_ids), result["posted"], result["failed_images"], result["already"], result["gone"],
+        extra={"project": spec.project, "model_version": spec.version},
+    )  # fmt: skip
+    return result
+
+
+def _predict(
+    spec: RunSpec, todo: list[dict[str, Any]], ls: LabelStudioSettings, client: LabelStudioClient
+) -> TaskPredictions:
+    cfg = ConfigCache(ls.config).get(spec.label_config)
+    model = registry_for(spec.model_dir).get(Path(spec.version_path))
+    return predict_tasks(
+        todo, cfg, model.annotator, spec.version, ls.fetcher(client), lock=model.lock,
+        fetch_workers=ls.fetch_workers, project=spec.project,
+    )  # fmt: skip
+
+
+def _post(
+    client: LabelStudioClient,
+    todo: list[dict[str, Any]],
+    out: TaskPredictions,
+    result: dict[str, Any],
+    holds_lease: Callable[[], bool] | None,
+    task_ids: list[int],
+) -> None:
+    """Post each prediction (a task without one is asked again later), while the lease is ours."""
+    for i, (task, prediction) in enumerate(zip(todo, out.results, strict=True)):
+        if i in out.errors:
+            result["errors"][str(task["id"])] = out.errors[i]
+        if not prediction:
+            continue
+        if holds_lease is not None and not holds_lease():
+            raise LeaseLost(f"chunk of tasks {task_ids[0]}..{task_ids[-1]}: lease lost, another attempt posts")
+        client.post_prediction(int(task["id"]), prediction)
+        result["posted"] += 1
+        result["failed_images"] += out.outcomes[i] == "failed"
+
+
+def rq_chunk_entry(spec_json: dict[str, Any], index: int, task_ids: list[int], attempt: int) -> dict[str, Any]:
+    """What an RQ worker runs for one chunk: the lease, then `predict_chunk`, then the result in Redis."""
+    from rq import get_current_job
+
+    # The API key is not in the job (Redis and RQ's logs would show it): the worker has its own, as the server does.
+    ls = LabelStudioSettings.from_env()
+    if not ls.api_key:
+        raise RuntimeError("this worker has no LABEL_STUDIO_API_KEY: give workers the server's environment")
+    spec = RunSpec(**{**spec_json, "api_key": ls.api_key})
+    job = get_current_job()
+    if job is None:
+        raise RuntimeError("rq_chunk_entry runs inside an RQ job")
+    redis = job.connection
+    keys = run_keys(spec.project, spec.run, index)
+    skip = _skip_reason(redis, keys, spec, index)
+    if skip:
+        return {"skipped": skip}
+    lease = Lease(redis, keys["lease"], f"{socket.gethostname()}:{os.getpid()}:{attempt}:{uuid.uuid4().hex[:8]}",
+                  spec.lease_seconds)  # fmt: skip
+    # A killed attempt's lease outlives it by up to a lease period: wait for it rather than give up.
+    if not lease.acquire(wait=2 * spec.lease_seconds + 5):
+        return {"skipped": "another attempt holds the chunk"}
+    with lease.heartbeat(f"{spec.run}-{index}"):
+        result = predict_chunk(spec, task_ids, ls.replace(url=spec.url), lease.held)
+        redis.hset(keys["results"], str(index), json.dumps({**result, "attempt": attempt}))
+        redis.expire(keys["results"], RESULTS_TTL)
+        return result
+
+
+def _skip_reason(redis: Any, keys: dict[str, str], spec: RunSpec, index: int) -> str | None:
+    """Why this chunk need not run: its run is over or superseded, or another attempt finished it."""
+    if (redis.get(keys["active"]) or b"").decode() != spec.run:
+        log.info("project %s: run %s is over or superseded: chunk %d skipped", spec.project, spec.run, index)
+        return "run over"
+    if redis.hexists(keys["results"], str(index)):
+        return "already done"
+    return None
