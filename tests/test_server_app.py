@@ -211,11 +211,12 @@ def test_predict_one_result_per_task_in_order(tmp_path: Path, images: tuple[str,
     assert [x["value"]["choices"] for x in grey["result"]] == [["Needs review"]] and grey["score"] == 0.05
     for failed, needle in ((corrupt, "cannot read image"), (nokey, "no image URL"), (missing, "HTTP 404")):
         assert failed["result"] == [] and failed["score"] is None and needle in failed["meta"]["error"]
-    assert blocked == []  # allow-list refusal is a setting problem: not stored, asked again
+    # issue 12: an allow-list refusal is about the task's URL: a prediction that says why (it was [] = "ask again")
+    assert blocked["result"] == [] and "host not allowed" in blocked["meta"]["error"]
     (fake,) = fakes.values()
     assert fake.annotator.calls == [2, 2]  # batches of Settings.batch_size, in task order
     m = client.get("/metrics").get_json()
-    assert m["tasks"]["predicted"] == 4 and m["tasks"]["failed"] == 3 and m["tasks"]["skipped_transient"] == 1
+    assert m["tasks"]["predicted"] == 4 and m["tasks"]["failed"] == 4 and m["tasks"]["skipped_transient"] == 0
     assert m["latency_seconds"]["/predict"]["count"] == 1 and m["latency_seconds"]["/predict"]["p50"] > 0
     assert m["model_versions"]["*"] == version and m["jobs"]["backend"] == "thread"
     text = client.get("/metrics?format=prometheus").get_data(as_text=True)
