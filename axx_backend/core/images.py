@@ -16,6 +16,7 @@ import dataclasses
 import io
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,10 @@ MAX_BYTES = 200 * 1024 * 1024
 # The model sees input_size (224-512 px) and masks come from 7x7-32x32 maps: inference never needs more than
 # this many pixels a side. An image at least twice as large is reduced by an integer factor to >= WORK_SIDE.
 WORK_SIDE = 1024
+
+# Our pixel limit (checked from the header, before decoding) replaces Pillow's warning; Pillow still refuses
+# images over twice its own limit (~179 MP), whatever AXX_IMAGE_MAX_PIXELS says.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 _TRANSPOSE = {  # EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose)
     2: Image.Transpose.FLIP_LEFT_RIGHT,
