@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.images import Decoded, restore_full_size
+from ..core.memory import return_freed_memory
 from .config import ProjectConfig
 from .images import ImageFetcher, ImageFetchError
 from .results import build_prediction, failed_prediction
@@ -79,7 +80,10 @@ def predict_tasks(
 ) -> TaskPredictions:
     """Predict every task; stop early (leaving `[]`) only when `time_budget` seconds would be exceeded."""
     run = _PredictRun(tasks, cfg, annotator, version, lock or threading.Lock(), time_budget, project)
-    run.go(fetcher, fetch_workers)
+    try:
+        run.go(fetcher, fetch_workers)
+    finally:
+        return_freed_memory()  # the decoded images and full-size masks of this call are gone: give them back
     return run.out
 
 
