@@ -69,7 +69,7 @@ class ServerSettings:
 
         limits = FetchLimits(
             max_bytes=int(number("AXX_IMAGE_MAX_BYTES", FetchLimits.max_bytes, int)),
-            max_pixels=int(number("AXX_IMAGE_MAX_PIXELS", FetchLimits.max_pixels, int)),
+            max_pixels=method.image_max_pixels,  # AXX_IMAGE_MAX_PIXELS, shared with the CLI
             read_timeout=number("AXX_IMAGE_TIMEOUT", FetchLimits.read_timeout),
         )
         config = ConfigOptions(
