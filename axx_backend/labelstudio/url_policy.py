@@ -239,10 +239,7 @@ class UrlPolicy:
             except UrlRefused as exc:
                 raise ValueError(f"LABEL_STUDIO_URL is not a valid http(s) URL: {exc}") from exc
             self.ls_base = self.label_studio.path.rstrip("/")
-        entries = list(allowed_hosts)
-        if not entries and self.label_studio is not None:
-            entries = [self.label_studio.url]  # default: Label Studio's host only
-        self.allow = HostAllowList(entries)
+        self.allow = HostAllowList(allowed_hosts)  # Label Studio's origin needs no entry: /data/ only, by rule
         self.resolver = resolver or system_resolver
 
     # --- names: no I/O ---------------------------------------------------------------------------------------
