@@ -384,3 +384,36 @@ def test_redirects_to_internal_addresses_and_too_many_hops_are_refused(
     with pytest.raises(ImageFetchError, match="more than 3 redirects"):
         fetcher.load(f"{server.url}/hop0")
     assert {address for address in no_outside_connections} == {("127.0.0.1", server.port)}
+
+
+def test_https_to_the_checked_address_still_verifies_the_host_name(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, no_outside_connections: list[tuple[Any, ...]]
+) -> None:
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1",
+         "-subj", "/CN=images.test", "-addext", "subjectAltName=DNS:images.test"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    server = Recorder()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.httpd.socket = context.wrap_socket(server.httpd.socket, server_side=True)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
+    NAMES["images.test"] = NAMES["impostor.test"] = ["127.0.0.1"]
+    try:
+        allowed = ["images.test", "impostor.test", "127.0.0.1"]
+        fetcher = ImageFetcher(LS, None, allowed, resolver=stub)
+        assert fetcher.load(f"https://images.test:{server.port}/x.png").size == (9, 6)  # SNI and the name: the host's
+        with pytest.raises(ImageFetchError, match="TLS failed"):
+            fetcher.load(f"https://impostor.test:{server.port}/x.png")  # same address, a name the cert does not have
+    finally:
+        del NAMES["images.test"], NAMES["impostor.test"]
+        server.close()
+    assert server.seen == [("/x.png", f"images.test:{server.port}", None)]
