@@ -1,6 +1,6 @@
 """Which task image URLs the backend fetches, where it connects, and when the Label Studio key goes along.
 
-One policy, applied before any I/O (`UrlPolicy.target`), then once per connection (`UrlPolicy.address`):
+One policy, applied before any I/O (`UrlPolicy.target`), then once per connection (`UrlPolicy.addresses`):
 
 - a URL is parsed once: at most `MAX_URL_LENGTH` characters, no control characters, `http(s)` only, no user
   name or password, a valid host and port; relative references are joined to LABEL_STUDIO_URL; the path is
@@ -113,7 +113,7 @@ class HostAllowList:
             p = urllib.parse.urlsplit(url)
             scheme = p.scheme.lower()
             return self.allows_host(canonical_host(p.hostname or ""), p.port or DEFAULT_PORTS.get(scheme, 80))
-        except (ValueError, UrlRefused):
+        except ValueError:  # UrlRefused too
             return False
 
     def allows_host(self, host: str, port: int) -> bool:
