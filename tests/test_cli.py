@@ -50,7 +50,7 @@ def images_dir(tmp_path_factory):
     rgba.save(root / "lesion_rgba.png")
     truth["lesion_rgba.png"] = mask
     (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    (root / "notes.txt").write_text("not an image, not listed")
+    (root / "notes.txt").write_text("not an image: a line with an error (issue 12: by content, not suffix)")
     return root, truth
 
 
@@ -65,9 +65,10 @@ def annotated(tmp_path_factory, trained_model_dir, images_dir):
 def test_annotate_writes_one_line_per_image_and_reports_the_corrupt_one(annotated, images_dir):
     out, lines, summary = annotated
     _, truth = images_dir
-    assert set(lines) == set(truth) | {"broken.png"}
+    assert set(lines) == set(truth) | {"broken.png", "notes.txt"}  # issue 12: one line per file
     assert "error" in lines["broken.png"] and "broken.png" in lines["broken.png"]["error"]
-    assert summary["images"] == len(truth) + 1 and summary["errors"] == 1
+    assert "error" in lines["notes.txt"] and "notes.txt" in lines["notes.txt"]["error"]
+    assert summary["images"] == len(truth) + 2 and summary["errors"] == 2
     for path in truth:
         line = lines[path]
         assert {"label", "score", "flagged", "members", "mask_area"} <= set(line)
@@ -82,11 +83,11 @@ def test_masks_are_binary_png_at_image_size_and_find_the_lesions(annotated, imag
     _, truth = images_dir
     ious = []
     for path, gt in truth.items():
-        mask = np.asarray(Image.open(out / "masks" / (path.rsplit(".", 1)[0] + ".png")))
+        mask = np.asarray(Image.open(out / "masks" / (path + ".png")))  # issue 12: x.png -> masks/x.png.png
         assert mask.shape == gt.shape
         assert set(np.unique(mask)) <= {0, 255}
         assert int((mask > 0).sum()) == lines[path]["mask_area"]
-        overlay = Image.open(out / "overlays" / (path.rsplit(".", 1)[0] + ".png"))
+        overlay = Image.open(out / "overlays" / (path + ".png"))
         assert overlay.size == (gt.shape[1], gt.shape[0])
         if gt.any() and not lines[path]["flagged"]:
             assert lines[path]["label"] == "Lesion"

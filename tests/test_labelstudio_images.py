@@ -213,10 +213,12 @@ def test_bad_keys_are_transient_errors_with_a_hint(ls: FakeLabelStudio) -> None:
 
 def test_allow_list(ls: FakeLabelStudio, other: FakeLabelStudio) -> None:
     default = ImageFetcher(ls.url, ApiKeyAuth(ls.url, LEGACY))
-    assert default.load(f"{ls.url}/public/c.png").size == (30, 20)  # LS host itself is allowed by default
+    # Issue 12: Label Studio is read only under /data/upload/ and /data/local-files/ (it was: any path)
+    with pytest.raises(ImageFetchError, match="only /data/upload/ and /data/local-files/"):
+        default.load(f"{ls.url}/public/c.png")
     with pytest.raises(ImageFetchError, match="host not allowed") as e:
         default.load(f"{other.url}/public/x.png")
-    assert e.value.transient and other.seen_auth == []  # refused before any request
+    assert not e.value.transient and other.seen_auth == []  # refused before any request; issue 12: not transient
 
     allowed = ImageFetcher(ls.url, ApiKeyAuth(ls.url, LEGACY), [f"127.0.0.1:{other.port}"])
     assert allowed.load(f"{other.url}/public/x.png").size == (5, 5)
@@ -226,15 +228,26 @@ def test_allow_list(ls: FakeLabelStudio, other: FakeLabelStudio) -> None:
 
 
 def test_redirects_are_checked_hop_by_hop(ls: FakeLabelStudio, other: FakeLabelStudio) -> None:
-    ls.redirects["/public/away.png"] = f"{other.url}/public/x.png"
-    ls.redirects["/public/here.png"] = "/public/c.png"
-    fetcher = ImageFetcher(ls.url, ApiKeyAuth(ls.url, LEGACY))
-    assert fetcher.load(f"{ls.url}/public/here.png").size == (30, 20)
+    # `other` is an allowed image host; the fake Label Studio serves /data/ with the key
+    other.redirects["/public/here.png"] = "/public/x.png"
+    other.redirects["/public/away.png"] = f"http://localhost:{ls.port}/public/c.png"
+    other.redirects["/public/to-ls.png"] = f"{ls.url}/data/upload/1/a.png"
+    other.redirects["/public/to-api.png"] = f"{ls.url}/api/projects/1"
+    ls.redirects["/data/upload/1/moved.png"] = f"{other.url}/public/x.png"
+    fetcher = ImageFetcher(ls.url, ApiKeyAuth(ls.url, LEGACY), [f"127.0.0.1:{other.port}"])
+    assert fetcher.load(f"{other.url}/public/here.png").size == (5, 5)
     with pytest.raises(ImageFetchError, match="host not allowed"):
-        fetcher.load(f"{ls.url}/public/away.png")
-    ls.redirects["/public/loop.png"] = "/public/loop.png"
+        fetcher.load(f"{other.url}/public/away.png")
+    with pytest.raises(ImageFetchError, match="redirect back to Label Studio"):
+        fetcher.load(f"{other.url}/public/to-ls.png")
+    with pytest.raises(ImageFetchError, match="only /data/upload/"):
+        fetcher.load(f"{other.url}/public/to-api.png")
+    assert [p for p, _ in ls.seen_auth] == []  # none of those reached Label Studio
+    assert fetcher.load("/data/upload/1/moved.png").size == (5, 5)  # LS -> allowed host: without the key
+    assert other.seen_auth and all(auth is None for _, auth in other.seen_auth)
+    other.redirects["/public/loop.png"] = "/public/loop.png"
     with pytest.raises(ImageFetchError, match="redirects"):
-        fetcher.load(f"{ls.url}/public/loop.png")
+        fetcher.load(f"{other.url}/public/loop.png")
 
 
 def test_host_allow_list_entries() -> None:
@@ -255,21 +268,22 @@ def test_unsupported_and_missing_references() -> None:
         assert not e.value.transient
 
 
-def test_limits_and_status_codes(ls: FakeLabelStudio) -> None:
+def test_limits_and_status_codes(ls: FakeLabelStudio, other: FakeLabelStudio) -> None:
     auth = ApiKeyAuth(ls.url, LEGACY)
+    hosts = [f"127.0.0.1:{other.port}"]
     small = ImageFetcher(ls.url, auth, limits=FetchLimits(max_bytes=100))
     with pytest.raises(ImageFetchError, match="byte limit") as e:
         small.load("/data/upload/1/a.png")  # Content-Length over the limit
     assert not e.value.transient
     with pytest.raises(ImageFetchError, match="byte limit"):
-        ImageFetcher(ls.url, auth, limits=FetchLimits(max_bytes=1000)).load(f"{ls.url}/public/chunked.png")
+        ImageFetcher(ls.url, auth, hosts, limits=FetchLimits(max_bytes=1000)).load(f"{other.url}/public/chunked.png")
     with pytest.raises(ImageFetchError, match="pixel limit"):
         ImageFetcher(ls.url, auth, limits=FetchLimits(max_pixels=100)).load("/data/upload/1/a.png")
     with pytest.raises(ImageFetchError, match="HTTP 404") as e:
         ImageFetcher(ls.url, auth).load("/data/upload/1/missing.png")
     assert not e.value.transient
     with pytest.raises(ImageFetchError, match="timed out") as e:
-        ImageFetcher(ls.url, auth, limits=FetchLimits(read_timeout=0.5)).load(f"{ls.url}/slow.png")
+        ImageFetcher(ls.url, auth, hosts, limits=FetchLimits(read_timeout=0.5)).load(f"{other.url}/slow.png")
     assert e.value.transient
     with pytest.raises(ImageFetchError, match="cannot connect") as e:
         ImageFetcher("http://127.0.0.1:1", auth).load("/data/upload/1/a.png")

@@ -8,6 +8,7 @@ import functools
 import http.server
 import io
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -40,9 +41,11 @@ class FakeAnnotator:
         self.settings = Settings(batch_size=2)
         self.delay = delay
         self.calls: list[int] = []
+        self.sizes: list[tuple[int, int]] = []
 
     def annotate(self, images: list[Image.Image]) -> list[Annotation]:
         self.calls.append(len(images))
+        self.sizes.extend(img.size for img in images)
         time.sleep(self.delay * len(images))
         out = []
         if any(np.asarray(img)[0, 0].tolist() == [0, 0, 255] for img in images):
@@ -212,11 +215,12 @@ def test_predict_one_result_per_task_in_order(tmp_path: Path, images: tuple[str,
     assert [x["value"]["choices"] for x in grey["result"]] == [["Needs review"]] and grey["score"] == 0.05
     for failed, needle in ((corrupt, "cannot read image"), (nokey, "no image URL"), (missing, "HTTP 404")):
         assert failed["result"] == [] and failed["score"] is None and needle in failed["meta"]["error"]
-    assert blocked == []  # allow-list refusal is a setting problem: not stored, asked again
+    # issue 12: an allow-list refusal is about the task's URL: a prediction that says why (it was [] = "ask again")
+    assert blocked["result"] == [] and "host not allowed" in blocked["meta"]["error"]
     (fake,) = fakes.values()
     assert fake.annotator.calls == [2, 2]  # batches of Settings.batch_size, in task order
     m = client.get("/metrics").get_json()
-    assert m["tasks"]["predicted"] == 4 and m["tasks"]["failed"] == 3 and m["tasks"]["skipped_transient"] == 1
+    assert m["tasks"]["predicted"] == 4 and m["tasks"]["failed"] == 4 and m["tasks"]["skipped_transient"] == 0
     assert m["latency_seconds"]["/predict"]["count"] == 1 and m["latency_seconds"]["/predict"]["p50"] > 0
     assert m["model_versions"]["*"] == version and m["jobs"]["backend"] == "thread"
     text = client.get("/metrics?format=prometheus").get_data(as_text=True)
@@ -352,3 +356,86 @@ def test_an_image_that_breaks_the_model_fails_alone(tmp_path: Path, images: tupl
     lesion, blue, healthy = r.get_json()["results"]
     assert lesion["result"] and healthy["result"]
     assert blue["result"] == [] and "blue images break this model" in blue["meta"]["error"]
+
+
+# --- issue 12: untrusted input ---------------------------------------------------------------------------------------
+def test_bad_tasks_fail_alone_and_the_good_ones_are_predicted(
+    tmp_path: Path, images: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, root = images
+    port = url.rsplit(":", 1)[1]
+    big = np.full((3000, 4096, 3), [20, 120, 40], np.uint8)
+    big[300:900, 400:1600] = [220, 20, 20]
+    Image.fromarray(big).save(root / "big.jpg", quality=90)
+    models = tmp_path / "models"
+    write_version(models, ["Healthy", "Lesion"])
+    # a wildcard allow-list, Label Studio on a closed port; the static server is allowed by address; big.jpg is
+    # predicted reduced, its mask comes back at full size
+    ls = {"LABEL_STUDIO_URL": "http://127.0.0.1:9", "LABEL_STUDIO_API_KEY": "k" * 40}
+    rt, fakes = make_runtime(models, AXX_ALLOWED_HOSTS=f"*,127.0.0.1:{port}", **ls)
+    connects: list[Any] = []
+    real_connect = socket.socket.connect
+    monkeypatch.setattr(socket.socket, "connect", lambda s, a: connects.append(a) or real_connect(s, a))
+    client = create_app(rt).test_client()
+    good = {"id": 1, "data": {"image": f"{url}/lesion.png"}}
+    bad: list[tuple[Any, str]] = [
+        ("a string", "not an object"),
+        (None, "not an object"),
+        ({"id": 3, "data": "a string"}, "data is a JSON str"),
+        ({"id": 4, "data": None}, "data is a JSON NoneType"),
+        ({"id": 5, "data": {"image": 12}}, "no image URL"),
+        ({"id": 6, "data": {"image": "http://127.0.0.1:65536/x.png"}}, "invalid port"),
+        ({"id": 7, "data": {"image": "http://127.0.0.1:-1/x.png"}}, "invalid port"),
+        ({"id": 8, "data": {"image": "http://[::1/x.png"}}, "invalid IPv6"),
+        ({"id": 9, "data": {"image": "http://user:s3cret@127.0.0.1/x.png"}}, "user name or password"),
+        ({"id": 10, "data": {"image": "/data/upload/1/../../../api/projects/"}}, "only /data/upload/"),
+        ({"id": 11, "data": {"image": "http://127.0.0.1:9/api/projects/1/export"}}, "only /data/upload/"),
+        ({"id": 12, "data": {"image": "http://169.254.169.254/latest/meta-data/"}}, "link-local"),
+        ({"id": 13, "data": {"image": "http://10.0.0.1/x.png"}}, "private"),
+        ({"id": 14, "data": {"image": "http://224.0.0.1/x.png"}}, "multicast"),
+        ({"id": 15, "data": {"image": "http://127.0.0.1:6379/"}}, "loopback"),
+        ({"id": 16, "data": {"image": f"{url}/" + "a" * 5000}}, "over the 4096 limit"),
+        ({"id": 17, "data": {"image": "file:///etc/passwd"}}, "file:// URLs"),
+        ({"id": 18, "data": {"image": f"{url}/corrupt.png"}}, "cannot read image"),
+    ]
+    tasks = [good] + [task for task, _ in bad] + [{"id": 99, "data": {"image": f"{url}/big.jpg"}}, good]
+    r = client.post("/predict", json=predict_body(tasks))
+    assert r.status_code == 200
+    results = r.get_json()["results"]
+    assert len(results) == len(tasks)
+    first, *failed, big_result, last = results
+    for prediction in (first, last):
+        assert [x["value"]["choices"] for x in prediction["result"] if x["type"] == "choices"] == [["Lesion"]]
+    for prediction, (_, needle) in zip(failed, bad, strict=True):
+        assert prediction["result"] == [] and needle in prediction["meta"]["error"], (needle, prediction)
+        assert "s3cret" not in json.dumps(prediction)
+    (brush,) = [x for x in big_result["result"] if x["type"] == "brushlabels"]
+    assert (brush["original_width"], brush["original_height"]) == (4096, 3000)
+    mask = decode_rle(brush["value"]["rle"]).reshape(3000, 4096, 4)[:, :, 3] > 0
+    assert mask[320:880, 420:1580].all() and not mask[1000:, :].any() and not mask[:, 1700:].any()
+    (fake,) = fakes.values()
+    assert max(max(size) for size in fake.annotator.sizes) < 2048  # the model saw the reduced image
+    assert {a for a in connects} <= {("127.0.0.1", int(port))}  # nothing else was connected to
+    assert client.get("/metrics").get_json()["tasks"]["failed"] == len(bad)
+
+
+def test_malformed_bodies_are_a_400_that_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AXX_MAX_REQUEST_BYTES", "20000")
+    rt, _ = make_runtime(tmp_path)
+    client = create_app(rt).test_client()
+    cases = [
+        (client.post("/predict", data=b"{not json", content_type="application/json"), "JSON object"),
+        (client.post("/predict", json=["a", "list"]), "JSON object"),
+        (client.post("/predict", json={"tasks": "nope"}), "'tasks' list"),
+        (client.post("/predict", json={**predict_body([]), "label_config": 12}), "'label_config' must be a string"),
+        (client.post("/predict", json={**predict_body([]), "label_config": {"x": 1}}), "must be a string"),
+        (client.post("/setup", json={"project": "1.1", "schema": ["x"]}), "'schema' must be a string"),
+        (client.post("/predict", json=predict_body([], project="../../etc.1")), "project id"),
+        (client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": "../x"}}), "project id"),
+        (client.post("/train", json={"project": {"id": [1]}}), "project id"),
+    ]
+    for r, needle in cases:
+        assert r.status_code == 400 and needle in r.get_json()["error"], (needle, r.get_json())
+    r = client.post("/predict", json=predict_body([{"id": i, "data": {"image": "/x.png"}} for i in range(1000)]))
+    assert r.status_code == 413 and "20000 byte limit" in r.get_json()["error"]
+    assert client.get("/metrics").get_json()["errors"].get("/predict", 0) == 0  # no 500 among them

@@ -27,6 +27,10 @@ _FIELD_KINDS: dict[str, type] = {"str": str, "int": int, "float": float, "bool":
 
 MASK_FUSION_RULES = ("mean", "intersection", "votes")
 
+# One pixel limit for every decoded image (CLI, training, server): 10k x 10k. Checked from the header, before
+# decoding; inference then works on a reduced copy of a large image (axx_backend.core.images.WORK_SIDE).
+DEFAULT_IMAGE_MAX_PIXELS = 100_000_000
+
 # Classes named like these get no mask (case-insensitive, the whole name).
 DEFAULT_NEGATIVE_PATTERN = r"^\s*(healthy|normal|negative|none|background|no[ _-]\w.*)\s*$"
 
@@ -77,6 +81,9 @@ class Settings:
     seg_threshold: float = 0.5
     mask_source: str = "auto"  # "auto": what the version chose on validation; "cam"; "seg_head"
     max_pseudo_masks: int = 200
+
+    # Untrusted input
+    image_max_pixels: int = DEFAULT_IMAGE_MAX_PIXELS  # AXX_IMAGE_MAX_PIXELS: larger images fail with a reason
 
     # Where things live
     model_dir: str = "models"
@@ -132,6 +139,8 @@ class Settings:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError("precision must be 'fp32' or 'bf16'")
         parse_fusion(self.mask_fusion)
+        if self.image_max_pixels < 1:
+            raise ValueError("image_max_pixels must be >= 1")
 
 
 def model_dir_from(arg: str | os.PathLike[str] | None) -> Path:

@@ -1,29 +1,43 @@
-"""Fetching a task's image: Label Studio URLs with the API key, other hosts only from an allow-list.
+"""Fetching a task's image under the URL policy (`url_policy`), and decoding it.
 
-- `/data/upload/...`, `/data/local-files/?d=...` (and any other path) go to LABEL_STUDIO_URL with the key.
-- `http(s)://` URLs go out only to hosts in the allow-list (default: the Label Studio host); the key is
-  sent only to Label Studio itself. Redirects are followed by hand so every hop is checked the same way.
-- Size, pixel count and time are bounded; decoding (EXIF orientation, 16-bit, grayscale, RGBA, CMYK)
-  is `axx_backend.core.images.load_image` on the bytes, the same code the CLI and training use.
+- The reference is checked before any I/O: Label Studio's `/data/upload/` and `/data/local-files/` are read
+  with the API key; other `http(s)` hosts only from the allow-list, never with the key; every resolved address
+  is checked, and the connection goes to that checked address (the TLS name stays the host's).
+- Redirects are followed by hand, at most `max_redirects`, each hop checked like the first; the key is dropped
+  for good once a hop leaves Label Studio's origin.
+- Size, pixel count and time are bounded; decoding (EXIF orientation, 16-bit, float, grayscale, RGBA, CMYK) is
+  `axx_backend.core.images`, the same code the CLI and training use. HTTP(S)_PROXY is not used: the address
+  check needs the connection to go to the checked address.
 
-Errors say whether they are `transient` (network, auth, allow-list: worth asking again later) or about
-the image itself (not found, not an image, too large), so the server knows whether to store a result.
+Errors say whether they are `transient` (network, Label Studio settings or key: worth asking again later) or
+about the task itself (refused URL, not found, not an image, too large), so the server knows whether to store
+a result. Messages never contain the key, a URL's user info or a query string other than Label Studio's.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import time
-import urllib.parse
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import requests
+import certifi
+import urllib3
 from PIL import Image
+from urllib3.exceptions import HTTPError, NewConnectionError, ProtocolError, SSLError
+from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
-from ..core.images import ImageError, load_image
-from .client import ApiKeyAuth, LabelStudioError, PerThreadSession
+from ..core.images import WORK_SIDE, Decoded, ImageError, decode_image
+from ..core.settings import DEFAULT_IMAGE_MAX_PIXELS
+from .client import ApiKeyAuth, LabelStudioError
+from .url_policy import HostAllowList, Resolver, Target, UrlPolicy, UrlRefused
 
 MAX_REDIRECTS = 3
+REDIRECTS = (301, 302, 303, 307, 308)
+
+__all__ = ["FetchLimits", "HostAllowList", "ImageFetchError", "ImageFetcher", "MAX_REDIRECTS"]
 
 
 class ImageFetchError(RuntimeError):
@@ -37,55 +51,42 @@ class ImageFetchError(RuntimeError):
 @dataclass(frozen=True)
 class FetchLimits:
     max_bytes: int = 50 * 1024 * 1024  # AXX_IMAGE_MAX_BYTES
-    max_pixels: int = 40_000_000  # AXX_IMAGE_MAX_PIXELS (masks are computed at full size)
+    max_pixels: int = DEFAULT_IMAGE_MAX_PIXELS  # AXX_IMAGE_MAX_PIXELS (Settings.image_max_pixels)
     connect_timeout: float = 5.0
     read_timeout: float = 30.0  # AXX_IMAGE_TIMEOUT: per read, and the whole download
     max_redirects: int = MAX_REDIRECTS
 
 
-def _origin(url: str) -> tuple[str, str, int]:
-    p = urllib.parse.urlsplit(url)
-    scheme = p.scheme.lower()
-    port = p.port or (443 if scheme == "https" else 80)
-    return scheme, (p.hostname or "").lower(), port
+class PinnedPools:
+    """urllib3 pools by (scheme, checked address, port, host): a pool only ever connects to its address, and
+    HTTPS verifies the certificate against the host name. The least recently used pools are closed."""
 
+    def __init__(self, size: int = 32, per_pool: int = 8) -> None:
+        self.size = size
+        self.per_pool = per_pool
+        self._pools: OrderedDict[tuple[str, str, int, str], urllib3.HTTPConnectionPool] = OrderedDict()
+        self._lock = threading.Lock()
 
-class HostAllowList:
-    """Entries `host` (any port) or `host:port`; `*` allows every host (not recommended)."""
+    def get(self, target: Target, address: str) -> urllib3.HTTPConnectionPool:
+        key = (target.scheme, address, target.port, target.host)
+        with self._lock:
+            pool = self._pools.get(key)
+            if pool is None:
+                pool = self._pools[key] = self._new(target, address)
+                while len(self._pools) > self.size:
+                    self._pools.popitem(last=False)[1].close()
+            self._pools.move_to_end(key)
+            return pool
 
-    def __init__(self, entries: Iterable[str]) -> None:
-        self.any = False
-        self.hosts: set[str] = set()
-        self.host_ports: set[tuple[str, int]] = set()
-        for raw in entries:
-            entry = raw.strip().lower()
-            if not entry:
-                continue
-            if entry == "*":
-                self.any = True
-                continue
-            if "://" in entry:  # a whole URL given: keep its host and port
-                _, host, port = _origin(entry)
-                self.host_ports.add((host, port))
-                continue
-            if entry.startswith("["):  # [v6] or [v6]:port
-                host, _, rest = entry[1:].partition("]")
-                port = rest.lstrip(":")
-            elif entry.count(":") == 1:
-                host, _, port = entry.partition(":")
-            else:  # a name, a v4 address or a bare v6 address
-                host, port = entry, ""
-            if port.isdigit():
-                self.host_ports.add((host, int(port)))
-            else:
-                self.hosts.add(host)
-
-    def allows(self, url: str) -> bool:
-        _, host, port = _origin(url)
-        return self.any or host in self.hosts or (host, port) in self.host_ports
-
-    def describe(self) -> list[str]:
-        return (["*"] if self.any else []) + sorted(self.hosts) + sorted(f"{h}:{p}" for h, p in self.host_ports)
+    def _new(self, target: Target, address: str) -> urllib3.HTTPConnectionPool:
+        common = {"maxsize": self.per_pool, "block": False, "retries": False}
+        if target.scheme == "http":
+            return urllib3.HTTPConnectionPool(address, target.port, **common)
+        ca = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("SSL_CERT_FILE") or certifi.where()
+        return urllib3.HTTPSConnectionPool(
+            address, target.port, cert_reqs="CERT_REQUIRED", ca_certs=ca, server_hostname=target.host,
+            assert_hostname=target.host, **common,
+        )  # fmt: skip
 
 
 class ImageFetcher:
@@ -97,126 +98,142 @@ class ImageFetcher:
         auth: ApiKeyAuth | None,
         allowed_hosts: Iterable[str] | None = None,
         limits: FetchLimits | None = None,
+        resolver: Resolver | None = None,
     ) -> None:
-        self.ls_url = label_studio_url.rstrip("/") if label_studio_url else None
+        self.policy = UrlPolicy(label_studio_url, list(allowed_hosts or ()), resolver)
         self.auth = auth
         self.limits = limits or FetchLimits()
-        entries = list(allowed_hosts) if allowed_hosts is not None else []
-        if not entries and self.ls_url:
-            entries = [self.ls_url]  # default: only Label Studio itself
-        self.allow = HostAllowList(entries)
-        self._sessions = PerThreadSession()
+        self.pools = PinnedPools()
 
     @property
-    def session(self) -> requests.Session:
-        return self._sessions.get()
+    def allow(self) -> HostAllowList:
+        return self.policy.allow
 
-    def resolve(self, ref: str) -> str:
-        """The absolute URL of a task's image reference."""
-        ref = (ref or "").strip()
-        if not ref:
-            raise ImageFetchError("the task has no image URL")
-        scheme = urllib.parse.urlsplit(ref).scheme.lower()
-        if scheme in ("http", "https"):
-            return ref
-        if scheme:
-            raise ImageFetchError(
-                f"{ref[:80]}: {scheme}:// URLs are not supported; use Label Studio uploads, local files or http(s)"
-            )
-        if self.ls_url is None:
-            raise ImageFetchError(
-                f"{ref[:80]} is served by Label Studio: set LABEL_STUDIO_URL (and LABEL_STUDIO_API_KEY)", transient=True
-            )
-        return self.ls_url + (ref if ref.startswith("/") else "/" + ref)
+    # --- the bytes -----------------------------------------------------------------------------------------------
+    def fetch(self, ref: object) -> bytes:
+        """The image bytes, following at most `max_redirects` redirects, each checked like the first URL."""
+        return self._fetch(ref)[0]
 
-    def is_label_studio(self, url: str) -> bool:
-        return self.ls_url is not None and _origin(url) == _origin(self.ls_url)
-
-    def fetch(self, ref: str) -> bytes:
-        """The image bytes, following at most `max_redirects` redirects within the allow-list."""
-        url = self.resolve(ref)
+    def _fetch(self, ref: object) -> tuple[bytes, Target]:
+        target = self._target(ref)
+        with_key = target.label_studio
         deadline = time.monotonic() + self.limits.read_timeout
         for _ in range(self.limits.max_redirects + 1):
-            to_ls = self.is_label_studio(url)
-            if not to_ls and not self.allow.allows(url):
-                raise ImageFetchError(
-                    f"{url[:120]}: host not allowed (allowed: {self.allow.describe() or 'none'}; "
-                    "set AXX_ALLOWED_HOSTS)",
-                    transient=True,
-                )
-            headers = {}
-            if to_ls:
-                if self.auth is None:
-                    raise ImageFetchError(f"{url[:120]}: set LABEL_STUDIO_API_KEY to read Label Studio files", True)
-                try:
-                    headers = self.auth.headers()
-                except LabelStudioError as exc:
-                    raise ImageFetchError(str(exc), transient=True) from exc
-            r = self._get(url, headers, to_ls)
-            if r.is_redirect or r.is_permanent_redirect:
+            if target.label_studio and not with_key:
+                raise ImageFetchError(f"{target.describe()}: a redirect back to Label Studio is not followed")
+            r = self._open(target, with_key)
+            if r.status in REDIRECTS:
                 location = r.headers.get("Location", "")
                 r.close()
-                url = urllib.parse.urljoin(url, location)
+                if not location:
+                    raise ImageFetchError(f"{target.describe()}: HTTP {r.status} without a Location")
+                following = self._target(location, base=target)
+                with_key = with_key and following.origin == target.origin  # dropped for good on leaving
+                target = following
                 continue
-            with r:
-                self._check_status(r, url, to_ls)
-                return self._read(r, url, deadline)
-        raise ImageFetchError(f"{ref[:120]}: more than {self.limits.max_redirects} redirects")
+            done = False
+            try:
+                self._check_status(r, target, with_key)
+                data = self._read(r, target, deadline)
+                done = True
+                return data, target
+            finally:
+                if done:
+                    r.release_conn()
+                else:
+                    r.close()  # an unread body must not reach the next request
+        raise ImageFetchError(f"{target.describe()}: more than {self.limits.max_redirects} redirects")
 
-    def _get(self, url: str, headers: dict[str, str], to_ls: bool) -> requests.Response:
-        timeout = (self.limits.connect_timeout, self.limits.read_timeout)
+    def _target(self, ref: object, base: Target | None = None) -> Target:
         try:
-            r = self.session.get(url, headers=headers, timeout=timeout, stream=True, allow_redirects=False)
-            if r.status_code == 401 and to_ls and self.auth is not None and self.auth.kind == "pat":
-                r.close()  # the cached access token may have been revoked or expired early: refresh once
-                headers = self.auth.headers(force_refresh=True)
-                r = self.session.get(url, headers=headers, timeout=timeout, stream=True, allow_redirects=False)
-            return r
+            return self.policy.target(ref, base)
+        except UrlRefused as exc:
+            raise ImageFetchError(str(exc), exc.transient) from exc
+
+    def _open(self, target: Target, with_key: bool) -> urllib3.BaseHTTPResponse:
+        """One request to the target's checked addresses (in order); a PAT is refreshed once on a 401."""
+        try:
+            addresses = self.policy.addresses(target)
+        except UrlRefused as exc:
+            raise ImageFetchError(str(exc), exc.transient) from exc
+        r = self._request(target, addresses, self._key_headers(target, with_key))
+        if r.status == 401 and with_key and self.auth is not None and self.auth.kind == "pat":
+            r.close()  # the cached access token may have been revoked or expired early: refresh once
+            r = self._request(target, addresses, self._key_headers(target, with_key, refresh=True))
+        return r
+
+    def _key_headers(self, target: Target, with_key: bool, refresh: bool = False) -> dict[str, str]:
+        if not with_key:
+            return {}
+        if self.auth is None:
+            raise ImageFetchError(f"{target.describe()}: set LABEL_STUDIO_API_KEY to read Label Studio files", True)
+        try:
+            return self.auth.headers(force_refresh=refresh)
         except LabelStudioError as exc:
             raise ImageFetchError(str(exc), transient=True) from exc
-        except requests.Timeout as exc:
-            raise ImageFetchError(f"{url[:120]}: timed out ({exc})", transient=True) from exc
-        except requests.RequestException as exc:
-            raise ImageFetchError(f"{url[:120]}: cannot connect ({type(exc).__name__})", transient=True) from exc
+
+    def _request(self, target: Target, addresses: list[str], headers: dict[str, str]) -> urllib3.BaseHTTPResponse:
+        timeout = urllib3.Timeout(connect=self.limits.connect_timeout, read=self.limits.read_timeout)
+        for i, address in enumerate(addresses):
+            pool = self.pools.get(target, address)
+            try:
+                return pool.urlopen(
+                    "GET", target.request_path, headers={"Host": target.netloc, **headers}, redirect=False,
+                    retries=False, timeout=timeout, preload_content=False, assert_same_host=False,
+                )  # fmt: skip
+            except NewConnectionError as exc:
+                if i + 1 < len(addresses):
+                    continue  # the next checked address of the same host
+                raise ImageFetchError(f"{target.describe()}: cannot connect ({type(exc).__name__})", True) from exc
+            except Urllib3Timeout as exc:
+                raise ImageFetchError(f"{target.describe()}: timed out ({type(exc).__name__})", True) from exc
+            except SSLError as exc:
+                raise ImageFetchError(f"{target.describe()}: TLS failed ({type(exc).__name__})", True) from exc
+            except HTTPError as exc:
+                raise ImageFetchError(f"{target.describe()}: cannot connect ({type(exc).__name__})", True) from exc
+        raise ImageFetchError(f"{target.describe()}: no address to connect to", True)
 
     @staticmethod
-    def _check_status(r: requests.Response, url: str, to_ls: bool) -> None:
-        if r.status_code == 200:
+    def _check_status(r: urllib3.BaseHTTPResponse, target: Target, with_key: bool) -> None:
+        if r.status == 200:
             return
-        if r.status_code in (401, 403):
-            hint = " (check LABEL_STUDIO_API_KEY)" if to_ls else ""
-            raise ImageFetchError(f"{url[:120]}: HTTP {r.status_code}{hint}", transient=True)
+        if r.status in (401, 403):
+            hint = " (check LABEL_STUDIO_API_KEY)" if with_key else ""
+            raise ImageFetchError(f"{target.describe()}: HTTP {r.status}{hint}", transient=True)
         # 404/410 etc. are about this image; 5xx and 429 may pass on their own
-        transient = r.status_code >= 500 or r.status_code in (408, 429)
-        raise ImageFetchError(f"{url[:120]}: HTTP {r.status_code}", transient=transient)
+        transient = r.status >= 500 or r.status in (408, 429)
+        raise ImageFetchError(f"{target.describe()}: HTTP {r.status}", transient=transient)
 
-    def _read(self, r: requests.Response, url: str, deadline: float) -> bytes:
+    def _read(self, r: urllib3.BaseHTTPResponse, target: Target, deadline: float) -> bytes:
         limit = self.limits.max_bytes
         length = r.headers.get("Content-Length")
         if length and length.isdigit() and int(length) > limit:
-            raise ImageFetchError(f"{url[:120]}: {int(length)} bytes is over the {limit} byte limit")
-        chunks: list[bytes] = []
-        size = 0
+            raise ImageFetchError(f"{target.describe()}: {int(length)} bytes is over the {limit} byte limit")
+        data = bytearray()
         try:
-            for chunk in r.iter_content(chunk_size=256 * 1024):
-                size += len(chunk)
-                if size > limit:
-                    raise ImageFetchError(f"{url[:120]}: more than the {limit} byte limit")
+            for chunk in r.stream(256 * 1024):
+                data += chunk
+                if len(data) > limit:
+                    raise ImageFetchError(f"{target.describe()}: more than the {limit} byte limit")
                 if time.monotonic() > deadline:
-                    raise ImageFetchError(f"{url[:120]}: download took over {self.limits.read_timeout:.0f} s", True)
-                chunks.append(chunk)
-        except requests.RequestException as exc:
-            raise ImageFetchError(f"{url[:120]}: download failed ({type(exc).__name__})", transient=True) from exc
-        return b"".join(chunks)
+                    raise ImageFetchError(
+                        f"{target.describe()}: download took over {self.limits.read_timeout:.0f} s", True
+                    )
+        except Urllib3Timeout as exc:
+            raise ImageFetchError(f"{target.describe()}: timed out ({type(exc).__name__})", True) from exc
+        except (ProtocolError, HTTPError) as exc:
+            raise ImageFetchError(f"{target.describe()}: download failed ({type(exc).__name__})", True) from exc
+        return bytes(data)
 
-    def load(self, ref: str) -> Image.Image:
-        """Fetch and decode into 8-bit RGB with EXIF orientation applied."""
-        data = self.fetch(ref)
+    # --- the image -----------------------------------------------------------------------------------------------
+    def load(self, ref: object) -> Image.Image:
+        """Fetch and decode into 8-bit RGB at full size, EXIF orientation applied (training)."""
+        return self.decode(ref, work_side=None).image
+
+    def decode(self, ref: object, work_side: int | None = WORK_SIDE) -> Decoded:
+        """Fetch and decode; a large image comes back reduced to at least `work_side` a side (inference)."""
+        data, target = self._fetch(ref)
         try:
-            return load_image(data, name=_short(ref), max_pixels=self.limits.max_pixels)
+            return decode_image(data, target.describe(), self.limits.max_pixels, work_side)
         except ImageError as exc:
             raise ImageFetchError(str(exc)) from exc
-
-
-def _short(ref: str) -> str:
-    return ref if len(ref) <= 120 else ref[:117] + "..."

@@ -59,7 +59,7 @@ class LabelStudioSettings:
             url=first_str(env, "LABEL_STUDIO_URL", "LABEL_STUDIO_HOST"),
             api_key=get_str(env, "LABEL_STUDIO_API_KEY"),
             allowed_hosts=get_csv(env, "AXX_ALLOWED_HOSTS"),
-            limits=fetch_limits_from_env(env),
+            limits=fetch_limits_from_env(env, method),
             fetch_workers=get_int(env, "AXX_FETCH_WORKERS", 4, minimum=1),
             config=config_options_from_env(env, method),
             label_field=get_str(env, "AXX_LABEL_FIELD"),
@@ -67,10 +67,10 @@ class LabelStudioSettings:
         )
 
 
-def fetch_limits_from_env(env: Environ) -> FetchLimits:
+def fetch_limits_from_env(env: Environ, method: Settings) -> FetchLimits:
     return FetchLimits(
         max_bytes=get_int(env, "AXX_IMAGE_MAX_BYTES", FetchLimits.max_bytes),
-        max_pixels=get_int(env, "AXX_IMAGE_MAX_PIXELS", FetchLimits.max_pixels),
+        max_pixels=method.image_max_pixels,  # AXX_IMAGE_MAX_PIXELS: one limit for the CLI, training and the server
         read_timeout=get_float(env, "AXX_IMAGE_TIMEOUT", FetchLimits.read_timeout),
     )
 

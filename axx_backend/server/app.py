@@ -17,11 +17,20 @@ from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
 
+from ..core.env import environ, get_int
 from ..labelstudio.config import ConfigError
 from .metrics import prometheus_text
-from .model import AxxModel, Runtime, get_runtime
+from .model import AxxModel, Runtime, get_runtime, project_id_of
 
 log = logging.getLogger(__name__)
+
+# Label Studio sends a whole selection of tasks in one /predict (their data, not their images): 64 MiB is
+# thousands of tasks. Larger bodies are refused (413) before they are read.
+MAX_BODY_BYTES = 64 * 1024 * 1024  # AXX_MAX_REQUEST_BYTES
+
+
+class BadBody(ValueError):
+    """The request body is not what the endpoint needs: a 400 that says what is wrong."""
 
 
 def _status_line(code: int, message: str) -> str:
@@ -53,6 +62,37 @@ def _body() -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _json_object() -> dict[str, Any]:
+    """The body as a JSON object, or BadBody (invalid JSON, another JSON type, no body)."""
+    data = request.get_json(silent=True)
+    if not isinstance(data, dict):
+        raise BadBody("the body must be a JSON object")
+    return data
+
+
+def _config_text(body: dict[str, Any], *keys: str) -> str | None:
+    """The labeling config (the first of `keys` present): a string of XML, or BadBody."""
+    key = next((k for k in keys if body.get(k) not in (None, "")), None)
+    if key is None:
+        return None
+    if not isinstance(body[key], str):
+        raise BadBody(f"'{key}' must be a string (the labeling config XML), not a JSON {type(body[key]).__name__}")
+    return str(body[key])
+
+
+def _project(value: Any) -> Any:
+    """Label Studio's project ("<id>.<timestamp>", an id, or an object with an `id`), checked: the id names a
+    folder of MODEL_DIR, so it must be a number."""
+    if not isinstance(value, dict) and value in (None, ""):
+        return value
+    raw = value.get("id") if isinstance(value, dict) else value
+    text = str(raw).strip() if isinstance(raw, (int, str)) and not isinstance(raw, bool) else ""
+    project_id = text if isinstance(value, dict) else project_id_of(text)
+    if not project_id or not re.fullmatch(r"[0-9]+", project_id):
+        raise BadBody("'project' must be a Label Studio project id (a number, or \"<id>.<timestamp>\")")
+    return value
+
+
 def create_app(runtime: Runtime | Callable[[], Runtime] | None = None) -> Flask:
     """The Flask app; `runtime` is made lazily per process unless given (tests pass one)."""
     get: Callable[[], Runtime]
@@ -64,6 +104,8 @@ def create_app(runtime: Runtime | Callable[[], Runtime] | None = None) -> Flask:
         get = runtime
     app = Flask(__name__)
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    max_body = get_int(environ(None), "AXX_MAX_REQUEST_BYTES", MAX_BODY_BYTES, minimum=1)
+    app.config["MAX_CONTENT_LENGTH"] = max_body
 
     @app.before_request
     def _auth() -> Response | None:
@@ -92,6 +134,15 @@ def create_app(runtime: Runtime | Callable[[], Runtime] | None = None) -> Flask:
         log.warning("%s: %s", request.path, exc)
         return error_response(400, f"labeling config not supported: {exc}")
 
+    @app.errorhandler(BadBody)
+    def _bad_body(exc: BadBody) -> Response:
+        log.warning("%s: %s", request.path, exc)
+        return error_response(400, str(exc))
+
+    @app.errorhandler(413)
+    def _too_large(exc: Exception) -> Response:
+        return error_response(413, f"the request body is over the {max_body} byte limit (AXX_MAX_REQUEST_BYTES)")
+
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
         from werkzeug.exceptions import HTTPException
@@ -109,38 +160,38 @@ def create_app(runtime: Runtime | Callable[[], Runtime] | None = None) -> Flask:
     @app.post("/setup")
     def setup() -> Response:
         body = _body()
-        model = AxxModel(get(), body.get("project"), body.get("schema") or body.get("label_config"))
+        model = AxxModel(get(), _project(body.get("project")), _config_text(body, "schema", "label_config"))
         return jsonify(model.setup())
 
     @app.post("/predict")
     def predict() -> Response:
-        body = _body()
+        body = _json_object()
         tasks = body.get("tasks")
         if not isinstance(tasks, list):
             return error_response(400, "the body needs a 'tasks' list")
         params = body.get("params") or {}
-        model = AxxModel(get(), body.get("project"), body.get("label_config"))
+        model = AxxModel(get(), _project(body.get("project")), _config_text(body, "label_config"))
         return jsonify(model.predict(tasks, context=params.get("context") if isinstance(params, dict) else None))
 
     @app.post("/webhook")
     def webhook() -> Response:
         body = _body()
         event = str(body.get("action") or "")
-        project = body.get("project")
-        config = project.get("label_config") if isinstance(project, dict) else None
+        project = _project(body.get("project"))
+        config = _config_text(project, "label_config") if isinstance(project, dict) else None
         model = AxxModel(get(), project.get("id") if isinstance(project, dict) else project, config)
         return jsonify(model.fit(event, body))
 
     @app.post("/train")
     def train() -> Response:
         body = _body()
-        model = AxxModel(get(), body.get("project"), body.get("label_config"))
+        model = AxxModel(get(), _project(body.get("project")), _config_text(body, "label_config"))
         return jsonify(model.fit("START_TRAINING", body))
 
     @app.route("/versions", methods=["GET", "POST"])
     def versions() -> Response:
         body = _body()  # LS sends GET with a JSON body {"project": "1.123"}
-        project = body.get("project") or request.args.get("project")
+        project = _project(body.get("project") or request.args.get("project"))
         model = AxxModel(get(), project)
         return jsonify({"versions": get().registry.versions(model.project_id)})
 
