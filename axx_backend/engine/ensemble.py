@@ -6,8 +6,8 @@ masks on the pooled features in one batched tensor operation. We own the head be
 timm applies its head dropout functionally, so `model.train()` on Dropout modules would
 not switch it on (and would also unfreeze BatchNorm statistics).
 
-A member may also carry a segmentation head (segmentation.py) that reads the output of an
-earlier stage (`seg_layer`, stride 16): a forward hook grabs it during the same backbone pass.
+The segment head (segments.py) also reads two earlier stages of every member (`level_names`: stride 8
+and 16): forward hooks grab them during the same backbone pass, only when they are asked for.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .segmentation import SegHead
 from .weights import WeightInfo, WeightsNotFoundError, load_backbone
 
 log = logging.getLogger(__name__)
@@ -53,35 +52,24 @@ class MCDropoutHead(nn.Module):
         return torch.einsum("tbk,ck->tbc", pooled.unsqueeze(0) * mask, self.fc.weight) + self.fc.bias
 
 
-def seg_layer_of(backbone: nn.Module) -> str | None:
-    """The module whose output the segmentation head reads: the deepest stage at a finer stride than
-    the last one (stride 16 for the usual CNNs: resnet `layer3`, efficientnet/mobilenet `blocks.4`,
-    densenet `features.denseblock3`), from timm's `feature_info`. None: the last feature map (a model
-    without `feature_info`, or one whose stages share a stride, such as a ViT).
+def level_names_of(backbone: nn.Module, count: int = 2) -> tuple[str, ...]:
+    """The `count` deepest stages at a finer stride than the last one, finest first (e.g. resnet
+    `layer2`, `layer3`; efficientnet/mobilenet `blocks.2`, `blocks.4`), from timm's `feature_info`. Empty for a
+    model without `feature_info` or whose stages share a stride (a ViT).
 
-    Why not the last map: at stride 32 (7x7 at 224 px) even a perfect per-cell predictor caps the
-    IoU near 0.63 on the benchmark, and a linear read-out of it did not transfer to unseen objects.
+    Why these: the last map (stride 32: 10x10 cells at 320 px) says *what* is in the image; the stride-8 and
+    -16 maps keep edges and textures, which is what tells an object's segments from the background's.
     """
     info = getattr(backbone, "feature_info", None)
     if not isinstance(info, list) or len(info) < 2:
-        return None
+        return ()
     last = info[-1].get("reduction")
-    finer = [d for d in info[:-1] if last is not None and d.get("reduction", last) < last]
-    return str(finer[-1]["module"]) if finer else None
-
-
-def layer_channels(backbone: nn.Module, layer: str) -> int:
-    """Output channels of the `feature_info` stage `layer`."""
-    for d in getattr(backbone, "feature_info", []) or []:
-        if d.get("module") == layer:
-            return int(d["num_chs"])
-    raise ValueError(f"{type(backbone).__name__} has no feature stage {layer!r}")
+    finer = [str(d["module"]) for d in info[:-1] if last is not None and d.get("reduction", last) < last]
+    return tuple(finer[-count:])
 
 
 class Member(nn.Module):
     """One backbone with its MC-dropout head; inputs are RGB tensors in [0, 1]."""
-
-    seg_head: SegHead | None
 
     def __init__(
         self, name: str, backbone: nn.Module, num_classes: int, dropout: float, weight_info: WeightInfo
@@ -96,17 +84,16 @@ class Member(nn.Module):
         self.register_buffer("mean", torch.tensor(weight_info.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(weight_info.std).view(1, 3, 1, 1))
         self.register_buffer("temperature", torch.ones(()))
-        self.seg_head = None  # set by training or by loading a version with segmentation heads
-        self.seg_layer = seg_layer_of(backbone)  # None: the head reads the last feature map
+        self.level_names = level_names_of(backbone)  # the earlier stages the segment head reads
 
     @property
     def num_features(self) -> int:
         return self.head.fc.in_features
 
-    @property
-    def seg_channels(self) -> int:
-        """Channels of the map the segmentation head reads."""
-        return self.num_features if self.seg_layer is None else layer_channels(self.backbone, self.seg_layer)
+    def level_channels(self) -> tuple[int, ...]:
+        """Channels of the `level_names` stages."""
+        channels = {d.get("module"): int(d["num_chs"]) for d in getattr(self.backbone, "feature_info", []) or []}
+        return tuple(channels[name] for name in self.level_names)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean) / self.std
@@ -115,22 +102,25 @@ class Member(nn.Module):
         """The feature map [B, K, h, w] that feeds the global average pool."""
         return self.feature_tap(self.backbone.forward_features(normalized))
 
-    def features_and_seg(self, normalized: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(last feature map, the map the segmentation head reads) from ONE backbone pass: the
-        `seg_layer` output is captured by a forward hook that lives only for this call."""
-        if self.seg_layer is None:
-            feats = self.features(normalized)
-            return feats, feats
-        captured: list[torch.Tensor] = []
-        module = self.backbone.get_submodule(self.seg_layer)
-        handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    def features_and_levels(self, normalized: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(last feature map, the `level_names` maps) from ONE backbone pass: forward hooks that live only
+        for this call capture the earlier stages."""
+        captured: dict[str, torch.Tensor] = {}
+        handles = [
+            self.backbone.get_submodule(name).register_forward_hook(
+                lambda _m, _i, out, name=name: captured.__setitem__(name, out)
+            )
+            for name in self.level_names
+        ]
         try:
             feats = self.features(normalized)
         finally:
-            handle.remove()
-        if len(captured) != 1 or not isinstance(captured[0], torch.Tensor) or captured[0].dim() != 4:
-            raise RuntimeError(f"{self.name}: stage {self.seg_layer!r} did not give one [B, K, h, w] map")
-        return feats, captured[0]
+            for handle in handles:
+                handle.remove()
+        levels = [captured.get(name) for name in self.level_names]
+        if any(not isinstance(t, torch.Tensor) or t.dim() != 4 for t in levels):
+            raise RuntimeError(f"{self.name}: stages {self.level_names} did not each give one [B, K, h, w] map")
+        return feats, levels  # type: ignore[return-value]
 
     def forward(self, normalized: torch.Tensor) -> torch.Tensor:
         """Deterministic logits (dropout is off in eval mode); what grad-cam differentiates."""
@@ -141,10 +131,15 @@ class Member(nn.Module):
 class MemberOutput:
     """One member's forward on a batch."""
 
-    features: torch.Tensor  # [B, K, h, w], float32
+    features: torch.Tensor  # [B, K, h, w], float32: the last feature map (the CAM's)
     logits: torch.Tensor  # [B, C] deterministic, temperature-scaled
     mc_probs: torch.Tensor  # [T, B, C] softmax of temperature-scaled MC logits
-    seg_features: torch.Tensor | None = None  # what the seg head reads [B, K', h', w']; only with a seg head
+    levels: list[torch.Tensor] | None = None  # the `level_names` maps [B, K_l, h_l, w_l]; only when asked for
+
+    def select(self, index: torch.Tensor) -> MemberOutput:
+        """The images `index` of this batch."""
+        levels = None if self.levels is None else [t[index] for t in self.levels]
+        return MemberOutput(self.features[index], self.logits[index], self.mc_probs[:, index], levels)
 
 
 class Ensemble(nn.Module):
@@ -192,21 +187,23 @@ class Ensemble(nn.Module):
         generator: torch.Generator | None = None,
         precision: str = "fp32",
         full_mc: bool = False,
+        levels: bool = False,
     ) -> list[MemberOutput]:
-        """One backbone pass per member (or T passes with `full_mc`), T head samples each."""
+        """One backbone pass per member (or T passes with `full_mc`), T head samples each; with `levels`, the
+        earlier stages the segment head reads, from the same pass."""
         outputs = []
         for member in self.members:
             x = member.normalize(images)
             if _is_channels_last(member):
                 x = x.contiguous(memory_format=torch.channels_last)
-            seg_feats = None
+            level_maps = None
             with _autocast(x.device, precision):
-                if member.seg_head is not None:  # the stride-16 map only when a head will read it
-                    feats, seg_feats = member.features_and_seg(x)
+                if levels:
+                    feats, level_maps = member.features_and_levels(x)
                 else:
                     feats = member.features(x)
             feats = feats.float()
-            seg_feats = None if seg_feats is None else seg_feats.float()
+            level_maps = None if level_maps is None else [t.float() for t in level_maps]
             pooled = feats.mean(dim=(2, 3))
             temperature = member.temperature.clamp_min(1e-3)
             logits = member.head.fc(pooled) / temperature
@@ -214,7 +211,7 @@ class Ensemble(nn.Module):
                 mc_logits = _full_mc_logits(member, x, samples, precision) / temperature
             else:
                 mc_logits = member.head.sample(pooled, samples, generator) / temperature
-            outputs.append(MemberOutput(feats, logits, mc_logits.softmax(dim=-1), seg_feats))
+            outputs.append(MemberOutput(feats, logits, mc_logits.softmax(dim=-1), level_maps))
         return outputs
 
 

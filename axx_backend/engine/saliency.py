@@ -18,6 +18,34 @@ from .ensemble import Member
 EPS = 1e-7  # the same guard grad-cam uses when it scales maps to [0, 1]
 
 
+CAM_WEIGHTS = ("class", "contrastive")
+
+
+def cam_weights(weight: torch.Tensor, mode: str = "class") -> torch.Tensor:
+    """The [C, K] channel weights a CAM uses: `class` is the head's w_c (XGrad-CAM as in the paper);
+    `contrastive` is w_c minus the mean of the other classes' weights. A softmax decision depends only on
+    such differences: w_c alone keeps whatever all classes share, which lights up the whole scene
+    (METHOD.md "Class-contrastive CAM"). With two classes the two differ only by a factor."""
+    if mode == "class" or weight.shape[0] < 2:
+        return weight
+    if mode != "contrastive":
+        raise ValueError(f"cam_weights must be one of {CAM_WEIGHTS}, got {mode!r}")
+    others = (weight.sum(dim=0, keepdim=True) - weight) / (weight.shape[0] - 1)
+    return weight - others
+
+
+def member_cam(
+    features: torch.Tensor, weight: torch.Tensor, label: int, size: tuple[int, int], mode: str = "class"
+) -> np.ndarray:
+    """A member's normalised fast XGrad-CAM of class `label` at `size` = (H, W) from its last feature map
+    [1, K, h, w] and head weight [C, K]: what serving fuses, and what training calibrates thresholds on.
+    Normalise, upsample, normalise again: the order of grad-cam's XGradCAM output."""
+    with torch.no_grad():
+        classes = torch.tensor([label], device=features.device)
+        cam = normalize_maps(fast_xgradcam(features.float(), cam_weights(weight.detach().float(), mode), classes))
+        return normalize_maps(upsample(cam.cpu(), size))[0].numpy()
+
+
 def fast_xgradcam(features: torch.Tensor, weight: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """Unnormalised XGrad-CAM [B, h, w] for class `classes[b]` of image b.
 
@@ -44,10 +72,24 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 GRADCAM_METHODS = ("xgradcam", "gradcam", "gradcam++", "hirescam", "layercam", "eigencam", "scorecam", "ablationcam")
 
 
+class ContrastiveTarget:
+    """grad-cam target: the class logit minus the mean of the others (what `cam_weights="contrastive"` maps)."""
+
+    def __init__(self, category: int) -> None:
+        self.category = category
+
+    def __call__(self, model_output: torch.Tensor) -> torch.Tensor:
+        logits = model_output if model_output.dim() == 2 else model_output[None]  # grad-cam passes one image's
+        c, n = self.category, logits.shape[1]
+        margin = logits[:, c] - (logits.sum(dim=1) - logits[:, c]) / max(1, n - 1)
+        return margin if model_output.dim() == 2 else margin[0]
+
+
 def gradcam_maps(
-    member: Member, normalized: torch.Tensor, classes: torch.Tensor, method: str = "xgradcam"
+    member: Member, normalized: torch.Tensor, classes: torch.Tensor, method: str = "xgradcam", mode: str = "class"
 ) -> np.ndarray:
-    """The general autograd path through `pytorch_grad_cam`: normalised maps [B, H, W] at input size."""
+    """The general autograd path through `pytorch_grad_cam`: normalised maps [B, H, W] at input size, of the
+    class logit (`mode="class"`) or of its margin over the other classes' mean (`"contrastive"`)."""
     from pytorch_grad_cam import (
         AblationCAM,
         EigenCAM,
@@ -73,7 +115,8 @@ def gradcam_maps(
     if method not in methods:
         raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(GRADCAM_METHODS)} or 'fast'")
     member.eval()
-    targets = [ClassifierOutputTarget(int(c)) for c in classes]
+    contrastive = mode == "contrastive" and member.head.fc.out_features > 1
+    targets = [ContrastiveTarget(int(c)) if contrastive else ClassifierOutputTarget(int(c)) for c in classes]
     # Only the activations need gradients: frozen weights skip the weight half of the backward
     # and leave no .grad tensors behind.
     trainable = [p for p in member.parameters() if p.requires_grad]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -66,11 +65,14 @@ def decide(
     member_entropy: Sequence[float],
     uncertainty_threshold: float,
     min_uncertain_to_flag: int = 2,
+    weights: Sequence[float] | None = None,
 ) -> Decision:
-    """METHOD.md step 4: flag when >= k members are uncertain or no class has a majority of
-    the confident members; else the majority class of the confident members."""
+    """METHOD.md step 4: flag when >= k members are uncertain or no class has a (weighted) majority of the
+    confident members' votes; else that class. `weights`: each member's vote (default 1 each, the paper's
+    plain majority); training sets them from out-of-fold predictions."""
     probs = [np.asarray(p, dtype=np.float64) for p in member_probs]
-    ensemble_mean = np.mean(probs, axis=0)
+    w = np.ones(len(probs)) if weights is None else np.asarray(weights, dtype=np.float64)
+    ensemble_mean = np.average(probs, axis=0, weights=w) if w.sum() > 0 else np.mean(probs, axis=0)
     uncertain = [i for i, h in enumerate(member_entropy) if h > uncertainty_threshold]
     confident = [i for i in range(len(probs)) if i not in uncertain]
     fallback = int(ensemble_mean.argmax())
@@ -83,9 +85,11 @@ def decide(
     if not confident:
         return Decision(fallback, True, [], float(ensemble_mean[fallback]), "no confident member")
 
-    votes = Counter(int(probs[i].argmax()) for i in confident)
+    votes: dict[int, float] = {}
+    for i in confident:
+        votes[int(probs[i].argmax())] = votes.get(int(probs[i].argmax()), 0.0) + float(w[i])
     label, count = max(votes.items(), key=lambda kv: (kv[1], ensemble_mean[kv[0]]))
-    if count * 2 <= len(confident):
+    if count * 2 <= sum(float(w[i]) for i in confident) + 1e-12:
         return Decision(fallback, True, [], float(ensemble_mean[fallback]), "no majority among confident members")
     agreeing = [i for i in confident if int(probs[i].argmax()) == label]
     score = float(np.mean([probs[i][label] for i in agreeing]))

@@ -99,7 +99,7 @@ def cmd_simulate_al(args: argparse.Namespace) -> int:
         test_fraction=args.test_fraction,
         schedule=[int(v) for v in args.schedule.split(",")] if args.schedule else None,
     )
-    header = ("round", "n_oracle", "accuracy", "iou_served", "iou_mean_calibrated", "iou_seg_head", "seconds")
+    header = ("round", "n_oracle", "accuracy", "iou_served", "iou_served_given_true_class", "mask_source", "seconds")
     print(" | ".join(header))
     for row in rows:
         print(" | ".join(str(row[h]) for h in header))

@@ -1,210 +1,47 @@
 """`axx-backend evaluate`: a version on a data set folder with image labels and (optionally) masks.
 
 What is measured (METHOD.md "Evaluation"):
-- classification over all images: accuracy of the served class, macro-F1, AUROC and ECE of the ensemble
-  mean probabilities, and the review flag (share flagged, accuracy on the unflagged and on the flagged);
-- masks over the images whose ground truth has a mask and that are served (not flagged), every rule on
-  the same images: each member's own CAM mask, the `intersection` and `mean` fusions of the agreeing
-  members' CAMs (each at its calibrated threshold), the mask exactly as served (`ensemble`), and, when
-  the version has segmentation heads, their fused mask (`seg_head`, computed even when the version
-  serves CAM masks). CAMs are of the served class; when the served class is negative every rule's mask
-  is empty (a classification miss costs every rule alike).
+- classification over all images: accuracy of the served class (and of each member alone), macro-F1, AUROC
+  and ECE of the ensemble mean probabilities, and the review flag (share flagged, accuracy on the unflagged
+  and on the flagged);
+- masks over the images whose ground truth has a mask (the positives), every row two ways:
+  - **end to end, as served**: a positive that is flagged or given another class gets an empty mask (the
+    annotator gets nothing to correct); the maps are those of the served class from the agreeing members;
+  - **given the true class**: the maps of the true class from every member (localisation alone);
+  rows: each member's own CAM mask, the `mean` and `intersection` fusions (each at its threshold; refined to
+  image regions when the version refines), the segment head (when the version has one), the mask exactly as
+  served, and two trivial masks: a centred box covering 25 % of the image and the whole image.
 
-The served result comes from `Annotator.annotate` itself; the per-member maps reuse the tensors of the
-same forward (recorded while it runs), so the backbones run once per image.
+The served result and the rows come from the annotator's own `forward` and maps, so the backbones run once
+per image.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import dataclasses
 import logging
 import math
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ..core.annotation import Annotation
 from ..core.data import Sample, read_folder_dataset, stratified_split
 from ..core.images import ImageError
-from ..core.settings import Settings
-from ..core.thresholds import FUSION_RULES, best_rule, best_thresholds, calibrate_members, fusion_scores
+from ..core.thresholds import FUSION_RULES, best_rule, best_thresholds, calibrate_members, fusion_scores, rule_map
 from ..core.version_meta import VersionMeta
-from ..engine.annotator import Annotator, seg_map
-from ..engine.ensemble import MemberOutput
-from ..engine.masks import fuse_maps
+from ..engine.annotator import Annotator, Forward, to_size
+from ..engine.refine import pool
 from . import metrics
 
 log = logging.getLogger(__name__)
 
 CAM_RULES = FUSION_RULES
-
-
-@dataclass
-class ImageResult:
-    """One evaluated image: the served annotation, the truth, and (when computed) the member maps."""
-
-    key: str
-    true: int  # index in the version's classes
-    annotation: Annotation
-    pred: int  # index of the served class
-    image: Image.Image | None = None  # kept only for example pictures
-    gt: np.ndarray | None = None  # bool [H, W] when the data set has a mask for the image
-    maps: list[np.ndarray] | None = None  # every member's normalised CAM of `map_class`, [H, W]
-    seg: list[np.ndarray] | None = None  # every member's segmentation-head probability, [H, W]
-    map_class: int | None = None
-
-    @property
-    def flagged(self) -> bool:
-        return self.annotation.flagged
-
-    @property
-    def agreeing(self) -> list[int]:
-        return [i for i, m in enumerate(self.annotation.members) if m.agrees]
-
-
-def gt_mask(sample: Sample, size: tuple[int, int]) -> np.ndarray | None:
-    """The sample's ground-truth mask (nonzero = foreground) as bool [H, W] at `size` = (W, H) of its image."""
-    mask = sample.load_mask()
-    if mask is None:
-        return None
-    if mask.shape != (size[1], size[0]):
-        mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
-    return mask
-
-
-def has_seg_heads(annotator: Annotator) -> bool:
-    return all(getattr(m, "seg_head", None) is not None for m in annotator.ensemble.members)
-
-
-def member_maps(
-    annotator: Annotator,
-    images: Sequence[Image.Image],
-    classes: Sequence[int],
-    forward: tuple[torch.Tensor, list[Any]] | None = None,
-) -> list[tuple[list[np.ndarray], list[np.ndarray] | None]]:
-    """Per image b: (every member's CAM of `classes[b]`, every member's seg-head probability or None),
-    each at the image's size.
-
-    `forward`: (preprocessed batch, `forward_mc` outputs) of exactly these images when already
-    computed; otherwise one more forward runs here.
-    """
-    if not images:
-        return []
-    if forward is None:
-        x = annotator.preprocess(images)
-        generator = torch.Generator().manual_seed(annotator.settings.seed)
-        outputs = annotator.ensemble.forward_mc(x, 1, generator, annotator.settings.precision)
-    else:
-        x, outputs = forward
-    seg = has_seg_heads(annotator)
-    members = list(annotator.ensemble.members)
-    result = []
-    for b, img in enumerate(images):
-        size = (img.height, img.width)
-        cams, segs = [], []
-        for member, out in zip(members, outputs, strict=True):
-            cams.append(annotator.cam(member, out.features[b : b + 1], x[b : b + 1], int(classes[b]), size))
-            if seg:
-                segs.append(seg_map(member.seg_head, out.seg_features[b : b + 1], size))
-        result.append((cams, segs if seg else None))
-    return result
-
-
-@contextlib.contextmanager
-def capture_forward(annotator: Annotator) -> Iterator[list[tuple[torch.Tensor, list[Any]]]]:
-    """Record the (input, outputs) of every `ensemble.forward_mc` call made while annotating, so the
-    member maps reuse the served forward instead of running the backbones a second time."""
-    ensemble = annotator.ensemble
-    original = ensemble.forward_mc
-    calls: list[tuple[torch.Tensor, list[Any]]] = []
-
-    def spy(images: torch.Tensor, *args: Any, **kwargs: Any) -> list[Any]:
-        outputs = original(images, *args, **kwargs)
-        calls.append((images, outputs))
-        return outputs
-
-    ensemble.forward_mc = spy  # an instance attribute shadows the method; removed below
-    try:
-        yield calls
-    finally:
-        del ensemble.forward_mc
-
-
-def iter_results(
-    annotator: Annotator,
-    samples: Sequence[Sample],
-    maps_for: str = "served",
-    keep_images: set[str] | None = None,
-    skipped: list[str] | None = None,
-) -> Iterator[ImageResult]:
-    """Annotate `samples` batch by batch and attach ground truth and member maps.
-
-    `maps_for`: "served" computes every member's map of the served class for unflagged images with a
-    ground-truth mask whose served class is positive; "true" computes the maps of the true class for
-    every image with a mask (active-learning selection); "none" computes none.
-    """
-    index = {c: i for i, c in enumerate(annotator.classes)}
-    missing = sorted({s.label for s in samples if s.label not in index})
-    if missing:
-        raise ValueError(f"classes {missing} of the data set are not classes of the version {annotator.classes}")
-    batch = max(1, annotator.settings.batch_size)
-    for start in range(0, len(samples), batch):
-        chunk: list[tuple[Sample, Image.Image]] = []
-        for sample in samples[start : start + batch]:
-            try:
-                chunk.append((sample, sample.load()))
-            except (ImageError, OSError) as exc:
-                log.warning("skipping %s", exc)
-                if skipped is not None:
-                    skipped.append(f"{sample.key}: {exc}")
-        if not chunk:
-            continue
-        with capture_forward(annotator) as calls:
-            annotations = annotator.annotate([img for _, img in chunk])
-        # Reuse the served forward when it was one call on exactly this chunk (batch size permitting).
-        served_forward = calls[0] if len(calls) == 1 and calls[0][0].shape[0] == len(chunk) else None
-        results = []
-        for (sample, img), ann in zip(chunk, annotations, strict=True):
-            gt = gt_mask(sample, img.size)
-            keep = keep_images is not None and sample.key in keep_images
-            results.append(
-                ImageResult(sample.key, index[sample.label], ann, index[ann.label], img if keep else None, gt)
-            )
-        wanted = []
-        for j, r in enumerate(results):
-            if r.gt is None or maps_for == "none":
-                continue
-            if maps_for == "true":
-                r.map_class = r.true
-            elif not r.flagged and annotator.classes[r.pred] not in annotator.negative:
-                r.map_class = r.pred
-            if r.map_class is not None:
-                wanted.append(j)
-        if wanted:
-            images = [chunk[j][1] for j in wanted]
-            forward = None
-            if served_forward is not None:
-                x, outputs = served_forward
-                sel = torch.tensor(wanted, device=x.device)
-                forward = (x[sel], [_select(o, sel) for o in outputs])
-            maps = member_maps(annotator, images, [results[j].map_class for j in wanted], forward)
-            for j, (cams, segs) in zip(wanted, maps, strict=True):
-                results[j].maps, results[j].seg = cams, segs
-        yield from results
-
-
-def _select(output: MemberOutput, sel: torch.Tensor) -> MemberOutput:
-    """The images `sel` of a member's forward (only the maps are read)."""
-    seg = None if output.seg_features is None else output.seg_features[sel]
-    return dataclasses.replace(output, features=output.features[sel], seg_features=seg)
+TRIVIAL = ("centred box 25 %", "whole image")
 
 
 @dataclass
@@ -227,10 +64,156 @@ class MaskThresholds:
         return out
 
 
+@dataclass
+class ImageResult:
+    """One evaluated image: the served annotation, the truth, and (for a positive) every row's two masks."""
+
+    key: str
+    true: int  # index in the version's classes
+    annotation: Annotation
+    pred: int  # index of the served class
+    gt: np.ndarray | None = None  # bool [H, W] when the data set has a mask for the image
+    image: Image.Image | None = None  # kept only for example pictures
+    given_true: dict[str, np.ndarray] = field(default_factory=dict)  # row -> mask given the true class
+    end_to_end: dict[str, np.ndarray | None] = field(default_factory=dict)  # row -> mask as served (None: empty)
+    heat: np.ndarray | None = None  # the mean map of the true class [H, W], for example pictures
+    member_maps: list[np.ndarray] = field(default_factory=list)  # each member's map of the true class, [H, W]
+
+    @property
+    def flagged(self) -> bool:
+        return self.annotation.flagged
+
+    @property
+    def agreeing(self) -> list[int]:
+        return [i for i, m in enumerate(self.annotation.members) if m.agrees]
+
+
+def gt_mask(sample: Sample, size: tuple[int, int]) -> np.ndarray | None:
+    """The sample's ground-truth mask (nonzero = foreground) as bool [H, W] at `size` = (W, H) of its image."""
+    mask = sample.load_mask()
+    if mask is None:
+        return None
+    if mask.shape != (size[1], size[0]):
+        mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
+    return mask
+
+
+def trivial_masks(shape: tuple[int, int]) -> dict[str, np.ndarray]:
+    """A centred box covering 25 % of the image (half of each side) and the whole image."""
+    h, w = shape
+    box = np.zeros(shape, bool)
+    box[h // 4 : h // 4 + (h + 1) // 2, w // 4 : w // 4 + (w + 1) // 2] = True
+    return {TRIVIAL[0]: box, TRIVIAL[1]: np.ones(shape, bool)}
+
+
+def row_scores(
+    annotator: Annotator, fwd: Forward, b: int, label: int, members: Sequence[int], thresholds: MaskThresholds
+) -> dict[str, tuple[np.ndarray, float]]:
+    """(score map [S, S], threshold) of every mask row for class `label`: each member's own map, the fusions
+    of `members`' maps, the segment head, and the mask as served; a mask is score > threshold."""
+    names = [m.name for m in annotator.ensemble.members]
+    maps = annotator.maps(fwd, b, label)
+    if annotator.refines:
+        maps = [pool(m, annotator.segmentations(fwd, b)) for m in maps]
+    rows = {f"member {name}": (m, thresholds.members[name]) for name, m in zip(names, maps, strict=True)}
+    chosen = [maps[i] for i in members]
+    rows.update({rule: (rule_map(chosen, rule), thresholds.rules[rule]) for rule in CAM_RULES})
+    if annotator.segment_head is not None:
+        if fwd.outputs[0].levels is not None:
+            rows["segment head"] = (annotator.segment_score(fwd, b, label, members), annotator.settings.seg_threshold)
+    score, threshold, _ = annotator.mask_score(fwd, b, label, members)
+    rows["served"] = (score, threshold)
+    return rows
+
+
+def _masks(rows: dict[str, tuple[np.ndarray, float]], shape: tuple[int, int]) -> dict[str, np.ndarray]:
+    return {name: to_size(score, shape) > threshold for name, (score, threshold) in rows.items()}
+
+
+def _attach_masks(annotator: Annotator, fwd: Forward, b: int, r: ImageResult, thresholds: MaskThresholds) -> None:
+    """Every row's two masks of a positive image (see the module docstring)."""
+    assert r.gt is not None
+    shape = r.gt.shape
+    every = list(range(len(annotator.ensemble.members)))
+    given = row_scores(annotator, fwd, b, r.true, every, thresholds)
+    r.given_true = {**_masks(given, shape), **trivial_masks(shape)}
+    served_ok = not r.flagged and r.pred == r.true
+    if served_ok:
+        as_served = _masks(row_scores(annotator, fwd, b, r.pred, r.agreeing, thresholds), shape)
+    else:
+        as_served = dict.fromkeys(given)
+    as_served["served"] = r.annotation.mask  # exactly what was served (empty when flagged or negative)
+    r.end_to_end = {**as_served, **trivial_masks(shape)}
+    if r.image is not None:
+        r.heat = to_size(given["mean"][0], shape)
+        r.member_maps = [to_size(given[f"member {m.name}"][0], shape) for m in annotator.ensemble.members]
+
+
+def iter_results(
+    annotator: Annotator,
+    samples: Sequence[Sample],
+    thresholds: MaskThresholds | None = None,
+    keep_images: set[str] | None = None,
+    skipped: list[str] | None = None,
+) -> Iterator[ImageResult]:
+    """Annotate `samples` batch by batch (one forward each) and attach the truth and, with `thresholds`,
+    every mask row of the positives."""
+    index = {c: i for i, c in enumerate(annotator.classes)}
+    missing = sorted({s.label for s in samples if s.label not in index})
+    if missing:
+        raise ValueError(f"classes {missing} of the data set are not classes of the version {annotator.classes}")
+    with_levels = annotator.segment_head is not None
+    for chunk in _chunks(annotator, samples, skipped):
+        fwd = annotator.forward([img for _, img in chunk], levels=with_levels)
+        for b, ((sample, img), ann) in enumerate(zip(chunk, annotator.conclude(fwd), strict=True)):
+            keep = keep_images is not None and sample.key in keep_images
+            r = ImageResult(sample.key, index[sample.label], ann, index[ann.label], gt_mask(sample, img.size))
+            r.image = img if keep else None
+            if thresholds is not None and r.gt is not None and annotator.classes[r.true] not in annotator.negative:
+                _attach_masks(annotator, fwd, b, r, thresholds)
+            yield r
+
+
+def _chunks(
+    annotator: Annotator, samples: Sequence[Sample], skipped: list[str] | None
+) -> Iterator[list[tuple[Sample, Image.Image]]]:
+    batch = max(1, annotator.settings.batch_size)
+    for start in range(0, len(samples), batch):
+        chunk: list[tuple[Sample, Image.Image]] = []
+        for sample in samples[start : start + batch]:
+            try:
+                chunk.append((sample, sample.load()))
+            except (ImageError, OSError) as exc:
+                log.warning("skipping %s", exc)
+                if skipped is not None:
+                    skipped.append(f"{sample.key}: {exc}")
+        if chunk:
+            yield chunk
+
+
+def class_maps(annotator: Annotator, samples: Sequence[Sample]) -> Iterator[tuple[Sample, list[np.ndarray]]]:
+    """Every member's map of each sample's labelled class ([S, S], refined when the version refines), or
+    the segment head's probability when the version serves it: what active-learning selection scores."""
+    index = {c: i for i, c in enumerate(annotator.classes)}
+    with_levels = annotator.mask_source == "segments"
+    for chunk in _chunks(annotator, samples, None):
+        fwd = annotator.forward([img for _, img in chunk], levels=with_levels)
+        for b, (sample, _) in enumerate(chunk):
+            label = index[sample.label]
+            if with_levels:
+                every = list(range(len(annotator.ensemble.members)))
+                yield sample, [annotator.segment_score(fwd, b, label, every)]
+                continue
+            maps = annotator.maps(fwd, b, label)
+            if annotator.refines:
+                maps = [pool(m, annotator.segmentations(fwd, b)) for m in maps]
+            yield sample, maps
+
+
 def serving_with(annotator: Annotator, thresholds: MaskThresholds) -> Annotator:
     """A copy of `annotator` whose CAM masks use the calibrated rule (the best on the calibration images)
     at its calibrated threshold: what the version would serve had it stored these thresholds. Unchanged
-    when `thresholds` were not calibrated here or the version serves segmentation-head masks."""
+    when `thresholds` were not calibrated here or the version serves the segment head's masks."""
     if thresholds.served is None or annotator.mask_source != "cam":
         return annotator
     rule, threshold = thresholds.served
@@ -241,18 +224,12 @@ def serving_with(annotator: Annotator, thresholds: MaskThresholds) -> Annotator:
 
 def version_thresholds(annotator: Annotator, meta: VersionMeta) -> MaskThresholds:
     """The mask thresholds a version stores: `fusion_thresholds` / `member_cam_thresholds` when it has
-    them; else its calibrated `cam_threshold` for its own `mask_fusion` rule, and the default for the rest."""
+    them; else its `cam_threshold` for its own `mask_fusion` rule, and the default for the rest."""
     stored = meta.thresholds
     rules = {k: float(v) for k, v in stored.fusion_thresholds.items()}
     members = {k: float(v) for k, v in stored.member_cam_thresholds.items()}
-    default = float(Settings().cam_threshold)
-    calibrated = (meta.metrics.get("pixels") or {}).get("cam_calibration")
-    notes = []
-    if rules:
-        notes.append("version")
-    elif calibrated and stored.mask_fusion in CAM_RULES:
-        rules[stored.mask_fusion] = float(stored.cam_threshold)
-        notes.append(f"version ({stored.mask_fusion} only)")
+    default = float(annotator.settings.cam_threshold)
+    notes = ["version"] if rules else []
     missing = [r for r in CAM_RULES if r not in rules] + (["members"] if not members else [])
     if missing:
         notes.append(f"default {default:g} for {', '.join(missing)}")
@@ -263,49 +240,42 @@ def version_thresholds(annotator: Annotator, meta: VersionMeta) -> MaskThreshold
     )
 
 
-def _calibration_maps(
-    annotator: Annotator, samples: Sequence[Sample]
-) -> tuple[list[list[np.ndarray]], dict[str, list[np.ndarray]], list[np.ndarray]]:
-    """(agreeing members' maps per image, each member's maps, ground truths) of the images with a mask
-    that the version serves correctly (unflagged, the true positive class): the maps serving would fuse."""
-    fused: list[list[np.ndarray]] = []
-    own: dict[str, list[np.ndarray]] = {m.name: [] for m in annotator.ensemble.members}
-    gts: list[np.ndarray] = []
-    for r in iter_results(annotator, [s for s in samples if s.has_mask]):
-        if r.maps is None or r.pred != r.true or r.gt is None:
-            continue
-        fused.append([r.maps[i] for i in r.agreeing])
-        gts.append(r.gt)
-        for name, m in zip(own, r.maps, strict=True):
-            own[name].append(m)
-    return fused, own, gts
-
-
 def calibrate_thresholds(annotator: Annotator, samples: Sequence[Sample], source: str) -> MaskThresholds:
-    """Thresholds chosen on `samples` (validation images with masks): per member and per fusion rule."""
-    fused, own, gts = _calibration_maps(annotator, samples)
+    """Thresholds chosen on `samples` (validation images with masks) that the version serves correctly:
+    per member, and per fusion rule of the agreeing members' maps (what serving would fuse)."""
+    names = [m.name for m in annotator.ensemble.members]
+    fused: list[list[np.ndarray]] = []
+    own: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    gts: list[np.ndarray] = []
+    with_masks = [s for s in samples if s.has_mask]
+    for chunk in _chunks(annotator, with_masks, None):
+        fwd = annotator.forward([img for _, img in chunk])
+        for b, ((sample, _img), ann) in enumerate(zip(chunk, annotator.conclude(fwd), strict=True)):
+            if ann.flagged or ann.label != sample.label or ann.label in annotator.negative:
+                continue
+            maps = annotator.maps(fwd, b, annotator.classes.index(ann.label))
+            if annotator.refines:
+                maps = [pool(m, annotator.segmentations(fwd, b)) for m in maps]
+            gt = gt_mask(sample, (annotator.input_size, annotator.input_size))
+            fused.append([maps[i] for i, m in enumerate(ann.members) if m.agrees])
+            gts.append(gt)
+            for name, m in zip(names, maps, strict=True):
+                own[name].append(m)
     if not gts:
         raise ValueError(f"no correctly served image with a mask in {source} to calibrate the mask thresholds on")
     scores = fusion_scores(fused, gts, CAM_RULES)
     rule, threshold, _ = best_rule(scores)
+    val_iou = {r: round(float(s.max()), 4) for r, s in scores.items()}
     return MaskThresholds(
-        calibrate_members(own, gts),
-        best_thresholds(scores),
-        source,
-        {rule: round(float(s.max()), 4) for rule, s in scores.items()},
-        len(gts),
-        (rule, threshold),
+        calibrate_members(own, gts), best_thresholds(scores), source, val_iou, len(gts), (rule, threshold)
     )
 
 
 def validation_split_of(
     dataset_dir: Path, val_fraction: float, seed: int, meta: VersionMeta | None = None
 ) -> list[Sample]:
-    """The validation samples `train` held out of `dataset_dir`.
-
-    The version's recorded `training.val_keys` when it has them; otherwise the split recomputed the way
-    the trainer makes it (stratified by class and by "has a mask", seeded).
-    """
+    """The validation samples `train` held out of `dataset_dir`: the version's recorded `val_keys` when it
+    has them; otherwise the split recomputed the way the trainer makes it (by class and "has a mask")."""
     samples, _ = read_folder_dataset(dataset_dir)
     keys = meta.training.val_keys if meta is not None else ()
     if keys:
@@ -332,108 +302,117 @@ def _nan_to_none(value: float | None) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
+class _Tally:
+    """What `evaluate` accumulates over the images."""
+
+    def __init__(self, classes: list[str], names: list[str]) -> None:
+        self.classes, self.names = classes, names
+        self.y_true: list[int] = []
+        self.y_pred: list[int] = []
+        self.flagged: list[bool] = []
+        self.conf: list[float] = []
+        self.probs: list[list[float]] = []
+        self.member_pred: list[list[int]] = []
+        self.mask_sources: dict[str, int] = {}
+        self.given: dict[str, metrics.MaskScore] = {}
+        self.served: dict[str, metrics.MaskScore] = {}
+        self.n_masks = self.n_masks_flagged = 0
+
+    def add(self, r: ImageResult) -> None:
+        ann = r.annotation
+        self.y_true.append(r.true)
+        self.y_pred.append(r.pred)
+        self.flagged.append(ann.flagged)
+        self.conf.append(ann.score)
+        self.probs.append([ann.probs[c] for c in self.classes])
+        self.member_pred.append([self.classes.index(m.label) for m in ann.members])
+        if ann.mask_source:
+            self.mask_sources[ann.mask_source] = self.mask_sources.get(ann.mask_source, 0) + 1
+        if r.gt is None or not r.given_true:
+            return
+        self.n_masks += 1
+        self.n_masks_flagged += int(ann.flagged)
+        for row, mask in r.given_true.items():
+            self.given.setdefault(row, metrics.MaskScore()).add(mask, r.gt)
+        for row, mask in r.end_to_end.items():
+            self.served.setdefault(row, metrics.MaskScore()).add(mask, r.gt)
+
+
 def evaluate(
-    annotator: Annotator,
-    samples: Sequence[Sample],
-    thresholds: MaskThresholds,
-    n_examples: int = 6,
-    n_bins: int = 15,
+    annotator: Annotator, samples: Sequence[Sample], thresholds: MaskThresholds, n_examples: int = 6, n_bins: int = 15
 ) -> Evaluation:
     """Run the served pipeline on `samples` and measure it (see the module docstring)."""
-    classes = annotator.classes
     names = [m.name for m in annotator.ensemble.members]
-    with_masks = [s for s in samples if s.has_mask]
-    # Example candidates spread evenly over the images with masks (and so over the classes).
-    picks = np.unique(np.linspace(0, len(with_masks) - 1, min(len(with_masks), 3 * n_examples)).round().astype(int))
-    keep = {with_masks[i].key for i in picks} if with_masks else set()
-
-    scores = {key: metrics.MaskScore() for key in [*names, *CAM_RULES, "ensemble", "seg_head"]}
-    served_all = metrics.MaskScore()
-    y_true, y_pred, flagged, conf, probs = [], [], [], [], []
-    n_masks, n_masks_flagged, masks_on_negative, n_negative = 0, 0, 0, 0
-    mask_sources: dict[str, int] = {}
+    keep = _example_keys(samples, n_examples)
+    tally = _Tally(annotator.classes, names)
     examples: list[ImageResult] = []
     skipped: list[str] = []
-    for r in iter_results(annotator, samples, "served", keep, skipped):
-        ann = r.annotation
-        y_true.append(r.true)
-        y_pred.append(r.pred)
-        flagged.append(ann.flagged)
-        conf.append(ann.score)
-        probs.append([ann.probs[c] for c in classes])
-        if ann.mask_source:
-            mask_sources[ann.mask_source] = mask_sources.get(ann.mask_source, 0) + 1
-        if r.gt is None:
-            if classes[r.true] in annotator.negative:
-                n_negative += 1
-                masks_on_negative += int(ann.mask_area > 0)
-            continue
-        n_masks += 1
-        served_all.add(ann.mask, r.gt)
-        if ann.flagged:
-            n_masks_flagged += 1
-            continue
-        scores["ensemble"].add(ann.mask, r.gt)
-        if r.seg is not None:
-            agreeing_seg = [r.seg[i] for i in r.agreeing]
-            scores["seg_head"].add(fuse_maps(agreeing_seg, "mean", annotator.settings.seg_threshold)[0], r.gt)
-        elif r.maps is None and has_seg_heads(annotator):
-            scores["seg_head"].add(None, r.gt)
-        if r.maps is None:  # served class is negative: no rule gives a mask
-            for key in [*names, *CAM_RULES]:
-                scores[key].add(None, r.gt)
-        else:
-            for name, m in zip(names, r.maps, strict=True):
-                scores[name].add(m > thresholds.members[name], r.gt)
-            agreeing = [r.maps[i] for i in r.agreeing]
-            for rule in CAM_RULES:
-                scores[rule].add(fuse_maps(agreeing, rule, thresholds.rules[rule])[0], r.gt)
-        if r.image is not None and r.maps is not None and len(examples) < n_examples:
+    for r in iter_results(annotator, samples, thresholds, keep, skipped):
+        tally.add(r)
+        if r.image is not None and r.given_true and len(examples) < n_examples:
             examples.append(r)
-        else:
-            r.image = None
+    return _evaluation(annotator, tally, thresholds, examples, skipped, n_bins)
 
-    t = np.array(y_true)
-    p = np.array(y_pred)
-    f = np.array(flagged, dtype=bool)
-    conf_arr = np.array(conf, dtype=np.float64)
-    probs_arr = np.array(probs, dtype=np.float64).reshape(len(t), len(classes))
+
+def _example_keys(samples: Sequence[Sample], n_examples: int) -> set[str]:
+    """Example candidates spread evenly over the images with masks (and so over the classes)."""
+    with_masks = [s for s in samples if s.has_mask]
+    if not with_masks or not n_examples:
+        return set()
+    picks = np.unique(np.linspace(0, len(with_masks) - 1, min(len(with_masks), 3 * n_examples)).round().astype(int))
+    return {with_masks[i].key for i in picks}
+
+
+def _evaluation(
+    annotator: Annotator,
+    tally: _Tally,
+    thresholds: MaskThresholds,
+    examples: list[ImageResult],
+    skipped: list[str],
+    n_bins: int,
+) -> Evaluation:
+    t, p = np.array(tally.y_true), np.array(tally.y_pred)
+    f = np.array(tally.flagged, dtype=bool)
+    conf = np.array(tally.conf, dtype=np.float64)
+    probs = np.array(tally.probs, dtype=np.float64).reshape(len(t), len(annotator.classes))
     correct = t == p
-    top_p = probs_arr.max(axis=1) if len(t) else np.zeros(0)
-    top_ok = probs_arr.argmax(axis=1) == t if len(t) else np.zeros(0, bool)
-    rc = metrics.risk_coverage_curve(conf_arr, correct)
+    top_p = probs.max(axis=1) if len(t) else np.zeros(0)
+    top_ok = probs.argmax(axis=1) == t if len(t) else np.zeros(0, bool)
+    report = _classification_report(annotator, tally, t, p, f, conf, probs, n_bins)
+    report.update(_mask_report(annotator, tally, thresholds))
+    report["skipped"] = skipped
+    return Evaluation(report, conf, correct, f, top_p, top_ok, examples, tally.names, thresholds)
+
+
+def _classification_report(
+    annotator: Annotator,
+    tally: _Tally,
+    t: np.ndarray,
+    p: np.ndarray,
+    f: np.ndarray,
+    conf: np.ndarray,
+    probs: np.ndarray,
+    n_bins: int,
+) -> dict[str, Any]:
+    correct = t == p
+    rc = metrics.risk_coverage_curve(conf, correct)
     rc_points = []
     for coverage in np.linspace(0.1, 1.0, 10):
         k = max(1, int(round(coverage * len(t)))) if len(t) else 0
         rc_points.append(
             {"coverage": round(float(coverage), 2), "accuracy": float(rc["accuracy"][k - 1]) if k else None}
         )
-
-    summaries = {key: s.summary() for key, s in scores.items()}
-    if not scores["seg_head"].n:
-        summaries.pop("seg_head")
-    iou = {key: s["iou"] for key, s in summaries.items()}
-    dice = {key: s["dice"] for key, s in summaries.items()}
-    for key in names:
-        iou[key]["threshold"] = thresholds.members[key]
-    for rule in CAM_RULES:
-        iou[rule]["threshold"] = thresholds.rules[rule]
-    if annotator.mask_source == "seg_head":
-        iou["ensemble"]["threshold"] = float(annotator.settings.seg_threshold)
-        iou["ensemble"]["rule"] = "seg_head"
-    else:
-        iou["ensemble"]["threshold"] = float(annotator.settings.cam_threshold)
-        iou["ensemble"]["rule"] = f"cam:{annotator.settings.mask_fusion}"
-    if "seg_head" in iou:
-        iou["seg_head"]["threshold"] = float(annotator.settings.seg_threshold)
-
-    report: dict[str, Any] = {
+    member_pred = np.array(tally.member_pred).reshape(len(t), len(tally.names))
+    top_p = probs.max(axis=1) if len(t) else np.zeros(0)
+    top_ok = probs.argmax(axis=1) == t if len(t) else np.zeros(0, bool)
+    return {
         "n_images": int(len(t)),
-        "classes": classes,
+        "classes": annotator.classes,
         "version": annotator.version,
         "accuracy": _nan_to_none(metrics.accuracy(t, p)),
+        "member_accuracy": {n: _nan_to_none(metrics.accuracy(t, member_pred[:, i])) for i, n in enumerate(tally.names)},
         "macro_f1": _nan_to_none(metrics.macro_f1(t, p)),
-        "auroc": _nan_to_none(metrics.auroc(probs_arr, t)) if len(t) else None,
+        "auroc": _nan_to_none(metrics.auroc(probs, t)) if len(t) else None,
         "ece": _nan_to_none(metrics.expected_calibration_error(top_p, top_ok, n_bins)),
         "flagged_rate": float(f.mean()) if len(t) else None,
         "n_flagged": int(f.sum()),
@@ -446,28 +425,46 @@ def evaluate(
             {k: (_nan_to_none(v) if isinstance(v, float) else v) for k, v in b.items()}
             for b in metrics.reliability_bins(top_p, top_ok, n_bins)
         ],
-        "iou": iou,
-        "dice": dice,
-        "n_mask_images": n_masks,
-        "n_mask_images_flagged": n_masks_flagged,
-        "served_including_flagged": {
-            "iou": served_all.summary()["iou"]["mean"],
-            "dice": served_all.summary()["dice"]["mean"],
-            "n": served_all.n,
-        },
-        "masks_on_negative_images": {"n_images": n_negative, "with_mask": masks_on_negative},
-        "mask_sources": mask_sources,
-        "mask_thresholds": thresholds.to_dict(),
-        "skipped": skipped,
     }
-    return Evaluation(report, conf_arr, correct, f, top_p, top_ok, examples, names, thresholds)
+
+
+def _mask_report(annotator: Annotator, tally: _Tally, thresholds: MaskThresholds) -> dict[str, Any]:
+    rows: dict[str, Any] = {}
+    for row, given in tally.given.items():
+        served = tally.served[row].summary()
+        threshold = _threshold(annotator, thresholds, row)
+        rows[row] = {"given_true_class": given.summary(), "end_to_end": served, "threshold": threshold}
+    s = annotator.settings
+    rule = "segments" if annotator.mask_source == "segments" else f"cam:{s.mask_fusion}"
+    rule += "+superpixels" if annotator.refines and rule != "segments" else ""
+    return {
+        "masks": rows,
+        "served_rule": rule,
+        "n_mask_images": tally.n_masks,
+        "n_mask_images_flagged": tally.n_masks_flagged,
+        "mask_sources": tally.mask_sources,
+        "mask_thresholds": thresholds.to_dict(),
+    }
+
+
+def _threshold(annotator: Annotator, thresholds: MaskThresholds, row: str) -> float | None:
+    s = annotator.settings
+    if row.startswith("member "):
+        return thresholds.members.get(row[len("member ") :])
+    if row in thresholds.rules:
+        return thresholds.rules[row]
+    if row == "segment head" or (row == "served" and annotator.mask_source == "segments"):
+        return float(s.seg_threshold)
+    if row == "served":
+        return float(s.cam_threshold)
+    return None
 
 
 def evaluate_folder(
-    dataset_dir: str | os.PathLike[str],
+    dataset_dir: str | Path,
     annotator: Annotator,
     meta: VersionMeta,
-    calibrate_on: str | os.PathLike[str] | None = None,
+    calibrate_on: str | Path | None = None,
     n_examples: int = 6,
 ) -> Evaluation:
     """`evaluate` on a dataset folder; mask thresholds from the version, or chosen on `calibrate_on`
@@ -477,24 +474,22 @@ def evaluate_folder(
     (the images whose labels fitted the heads are not used to choose thresholds).
     """
     samples, _ = read_folder_dataset(dataset_dir)
-    if calibrate_on is not None:
-        cal_dir = Path(calibrate_on)
-        source = meta.training.source
-        if source and Path(source).resolve() == cal_dir.resolve():
-            s = annotator.settings
-            cal_samples = validation_split_of(cal_dir, s.val_fraction, s.seed, meta)
-            label = f"validation split of {cal_dir}"
-        else:
-            cal_samples, _ = read_folder_dataset(cal_dir)
-            label = str(cal_dir)
-            log.info("%s is not the version's training folder (%s): calibrating on all of it", cal_dir, source)
-        if Path(dataset_dir).resolve() == cal_dir.resolve():
-            raise ValueError("--calibrate-on must not be the evaluated data set: choose thresholds on other images")
-        thresholds = calibrate_thresholds(annotator, cal_samples, f"calibrated on {label}")
-        annotator = serving_with(annotator, thresholds)  # an override: the served CAM mask follows it
+    if calibrate_on is None:
+        return evaluate(annotator, samples, version_thresholds(annotator, meta), n_examples)
+    cal_dir = Path(calibrate_on)
+    if Path(dataset_dir).resolve() == cal_dir.resolve():
+        raise ValueError("--calibrate-on must not be the evaluated data set: choose thresholds on other images")
+    source = meta.training.source
+    if source and Path(source).resolve() == cal_dir.resolve():
+        s = annotator.settings
+        cal_samples = validation_split_of(cal_dir, s.val_fraction, s.seed, meta)
+        label = f"validation split of {cal_dir}"
     else:
-        thresholds = version_thresholds(annotator, meta)
-    return evaluate(annotator, samples, thresholds, n_examples)
+        cal_samples, _ = read_folder_dataset(cal_dir)
+        label = str(cal_dir)
+        log.info("%s is not the version's training folder (%s): calibrating on all of it", cal_dir, source)
+    thresholds = calibrate_thresholds(annotator, cal_samples, f"calibrated on {label}")
+    return evaluate(serving_with(annotator, thresholds), samples, thresholds, n_examples)
 
 
 def _fmt(value: float | None, pct: bool = False) -> str:
@@ -504,18 +499,17 @@ def _fmt(value: float | None, pct: bool = False) -> str:
 
 
 def format_table(report: dict[str, Any], title: str = "") -> str:
-    """The human-readable table `evaluate` prints."""
-    lines = []
-    if title:
-        lines.append(title)
-    n = report["n_images"]
-    nf = report["n_flagged"]
+    """The human-readable tables `evaluate` prints."""
+    lines = [title] if title else []
+    n, nf = report["n_images"], report["n_flagged"]
+    members = ", ".join(f"{k} {_fmt(v)}" for k, v in report["member_accuracy"].items())
     lines += [
         f"version {report['version']}   {n} images   classes: {', '.join(report['classes'])}",
         "",
         "| classification | value |",
         "|---|---|",
         f"| accuracy | {_fmt(report['accuracy'])} |",
+        f"| members alone | {members} |",
         f"| macro-F1 | {_fmt(report['macro_f1'])} |",
         f"| AUROC | {_fmt(report['auroc'])} |",
         f"| ECE (15 bins) | {_fmt(report['ece'])} |",
@@ -524,33 +518,24 @@ def format_table(report: dict[str, Any], title: str = "") -> str:
         f"| accuracy on flagged | {_fmt(report['flagged_accuracy'])} ({nf} images) |",
         "",
     ]
+    return "\n".join(lines + mask_table(report))
+
+
+def mask_table(report: dict[str, Any]) -> list[str]:
     th = report["mask_thresholds"]
-    n_iou = report["iou"]["ensemble"]["n"]
-    lines += [
-        f"masks: {n_iou} served images with a ground-truth mask ({report['n_mask_images_flagged']} more flagged); "
-        f"thresholds: {th['source']}",
+    lines = [
+        f"masks: {report['n_mask_images']} images with a ground-truth mask ({report['n_mask_images_flagged']} "
+        f"flagged); served: {report['served_rule']}; thresholds: {th['source']}",
         "",
-        "| mask | threshold | IoU | Dice | pixel IoU |",
+        "| mask | threshold | IoU end to end (as served) | IoU given the true class | Dice given the true class |",
         "|---|---|---|---|---|",
     ]
-    for key, row in report["iou"].items():
-        dice = report["dice"][key]
-        if key == "ensemble":
-            label = f"**ensemble (served: {row.get('rule')})**"
-        elif key in CAM_RULES:
-            label = f"{key} of agreeing members"
-        elif key == "seg_head":
-            label = "segmentation head"
-        else:
-            label = f"member {key}"
+    for key, row in report["masks"].items():
+        label = f"**{key} ({report['served_rule']})**" if key == "served" else key
         threshold = row.get("threshold")
         lines.append(
-            f"| {label} | {'-' if threshold is None else f'{threshold:.2f}'} | {_fmt(row['mean'])} | "
-            f"{_fmt(dice['mean'])} | {_fmt(row['pixel'])} |"
+            f"| {label} | {'-' if threshold is None else f'{threshold:.2f}'} | "
+            f"{_fmt(row['end_to_end']['iou']['mean'])} | {_fmt(row['given_true_class']['iou']['mean'])} | "
+            f"{_fmt(row['given_true_class']['dice']['mean'])} |"
         )
-    neg = report["masks_on_negative_images"]
-    lines += [
-        "",
-        f"negative-class images given a mask: {neg['with_mask']} of {neg['n_images']}",
-    ]
-    return "\n".join(lines)
+    return lines

@@ -12,9 +12,8 @@ import numpy as np
 from PIL import Image
 
 from ..core.render import heat_colours, mask_outline
-from ..engine.masks import fuse_maps
 from . import metrics
-from .evaluate import CAM_RULES, Evaluation
+from .evaluate import CAM_RULES, Evaluation, ImageResult
 
 
 def _pyplot():  # noqa: ANN202 - matplotlib's module
@@ -97,40 +96,20 @@ def _tint(image: np.ndarray, heat: np.ndarray | None, mask: np.ndarray | None, c
 
 
 def examples_grid(ev: Evaluation, path: str | os.PathLike[str], thumb: int = 160) -> Path | None:
-    """Rows: example images. Columns: image, ground truth, each member's CAM (heat + its mask outline),
-    the intersection and the mean of the agreeing members, the served mask. IoU in each title."""
+    """Rows: example images. Columns: image, ground truth, each member's map of the true class (heat + its
+    mask outline), the mean and the intersection of the members, the segment head (when there is one) and
+    the mask as served. IoU in each caption; masks given the true class except "served"."""
     if not ev.examples:
         return None
     plt = _pyplot()
-    th = ev.thresholds
-    columns = ["image", "ground truth", *ev.member_names, *CAM_RULES, "served"]
+    rows = [*(f"member {n}" for n in ev.member_names), *CAM_RULES]
+    rows += ["segment head"] if "segment head" in ev.examples[0].given_true else []
+    columns = ["image", "ground truth", *ev.member_names, *rows[len(ev.member_names) :], "served"]
     fig, axes = plt.subplots(
         len(ev.examples), len(columns), figsize=(1.45 * len(columns), 1.55 * len(ev.examples)), dpi=100, squeeze=False
     )
     for row, r in enumerate(ev.examples):
-        assert r.image is not None and r.maps is not None and r.gt is not None
-        img = np.asarray(r.image.convert("RGB"))
-        agreeing = [r.maps[i] for i in r.agreeing]
-        panels: list[tuple[np.ndarray, str]] = [
-            (img, f"{r.annotation.label} {r.annotation.score:.2f}"),
-            (_tint(img, None, r.gt, (0, 255, 0)), "truth"),
-        ]
-        for i, (name, m) in enumerate(zip(ev.member_names, r.maps, strict=True)):
-            mask = m > th.members[name]
-            mark = "" if i in r.agreeing else " (not agreeing)"
-            panels.append((_tint(img, m, mask), f"IoU {metrics.iou(mask, r.gt):.2f}{mark}"))
-        for rule in CAM_RULES:
-            mask, heat = fuse_maps(agreeing, rule, th.rules[rule])
-            shown = np.stack(agreeing).min(axis=0) if rule == "intersection" else heat
-            panels.append((_tint(img, shown, mask), f"IoU {metrics.iou(mask, r.gt):.2f}"))
-        served = r.annotation.mask
-        panels.append(
-            (
-                _tint(img, None, served, (255, 0, 255)),
-                f"IoU {metrics.iou(served if served is not None else 0 * r.gt, r.gt):.2f}",
-            )
-        )
-        for col, (panel, caption) in enumerate(panels):
+        for col, (panel, caption) in enumerate(_example_panels(r, rows)):
             ax = axes[row][col]
             ax.imshow(panel)
             ax.set_xticks([])
@@ -144,6 +123,21 @@ def examples_grid(ev: Evaluation, path: str | os.PathLike[str], thumb: int = 160
     plt.close(fig)
     save_palette_png(Image.open(buffer), path)
     return Path(path)
+
+
+def _example_panels(r: ImageResult, rows: Sequence[str]) -> list[tuple[np.ndarray, str]]:
+    assert r.image is not None and r.gt is not None
+    img = np.asarray(r.image.convert("RGB"))
+    panels = [(img, f"{r.annotation.label} {r.annotation.score:.2f}"), (_tint(img, None, r.gt, (0, 255, 0)), "truth")]
+    heats = [*r.member_maps, r.heat, None, None]
+    for name, heat in zip(rows, heats, strict=False):
+        mask = r.given_true[name]
+        mark = " (not agreeing)" if name.startswith("member ") and rows.index(name) not in r.agreeing else ""
+        panels.append((_tint(img, heat, mask), f"IoU {metrics.iou(mask, r.gt):.2f}{mark}"))
+    served = r.annotation.mask
+    shown = served if served is not None else np.zeros_like(r.gt)
+    panels.append((_tint(img, None, shown, (255, 0, 255)), f"IoU {metrics.iou(shown, r.gt):.2f}"))
+    return panels
 
 
 def save_palette_png(image: Image.Image, path: str | os.PathLike[str]) -> None:
@@ -177,9 +171,10 @@ def al_curve_plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], 
     fig, ax = plt.subplots(figsize=(5.2, 3.8), dpi=110)
     x = [row["n_oracle"] for row in rows]
     series = [
-        ("iou_served", "served mask", "tab:blue", "o-"),
-        ("iou_mean_calibrated", "CAM mean, threshold from the oracle masks", "tab:orange", "s--"),
-        ("iou_seg_head", "segmentation head", "tab:green", "^-"),
+        ("iou_served", "served mask, end to end", "tab:blue", "o-"),
+        ("iou_served_given_true_class", "served method, given the true class", "tab:purple", "d--"),
+        ("iou_mean_calibrated", "refined CAM mean, given the true class", "tab:orange", "s--"),
+        ("iou_seg_head", "segment head, given the true class", "tab:green", "^-"),
     ]
     for key, label, colour, style in series:
         ys = [row.get(key) for row in rows]
@@ -188,9 +183,9 @@ def al_curve_plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], 
         ax.plot(x, [np.nan if v in (None, "") else float(v) for v in ys], style, color=colour, label=label)
     if rows and rows[0].get("iou_served") not in (None, ""):
         base = float(rows[0]["iou_served"])
-        ax.axhline(1.3 * base, color="grey", ls=":", lw=1, label=f"1.3 x CAM-only ({1.3 * base:.3f})")
+        ax.axhline(1.3 * base, color="grey", ls=":", lw=1, label=f"1.3 x labels only ({1.3 * base:.3f})")
     ax.set_xlabel("oracle masks revealed")
-    ax.set_ylabel("test IoU (served images with a mask)")
+    ax.set_ylabel("test IoU (images with a mask)")
     ax.set_title(title or "Active learning (Belharbi protocol, offline)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7.5, loc="best")

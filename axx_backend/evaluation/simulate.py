@@ -34,7 +34,7 @@ from ..core.data import Sample, read_folder_dataset, stratified_split
 from ..core.settings import Settings
 from ..core.versions import ModelStore
 from ..engine.annotator import Annotator
-from .evaluate import CAM_RULES, calibrate_thresholds, evaluate, iter_results, version_thresholds
+from .evaluate import CAM_RULES, calibrate_thresholds, class_maps, evaluate, version_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,14 @@ CSV_FIELDS = (
     "flagged_rate",
     "n_test_masks",
     "iou_served",
+    "iou_served_given_true_class",
     "dice_served",
     "iou_mean_calibrated",
     "iou_intersection_calibrated",
     "iou_best_member",
     "best_member",
     "iou_seg_head",
+    "mask_source",
     "mask_sources",
     "thresholds",
     "threshold_source",
@@ -117,13 +119,9 @@ def select(
         raise ValueError(f"unknown strategy {strategy!r}; choose {', '.join(STRATEGIES)}")
     if annotator is None:
         raise ValueError(f"strategy {strategy} needs the current version")
-    scores = {}
-    for r in iter_results(annotator, candidates, "true"):
-        # The segmentation heads' probabilities when the version has them (Belharbi scores the
-        # segmentation output); else the members' normalised CAMs as foreground probabilities.
-        maps = r.seg if r.seg is not None else r.maps
-        if maps:
-            scores[r.key] = selection_score(maps, strategy)
+    # The segment head's probability when the version serves it (Belharbi scores the segmentation output);
+    # else the members' normalised CAMs as foreground probabilities.
+    scores = {sample.key: selection_score(maps, strategy) for sample, maps in class_maps(annotator, candidates)}
     order = sorted(candidates, key=lambda s: (-scores.get(s.key, -1.0), s.key))
     return order[:k]
 
@@ -197,29 +195,7 @@ def simulate_al(
             except ValueError as exc:
                 log.warning("round %d: %s", rnd, exc)
         ev = evaluate(annotator, test, thresholds, n_examples=0)
-        rep = ev.report
-        members = [m.name for m in annotator.ensemble.members]
-        best_member = max(members, key=lambda m: rep["iou"][m]["mean"] or 0.0)
-        row = {
-            "round": rnd,
-            "n_oracle": len(revealed),
-            "version": version,
-            "accuracy": _fmt(rep["accuracy"]),
-            "flagged_rate": _fmt(rep["flagged_rate"]),
-            "n_test_masks": rep["iou"]["ensemble"]["n"],
-            "iou_served": _fmt(rep["iou"]["ensemble"]["mean"]),
-            "dice_served": _fmt(rep["dice"]["ensemble"]["mean"]),
-            "iou_mean_calibrated": _fmt(rep["iou"]["mean"]["mean"]),
-            "iou_intersection_calibrated": _fmt(rep["iou"]["intersection"]["mean"]),
-            "iou_best_member": _fmt(rep["iou"][best_member]["mean"]),
-            "best_member": best_member,
-            "iou_seg_head": _fmt(rep["iou"]["seg_head"]["mean"]) if "seg_head" in rep["iou"] else "",
-            "mask_sources": ";".join(f"{k}={v}" for k, v in sorted(rep["mask_sources"].items())),
-            "thresholds": ";".join(f"{r}={thresholds.rules[r]:.2f}" for r in CAM_RULES),
-            "threshold_source": thresholds.source,
-            "selected": "",
-            "seconds": "",
-        }
+        row = round_row(rnd, len(revealed), version, meta.mask_source, ev, thresholds)
         if rnd < rounds:
             candidates = [s for s in hidden if s.key in oracle and s.key not in keys]
             if candidates:
@@ -229,11 +205,11 @@ def simulate_al(
         row["seconds"] = f"{time.perf_counter() - start:.1f}"
         rows.append(row)
         log.info(
-            "round %d: %d oracle masks, served IoU %s, mean@oracle-threshold IoU %s (%ss)",
+            "round %d: %d oracle masks, served IoU %s end to end, %s given the true class (%ss)",
             rnd,
             row["n_oracle"],
             row["iou_served"],
-            row["iou_mean_calibrated"],
+            row["iou_served_given_true_class"],
             row["seconds"],
         )
         _write_csv(csv_path, rows)
@@ -244,6 +220,39 @@ def simulate_al(
 
     al_curve_plot(rows, out / f"al_{strategy}.png", f"Active learning ({strategy} selection), test IoU")
     return rows
+
+
+def round_row(rnd: int, n_oracle: int, version: str, mask_source: str, ev: Any, thresholds: Any) -> dict[str, Any]:
+    """One round's CSV row: served IoU end to end (the main number) and given the true class, the CAM rows
+    given the true class at the version's thresholds, the segment head's."""
+    rep, masks = ev.report, ev.report["masks"]
+
+    def iou(row: str, how: str = "given_true_class") -> str:
+        return _fmt(masks[row][how]["iou"]["mean"]) if row in masks else ""
+
+    best_member = max(ev.member_names, key=lambda m: masks[f"member {m}"]["given_true_class"]["iou"]["mean"] or 0.0)
+    return {
+        "round": rnd,
+        "n_oracle": n_oracle,
+        "version": version,
+        "accuracy": _fmt(rep["accuracy"]),
+        "flagged_rate": _fmt(rep["flagged_rate"]),
+        "n_test_masks": rep["n_mask_images"],
+        "iou_served": iou("served", "end_to_end"),
+        "iou_served_given_true_class": iou("served"),
+        "dice_served": _fmt(masks["served"]["end_to_end"]["dice"]["mean"]),
+        "iou_mean_calibrated": iou("mean"),
+        "iou_intersection_calibrated": iou("intersection"),
+        "iou_best_member": iou(f"member {best_member}"),
+        "best_member": best_member,
+        "iou_seg_head": iou("segment head"),
+        "mask_source": mask_source,
+        "mask_sources": ";".join(f"{k}={v}" for k, v in sorted(rep["mask_sources"].items())),
+        "thresholds": ";".join(f"{r}={thresholds.rules[r]:.2f}" for r in CAM_RULES),
+        "threshold_source": thresholds.source,
+        "selected": "",
+        "seconds": "",
+    }
 
 
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:

@@ -34,13 +34,19 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, bounds: tuple[fl
 
 
 def flag_rate(
-    member_probs: Sequence[np.ndarray], member_entropy: Sequence[np.ndarray], threshold: float, min_uncertain: int
+    member_probs: Sequence[np.ndarray],
+    member_entropy: Sequence[np.ndarray],
+    threshold: float,
+    min_uncertain: int,
+    weights: Sequence[float] | None = None,
 ) -> tuple[float, np.ndarray]:
     """Share of images the decision rule flags at `threshold`; also the per-image flags."""
     n = len(member_entropy[0])
     flags = np.array(
         [
-            decide([p[i] for p in member_probs], [h[i] for h in member_entropy], threshold, min_uncertain).flagged
+            decide(
+                [p[i] for p in member_probs], [h[i] for h in member_entropy], threshold, min_uncertain, weights
+            ).flagged
             for i in range(n)
         ],
         dtype=bool,
@@ -56,33 +62,35 @@ def calibrate_uncertainty_threshold(
     min_uncertain: int,
     default: float = 0.5,
     max_candidates: int = 200,
+    weights: Sequence[float] | None = None,
 ) -> float:
-    """The entropy threshold that maximises selective accuracy (accuracy on the unflagged
-    validation images) while flagging at most `target_flag_rate` of them.
+    """The entropy threshold that maximises selective accuracy (accuracy on the unflagged images) while
+    flagging at most `target_flag_rate` of them; among thresholds that tie, the one that spends more of the
+    budget, then the one nearest the uncalibrated default.
 
-    The flag budget is an upper bound, spent only where it buys accuracy: among thresholds
-    that tie, the one nearest the uncalibrated default wins. (Always spending it would, on a
-    validation split the model gets right, push the threshold to ~0 and flag nearly every
-    new image.)
+    Training calls it on out-of-fold predictions (every labelled image, each scored by a head that never saw
+    it), so the share flagged here is the share flagged on new images of the same kind: spending the budget
+    is what holds the flag rate near it (a held-out split of 50 images, kept at the default when flagging
+    bought nothing there, flagged 41 % of new multi-class images and 4.5 % of new binary ones against 20 %).
     """
     labels = np.asarray(labels)
     values = np.unique(np.concatenate([np.asarray(h) for h in member_entropy]))
     if len(values) > max_candidates:
         values = np.quantile(values, np.linspace(0, 1, max_candidates))
     candidates = np.unique(np.concatenate([values, [default, 1.0]]))
-    best: tuple[float, float] | None = None  # (selective accuracy, -distance to default)
+    best: tuple[float, float, float] | None = None  # (selective accuracy, flag rate, -distance to default)
     chosen = 1.0
     n = len(labels)
     for t in candidates:
         decisions = [
-            decide([p[i] for p in member_probs], [h[i] for h in member_entropy], float(t), min_uncertain)
+            decide([p[i] for p in member_probs], [h[i] for h in member_entropy], float(t), min_uncertain, weights)
             for i in range(n)
         ]
         flags = np.array([d.flagged for d in decisions], dtype=bool)
         if n == 0 or flags.mean() > target_flag_rate or flags.all():
             continue
         correct = np.array([d.label for d in decisions]) == labels
-        key = (round(float(correct[~flags].mean()), 9), -abs(float(t) - default))
+        key = (round(float(correct[~flags].mean()), 9), round(float(flags.mean()), 9), -abs(float(t) - default))
         if best is None or key > best:
             best, chosen = key, float(t)
     return chosen

@@ -1,45 +1,249 @@
 """Fine-tuning the backbones on image-level labels (METHOD.md "Learning" 2).
 
-Cross-entropy (class-balanced), AdamW, mild augmentation (flip, small random resized crop,
-colour jitter), early stopping on the validation loss. BatchNorm statistics stay frozen:
-batches are small and the ImageNet statistics are better than ones estimated from 8 images.
-`last-stage` trains the last feature stage and everything after it; `all` the whole backbone.
+`last-stage` (the default where it pays) trains the stride-32 stage of each backbone, everything after it in
+`forward_features`, and the head, on the CPU in minutes: what enters that stage (the stride-16 map, the same
+map the segment head reads) is computed once per image and view (the image and its mirror) and cached, so an
+epoch runs only the stage. BatchNorm statistics stay frozen (batches are small; ImageNet's are better), the
+head's dropout is on, the loss is class-balanced cross-entropy, AdamW; the epoch with the best held-out loss is
+kept, within `finetune_seconds`. A member keeps its fine-tuned stage only when its held-out loss beats the
+frozen backbone's (with a head trained as long on the same images): a validation split says whether it pays.
+
+`all` fine-tunes every layer on whole images (slow on a CPU; for a GPU), as before.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.ensemble import Ensemble, Member
+from ..core.settings import Settings
+from ..engine.ensemble import Ensemble, MCDropoutHead, Member
+from .features import FeatureCache
+from .heads import train_head
 
 log = logging.getLogger(__name__)
 
 FINETUNE_MODES = ("head", "last-stage", "all")
+MIN_GAIN = 1e-3  # held-out loss a fine-tuned stage must gain (and 2 %) to be kept: noise is not a gain
+HEAD_MODULES = {"global_pool", "fc", "classifier", "head", "head_drop", "flatten", "pre_logits", "fc_norm"}
+
+
+@dataclass
+class Tail:
+    """The modules after the stride-16 stage, run in order: what `forward_features` does from there."""
+
+    modules: list[nn.Module]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        for module in self.modules:
+            x = module(x)
+        return x
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.modules for p in m.parameters()]
+
+
+def tail_of(member: Member) -> Tail | None:
+    """The member's backbone after its stride-16 stage, or None when it has no such stage."""
+    if not member.level_names:
+        return None
+    path = member.level_names[-1].split(".")
+    modules: list[nn.Module] = []
+    for depth in range(len(path), 0, -1):
+        parent = member.backbone.get_submodule(".".join(path[: depth - 1])) if depth > 1 else member.backbone
+        names = [name for name, _ in parent.named_children()]
+        after = names[names.index(path[depth - 1]) + 1 :]
+        modules += [parent.get_submodule(n) for n in after if depth > 1 or n not in HEAD_MODULES]
+    return Tail(modules)
+
+
+def check_tail(tail: Tail, stage_input: torch.Tensor, pooled: torch.Tensor) -> bool:
+    """Does the tail reproduce the member's pooled features from cached stage inputs? (Not for a backbone whose
+    `forward_features` is more than its modules in order.)"""
+    with torch.no_grad():
+        again = tail(stage_input.float()).mean(dim=(2, 3))
+    scale = pooled.abs().max().clamp_min(1e-6)
+    return again.shape == pooled.shape and bool(((again - pooled).abs().max() / scale) < 1e-2)
+
+
+def finetune_member(
+    member: Member,
+    tail: Tail,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    train: torch.Tensor,
+    val: torch.Tensor,
+    epochs: int,
+    seconds: float,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Fine-tune the tail and the head in place on cached stage inputs [N, C, h, w] (and their mirrors) and
+    keep the epoch with the best held-out loss (the frozen state when none beats it); returns what happened."""
+    stage_params = tail.parameters()
+    for p in member.parameters():
+        p.requires_grad_(False)
+    for p in [*stage_params, *member.head.parameters()]:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(
+        [{"params": stage_params, "lr": 1e-4}, {"params": list(member.head.parameters()), "lr": 1e-3}],
+        weight_decay=1e-4,
+    )
+    weights = class_weights(labels[train], member.head.fc.out_features)
+    before = held_out_loss(member, tail, inputs, labels, val)
+    best = (before, _state(member, tail), -1)
+    generator = torch.Generator().manual_seed(seed)
+    start = time.monotonic()
+    for epoch in range(epochs):
+        _epoch(member, tail, inputs, labels, train, weights, optimizer, generator)
+        loss = held_out_loss(member, tail, inputs, labels, val)
+        log.info(
+            "finetune %s epoch %d/%d: held-out loss %.4f (frozen %.4f)", member.name, epoch + 1, epochs, loss, before
+        )
+        if loss < best[0]:
+            best = (loss, _state(member, tail), epoch)
+        elapsed = time.monotonic() - start
+        if elapsed * (epoch + 2) / (epoch + 1) > seconds:  # the next epoch would overrun the budget
+            log.info("finetune %s: stopping after %d epochs (AXX_FINETUNE_SECONDS)", member.name, epoch + 1)
+            break
+    _load(member, tail, best[1])
+    for p in member.parameters():
+        p.requires_grad_(True)
+    member.eval()
+    return {
+        "finetune_val_loss": best[0],
+        "frozen_val_loss": before,
+        "finetune_best_epoch": best[2],
+        "finetune_seconds": round(time.monotonic() - start, 1),
+    }
+
+
+def _epoch(
+    member: Member,
+    tail: Tail,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    train: torch.Tensor,
+    weights: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    batch_size: int = 16,
+) -> None:
+    """One pass over every training image in each view (the mirror is the augmentation)."""
+    member.eval()  # BatchNorm frozen
+    member.head.train()  # the head's dropout on
+    pairs = torch.stack(torch.meshgrid(torch.arange(2), train, indexing="ij"), -1).reshape(-1, 2)  # (mirror?, i)
+    order = pairs[torch.randperm(len(pairs), generator=generator)]
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        x = torch.stack([inputs[int(i)].flip(-1) if v else inputs[int(i)] for v, i in batch]).float()
+        logits = member.head(tail(x).mean(dim=(2, 3)))
+        loss = F.cross_entropy(logits, labels[batch[:, 1]], weight=weights)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    member.head.eval()
+
+
+@torch.no_grad()
+def held_out_loss(member: Member, tail: Tail, inputs: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> float:
+    if not len(index):
+        return math.inf
+    member.eval()
+    total = 0.0
+    for start in range(0, len(index), 32):
+        batch = index[start : start + 32]
+        logits = member.head.fc(tail(inputs[batch].float()).mean(dim=(2, 3)))
+        total += float(F.cross_entropy(logits, labels[batch], reduction="sum"))
+    return total / len(index)
+
+
+def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    return counts.sum() / (num_classes * counts.clamp_min(1))
+
+
+def _state(member: Member, tail: Tail) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in [*tail.parameters(), *member.head.parameters()]]
+
+
+def _load(member: Member, tail: Tail, state: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for p, saved in zip([*tail.parameters(), *member.head.parameters()], state, strict=True):
+            p.copy_(saved)
+
+
+def finetune_last_stages(
+    ensemble: Ensemble,
+    cache: FeatureCache,
+    labels: torch.Tensor,
+    train: torch.Tensor,
+    val: torch.Tensor,
+    settings: Settings,
+) -> dict[str, dict[str, Any]]:
+    """`last-stage` for every member (see the module docstring), on `cache.stage_inputs`, from a head trained on
+    the train split's frozen features (the baseline it must beat); the cached pooled features and pixel-set
+    maps are recomputed for the members that keep their fine-tuned stage."""
+    metrics: dict[str, dict[str, Any]] = {}
+    assert cache.stage_inputs is not None
+    for m, member in enumerate(ensemble.members):
+        inputs = cache.stage_inputs[m]
+        tail = tail_of(member)
+        if tail is None or not check_tail(tail, inputs[:2], cache.pooled[m][:2]):
+            log.warning("%s: no stage to fine-tune on cached inputs; its backbone stays frozen", member.name)
+            metrics[member.name] = {"kept": False}
+            continue
+        fresh = MCDropoutHead(member.head.fc.in_features, member.head.fc.out_features, member.head.p)
+        member.head.load_state_dict(fresh.state_dict())
+        pooled = cache.pooled[m]
+        train_head(member.head, pooled[train], labels[train], pooled[val], labels[val], len(ensemble.classes), settings)
+        frozen = _state(member, tail)
+        budget = settings.finetune_seconds / len(ensemble.members)
+        epochs, seed = settings.finetune_epochs, settings.seed + m
+        result: dict[str, Any] = finetune_member(member, tail, inputs, labels, train, val, epochs, budget, seed)
+        gain = result["frozen_val_loss"] - result["finetune_val_loss"]
+        result["kept"] = result["finetune_best_epoch"] >= 0 and gain > max(MIN_GAIN, 0.02 * result["frozen_val_loss"])
+        if not result["kept"]:
+            _load(member, tail, frozen)
+        else:
+            maps = stage_features(tail, inputs)
+            cache.pooled[m] = maps.mean(dim=(2, 3))
+            for i, view in cache.pixels.items():
+                view.last_maps[m] = maps[i].half().clone()
+        log.info(
+            "finetune %s: %s (held-out loss %.4f, frozen %.4f)",
+            member.name,
+            "kept" if result["kept"] else "not kept",
+            result["finetune_val_loss"],
+            result["frozen_val_loss"],
+        )
+        metrics[member.name] = result
+    return metrics
+
+
+@torch.no_grad()
+def stage_features(tail: Tail, inputs: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """The last feature maps [N, K, h, w] the tail makes of cached stage inputs."""
+    return torch.cat([tail(inputs[i : i + batch_size].float()) for i in range(0, len(inputs), batch_size)])
 
 
 def trainable_backbone_parameters(member: Member, mode: str) -> list[nn.Parameter]:
     """The backbone parameters `mode` unfreezes, in model order."""
     if mode == "head":
         return []
-    named = list(member.backbone.named_parameters())
     if mode == "all":
-        return [p for _, p in named]
-    if mode != "last-stage":
-        raise ValueError(f"finetune must be one of {FINETUNE_MODES}, got {mode!r}")
-    last_stage = member.backbone.feature_info[-1]["module"]
-    start = next(
-        (i for i, (name, _) in enumerate(named) if name.startswith(last_stage + ".") or name == last_stage), None
-    )
-    if start is None:
-        raise ValueError(f"{member.name}: cannot find its last stage {last_stage!r}")
-    # Everything from the last stage on (e.g. resnet layer4; efficientnet blocks.6 + conv_head + bn2).
-    return [p for _, p in named[start:]]
+        return list(member.backbone.parameters())
+    tail = tail_of(member)
+    if mode != "last-stage" or tail is None:
+        raise ValueError(f"finetune must be one of {FINETUNE_MODES}, got {mode!r} (or {member.name} has no stages)")
+    return tail.parameters()
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -69,70 +273,57 @@ def finetune_ensemble(
     labels: torch.Tensor,
     train_idx: Sequence[int],
     val_idx: Sequence[int],
-    mode: str,
     epochs: int,
     batch_size: int,
     seed: int = 0,
     progress: Callable[[str, float], None] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Fine-tune every member in place on resized uint8 images [N, 3, S, S] (kept on the CPU)."""
+    """`all`: fine-tune every layer of every member in place on resized uint8 images [N, 3, S, S]."""
     metrics = {}
-    num_classes = len(ensemble.classes)
-    train_t = torch.tensor(list(train_idx), dtype=torch.long)
-    val_t = torch.tensor(list(val_idx), dtype=torch.long)
-    counts = torch.bincount(labels[train_t], minlength=num_classes).float()
-    class_weights = counts.sum() / (num_classes * counts.clamp_min(1))
+    train_t, val_t = torch.tensor(list(train_idx), dtype=torch.long), torch.tensor(list(val_idx), dtype=torch.long)
+    weights = class_weights(labels[train_t], len(ensemble.classes))
     device = next(ensemble.parameters()).device
     for m, member in enumerate(ensemble.members):
-        backbone_params = trainable_backbone_parameters(member, mode)
-        for p in member.backbone.parameters():
-            p.requires_grad_(False)
-        for p in backbone_params:
-            p.requires_grad_(True)
         optimizer = torch.optim.AdamW(
-            [{"params": backbone_params, "lr": 1e-4}, {"params": member.head.parameters(), "lr": 1e-3}],
+            [
+                {"params": list(member.backbone.parameters()), "lr": 1e-4},
+                {"params": list(member.head.parameters()), "lr": 1e-3},
+            ],
             weight_decay=1e-4,
         )
         generator = torch.Generator().manual_seed(seed + m)
         best = (float("inf"), None, -1)
         for epoch in range(epochs):
             member.eval()  # BatchNorm frozen
-            member.head.train()  # the head's dropout on
+            member.head.train()
             order = train_t[torch.randperm(len(train_t), generator=generator)]
             for start in range(0, len(order), batch_size):
                 batch = order[start : start + batch_size]
-                x = member.normalize(augment(_batch(images, batch, device), generator))
-                loss = F.cross_entropy(member(x), labels[batch].to(device), weight=class_weights.to(device))
+                x = member.normalize(augment(images[batch].to(device).float().div_(255.0), generator))
+                loss = F.cross_entropy(member(x), labels[batch].to(device), weight=weights.to(device))
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
             member.eval()
-            val_loss = _loss(member, images, labels, val_t if len(val_t) else train_t, batch_size, device)
-            log.info("finetune %s epoch %d/%d: validation loss %.4f", member.name, epoch + 1, epochs, val_loss)
+            val_loss = _image_loss(member, images, labels, val_t if len(val_t) else train_t, batch_size, device)
             if val_loss < best[0]:
                 best = (val_loss, {k: v.detach().clone() for k, v in member.state_dict().items()}, epoch)
             if progress:
                 progress("finetune", (m * epochs + epoch + 1) / (len(ensemble.members) * epochs))
         if best[1] is not None:
             member.load_state_dict(best[1])
-        for p in member.parameters():
-            p.requires_grad_(True)
         member.eval()
         metrics[member.name] = {"finetune_val_loss": best[0], "finetune_best_epoch": best[2]}
     return metrics
 
 
-def _batch(images: torch.Tensor, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return images[idx].to(device).float().div_(255.0)
-
-
 @torch.no_grad()
-def _loss(
+def _image_loss(
     member: Member, images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, batch_size: int, device: torch.device
 ) -> float:
     total = 0.0
     for start in range(0, len(idx), batch_size):
         batch = idx[start : start + batch_size]
-        logits = member(member.normalize(_batch(images, batch, device)))
+        logits = member(member.normalize(images[batch].to(device).float().div_(255.0)))
         total += float(F.cross_entropy(logits, labels[batch].to(device), reduction="sum"))
     return total / max(1, len(idx))

@@ -1,19 +1,17 @@
-"""The pixel phase of training: CAM thresholds, pseudo-masks, segmentation heads, and whether the
-heads or the CAM make the served masks.
+"""The pixel phase of training (METHOD.md "Learning" 3, after Belharbi et al.): CAM thresholds, pseudo-masks,
+the segment head, and whether the head or the refined CAM makes the served masks.
 
-Everything runs on cached maps of the frozen backbones (the last feature map for the CAM, the
-stride-16 stage for the heads; see `Member.seg_layer`) at a target resolution of `input_size / 4`,
-so it costs seconds. Belharbi et al.: oracle masks with weight 1 plus pseudo-masks (the fused CAM
-of confident, unflagged images without a mask) with weight lambda.
+Everything runs on the pixel set's cached views (training/features.py) at the working resolution (the
+input size), so it costs seconds:
 
-- The CAM thresholds (one per fusion rule, one per member, and the served rule) are chosen on every
-  positive oracle mask (evaluation/calibration.py, the one implementation).
-- Head or CAM: k-fold cross-validation over the oracle-masked images. Per fold, the CAM thresholds
-  are chosen and the heads trained on the other folds, and both are scored on the held-out fold;
-  the head serves when its pooled held-out IoU is higher and at least `min_pixel_labels` oracle
-  masks exist (a 1-3-mask validation split decided by chance). The same folds choose lambda
-  between `seg_lambda` and 0 (no pseudo-masks).
-- The final heads train on every oracle mask (+ pseudo-masks at the chosen lambda).
+- pseudo-masks: the refined, fused CAM of the class of each pixel-set image without an oracle mask (its
+  label, or the ensemble's confident decision), thresholded; images of a negative class are all background;
+- without oracle masks (`labels_only_masks`): the segment head trains on the pseudo-masks alone (what the
+  photograph benchmark chose), or the refined CAM serves at the default threshold;
+- with oracle masks: the CAM rule and threshold are chosen on them; with at least `min_pixel_labels`, k-fold
+  cross-validation over the oracle-masked positives decides between the refined CAM and the segment head
+  trained on the other folds' masks plus lambda-weighted pseudo-masks (lambda among `seg_lambda`, 0 and 1),
+  every threshold and pseudo-mask chosen inside the training part of its fold.
 """
 
 from __future__ import annotations
@@ -24,23 +22,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
-from ..core.settings import Settings
-from ..core.thresholds import (
-    FUSION_RULES,
-    best_rule,
-    best_thresholds,
-    calibrate_members,
-    choose_rule,
-    fusion_scores,
-)
-from ..engine.annotator import member_cam, seg_map
-from ..engine.ensemble import Ensemble, select_device
+from ..core.thresholds import FUSION_RULES, best_rule, best_thresholds, calibrate_members, choose_rule, fusion_scores
+from ..engine.annotator import Annotator
 from ..engine.masks import fuse_maps, iou
-from ..engine.segmentation import SegHead, train_seg_head
+from ..engine.refine import pool, region_means
+from ..engine.saliency import member_cam
+from ..engine.segments import SegmentHead, fit_segment_head
 from ..engine.uncertainty import decide
+from .features import FeatureCache
+from .heads import Heads, Split
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +41,12 @@ CV_FOLDS = 5  # at most; leave-one-out below that many positive oracle masks
 
 @dataclass
 class PixelResult:
-    cam_threshold: float  # of the served rule `mask_fusion`
+    mask_source: str  # "cam" or "segments"
+    cam_threshold: float  # of the served CAM rule `mask_fusion`
     mask_fusion: str
     fusion_thresholds: dict[str, float] = field(default_factory=dict)  # per rule; empty: not calibrated
     member_cam_thresholds: dict[str, float] = field(default_factory=dict)
-    seg_heads: dict[str, SegHead] = field(default_factory=dict)
-    use_seg_head: bool = False
+    segment_head: SegmentHead | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
 
     def thresholds(self) -> dict[str, Any]:
@@ -69,12 +61,6 @@ class PixelResult:
         }
 
 
-def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
-    """A bool mask resized to size x size as float {0, 1} (area-weighted, then > 0.5)."""
-    img = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
-    return torch.from_numpy((np.asarray(img) > 127).astype(np.float32))
-
-
 def kfold(items: Sequence[int], k: int, seed: int) -> list[list[int]]:
     """`items` shuffled (seeded) and dealt into min(k, len) folds of near-equal size."""
     order = [items[j] for j in np.random.default_rng(seed).permutation(len(items))]
@@ -82,177 +68,237 @@ def kfold(items: Sequence[int], k: int, seed: int) -> list[list[int]]:
     return [sorted(order[f::k]) for f in range(k)]
 
 
-def train_heads(
-    ensemble: Ensemble,
-    seg_maps: dict[int, list[torch.Tensor]],
-    targets: dict[int, torch.Tensor],
-    weights: dict[int, float],
-    settings: Settings,
-) -> dict[str, SegHead]:
-    """One head per member on the cached maps of the images in `targets` (mask [S, S] in {0, 1}),
-    trained on the settings' device (full-batch epochs are memory-bound on a CPU), returned on the CPU."""
-    device = select_device(settings.device)
-    order = list(targets)
-    target = torch.stack([targets[i] for i in order]).to(device)
-    weight = torch.tensor([weights[i] for i in order], device=device)
-    heads = {}
-    for m, member in enumerate(ensemble.members):
-        features = torch.stack([seg_maps[i][m] for i in order]).to(device)
-        head = SegHead(features.shape[1]).to(device)
-        with torch.enable_grad():
-            train_seg_head(head, features, target, weight, settings.seg_epochs, seed=settings.seed)
-        heads[member.name] = head.cpu()
-    return heads
+class PixelSet:
+    """The pixel set's classes, maps, region features and masks at the working resolution."""
 
+    def __init__(self, annotator: Annotator, cache: FeatureCache, split: Split, heads: Heads, threshold: float):
+        self.annotator = annotator
+        self.cache = cache
+        self.settings = annotator.settings
+        self.size = annotator.input_size
+        self.negative = {annotator.classes.index(c) for c in annotator.negative}
+        self.oracle = {i: m for i, s in self._samples() if (m := s.load_mask()) is not None}
+        self.oracle = {i: resize_mask(m, self.size) for i, m in self.oracle.items()}
+        self.classes: dict[int, int] = {}  # i -> the class whose mask it shows (positive classes only)
+        self.empty: list[int] = []  # images of a negative class: background everywhere
+        self.votes: dict[int, list[int]] = {}
+        self._cams: dict[tuple[int, int], np.ndarray] = {}  # (image, member) -> refined CAM
+        self._raw: dict[tuple[int, int], np.ndarray] = {}  # (image, member) -> CAM before refinement
+        self._features: dict[int, list[np.ndarray]] = {}
+        self._assign_classes(split, heads, threshold)
 
-def fit_pixels(
-    ensemble: Ensemble,
-    maps: dict[int, list[torch.Tensor]],
-    seg_maps: dict[int, list[torch.Tensor]],
-    member_probs: dict[int, list[np.ndarray]],
-    member_entropy: dict[int, list[float]],
-    labels: dict[int, int | None],
-    oracle: dict[int, np.ndarray],
-    negative: set[int],
-    uncertainty_threshold: float,
-    settings: Settings,
-) -> PixelResult:
-    """`maps[i]` / `seg_maps[i]`: per-member cached last / seg-layer feature maps of sample i;
-    `oracle[i]`: its mask, if any.
+    def _samples(self) -> list[tuple[int, Any]]:
+        return [(i, self.cache.samples[i]) for i in sorted(self.cache.pixels)]
 
-    `labels[i]` is the class index of a labelled sample (None if unlabelled); `negative` holds the
-    negative class indices.
-    """
-    size = max(8, settings.input_size // 4)
-    targets = {i: resize_mask(m, size) for i, m in oracle.items()}
-    truths = {i: t.numpy() > 0 for i, t in targets.items()}
-    names = [m.name for m in ensemble.members]
-    cam_cache: dict[tuple[int, int], list[np.ndarray]] = {}
+    def _assign_classes(self, split: Split, heads: Heads, threshold: float) -> None:
+        s = self.settings
+        for i, _ in self._samples():
+            probs, entropy = heads.pixels.of(i)
+            label = split.label_of(i)
+            if label is None:  # unlabelled: only a confident, unflagged decision names a class
+                decision = decide(probs, entropy, threshold, s.min_uncertain_to_flag, heads.weights)
+                if decision.flagged or decision.label in self.negative or i in self.oracle:
+                    continue
+                label = decision.label
+            if label in self.negative:
+                self.empty.append(i)
+                continue
+            self.classes[i] = label
+            agree = [m for m, p in enumerate(probs) if int(np.argmax(p)) == label]
+            self.votes[i] = agree or list(range(len(probs)))
 
-    def cams(i: int, label: int) -> list[np.ndarray]:
-        if (i, label) not in cam_cache:
-            cam_cache[(i, label)] = [
-                member_cam(member, fmap.unsqueeze(0), label, (size, size))
-                for member, fmap in zip(ensemble.members, maps[i], strict=True)
+    @property
+    def positives(self) -> list[int]:
+        """Oracle-masked images of a positive class: those a mask is scored on."""
+        return [i for i in self.classes if i in self.oracle]
+
+    @property
+    def candidates(self) -> list[int]:
+        """Pseudo-mask candidates: images of a positive class without an oracle mask."""
+        return [i for i in self.classes if i not in self.oracle]
+
+    def member_map(self, i: int, m: int) -> np.ndarray:
+        """Member m's CAM of image i's class [S, S], refined when the settings refine."""
+        key = (i, m)
+        if key not in self._cams:
+            view = self.cache.pixels[i]
+            cam = member_cam(
+                view.last_maps[m][None].float(),
+                self.annotator.ensemble.members[m].head.fc.weight,
+                self.classes[i],
+                (self.size, self.size),
+                self.settings.cam_weights,
+            )
+            self._raw[key] = cam
+            self._cams[key] = pool(cam, view.segmentations) if self.annotator.refines else cam
+        return self._cams[key]
+
+    def maps(self, i: int) -> list[np.ndarray]:
+        """The voting members' (refined) CAMs of image i's class: what serving fuses."""
+        return [self.member_map(i, m) for m in self.votes[i]]
+
+    def raw_cam(self, i: int) -> np.ndarray:
+        """The unrefined mean CAM of the voting members (the head's class evidence; zeros for a negative)."""
+        if i not in self.classes:
+            return np.zeros((self.size, self.size), np.float32)
+        for m in self.votes[i]:
+            self.member_map(i, m)
+        return np.mean([self._raw[(i, m)] for m in self.votes[i]], axis=0)
+
+    def region_features(self, i: int) -> list[np.ndarray]:
+        """The segment head's input for image i, one [n_regions, D] array per scale (computed once)."""
+        if i not in self._features:
+            view, cam = self.cache.pixels[i], self.raw_cam(i)
+            self._features[i] = [
+                np.concatenate([levels.astype(np.float32), region_means(cam, labels)[:, None], area[:, None]], 1)
+                for labels, levels, area in zip(view.segmentations, view.region_levels, view.region_area, strict=True)
             ]
-        return cam_cache[(i, label)]
+        return self._features[i]
 
-    def voters(i: int, label: int) -> list[int]:
-        agree = [m for m, p in enumerate(member_probs[i]) if int(np.argmax(p)) == label]
-        return agree or list(range(len(ensemble.members)))
+    def region_targets(self, i: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(features, foreground, pixel count) of image i's regions at every scale, for `mask` [S, S]."""
+        segmentations = self.cache.pixels[i].segmentations
+        ys = [region_means(mask.astype(np.float32), labels) > 0.5 for labels in segmentations]
+        ws = [
+            np.bincount(labels.ravel(), minlength=len(y)).astype(np.float64)
+            for labels, y in zip(segmentations, ys, strict=True)
+        ]
+        return np.concatenate(self.region_features(i)), np.concatenate(ys), np.concatenate(ws)
 
-    # The oracle-masked images of a positive class: those a CAM or head mask is scored on.
-    positive: dict[int, int] = {i: lab for i in oracle if (lab := labels.get(i)) is not None and lab not in negative}
-    positives = list(positive)
+    def head_heat(self, head: SegmentHead, i: int) -> np.ndarray:
+        return head.heat(self.region_features(i), self.cache.pixels[i].segmentations)
 
-    def fused_cams(i: int) -> list[np.ndarray]:
-        return [cams(i, positive[i])[m] for m in voters(i, positive[i])]
 
-    result = PixelResult(settings.cam_threshold, settings.mask_fusion)
-    if positives:
-        fused = [fused_cams(i) for i in positives]
-        gts = [truths[i] for i in positives]
-        scores = fusion_scores(fused, gts, FUSION_RULES)
-        rule, threshold, fit_iou = best_rule(scores)
-        result.mask_fusion, result.cam_threshold = rule, threshold
-        result.fusion_thresholds = best_thresholds(scores)
-        own = {name: [cams(i, positive[i])[m] for i in positives] for m, name in enumerate(names)}
-        result.member_cam_thresholds = calibrate_members(own, gts)
-        result.metrics["cam_calibration"] = {
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """A bool mask resized to size x size (area-weighted, then > 0.5)."""
+    img = Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).resize((size, size), Image.BILINEAR)
+    return np.asarray(img) > 127
+
+
+def pseudo_masks(data: PixelSet, images: Sequence[int], rule: str, threshold: float) -> dict[int, np.ndarray]:
+    """The refined CAM masks of `images` at a rule and threshold (those chosen on the masks a head may see)."""
+    return {i: fuse_maps(data.maps(i), rule, threshold)[0] > 0 for i in images}
+
+
+def fit_head(data: PixelSet, oracle: Sequence[int], pseudo: dict[int, np.ndarray], lam: float) -> SegmentHead | None:
+    """The segment head on `oracle` masks (weight 1) and, with weight `lam`, pseudo-masks and negatives."""
+    parts = [(i, data.oracle[i], 1.0) for i in oracle]
+    if lam > 0:
+        blank = np.zeros((data.size, data.size), bool)
+        parts += [(i, m, lam) for i, m in pseudo.items()] + [(i, blank, lam) for i in data.empty]
+    if not parts:
+        return None
+    xs, ys, ws = zip(*[_weighted(data.region_targets(i, mask), weight) for i, mask, weight in parts], strict=True)
+    try:
+        return fit_segment_head(np.concatenate(xs), np.concatenate(ys), np.concatenate(ws), data.settings.segment_c)
+    except ValueError as exc:  # all foreground or all background: nothing to learn
+        log.warning("segment head not trained: %s", exc)
+        return None
+
+
+def _weighted(targets: tuple[np.ndarray, np.ndarray, np.ndarray], weight: float):
+    x, y, w = targets
+    return x, y, w * weight
+
+
+def calibrate_cam(data: PixelSet, images: Sequence[int]) -> tuple[str, float, dict[str, Any]]:
+    """The CAM fusion rule and threshold with the best mean IoU on the oracle masks of `images`."""
+    scores = fusion_scores([data.maps(i) for i in images], [data.oracle[i] for i in images], FUSION_RULES)
+    rule, threshold, fit = best_rule(scores)
+    return (
+        rule,
+        threshold,
+        {
             "rule": rule,
             "threshold": threshold,
-            "iou": fit_iou,
-            "images": len(positives),
-            "fusion_thresholds": result.fusion_thresholds,
-        }
-        log.info("CAM masks: %s at %.2f gives IoU %.3f on %d oracle masks", rule, threshold, fit_iou, len(positives))
+            "iou": fit,
+            "images": len(images),
+            "fusion_thresholds": best_thresholds(scores),
+            "scores": scores,
+        },
+    )
 
-    # Pseudo-mask candidates among the images without an oracle mask: confident, unflagged, predicted
-    # positive, and agreeing with the image label when there is one. Known negatives give empty masks.
-    empty: list[int] = []
-    candidates: dict[int, tuple[int, list[int]]] = {}  # i -> (class, agreeing members)
-    for i in maps:
-        if i in oracle:
-            continue
-        if labels.get(i) is not None and labels[i] in negative:
-            empty.append(i)
-            continue
-        decision = decide(member_probs[i], member_entropy[i], uncertainty_threshold, settings.min_uncertain_to_flag)
-        if decision.flagged or decision.label in negative:
-            continue
-        if labels.get(i) is not None and labels[i] != decision.label:
-            continue
-        candidates[i] = (decision.label, list(decision.agreeing))
 
-    def pseudo_masks(rule: str, threshold: float) -> dict[int, torch.Tensor]:
-        """The pseudo-masks at a CAM rule and threshold (those calibrated on the masks a head may see)."""
-        out = {i: torch.zeros(size, size) for i in empty}
-        for i, (label, agreeing) in candidates.items():
-            mask, _ = fuse_maps([cams(i, label)[m] for m in agreeing], rule, threshold)
-            out[i] = torch.from_numpy(mask.astype(np.float32))
-        return out
+def cross_validate(data: PixelSet, lambdas: Sequence[float]) -> dict[str, Any]:
+    """k-fold IoU of the refined CAM and of the segment head per lambda, over the oracle-masked positives."""
+    positives = data.positives
+    folds = kfold(positives, CV_FOLDS, data.settings.seed)
+    cam_scores: list[float] = []
+    head_scores: dict[float, list[float]] = {lam: [] for lam in lambdas}
+    for held in folds:
+        rest = [i for i in positives if i not in held]
+        rule, threshold, _ = choose_rule([data.maps(i) for i in rest], [data.oracle[i] for i in rest], FUSION_RULES)
+        cam_scores += [iou(fuse_maps(data.maps(i), rule, threshold)[0], data.oracle[i]) for i in held]
+        pseudo = pseudo_masks(data, data.candidates, rule, threshold)
+        masked = [i for i in data.oracle if i not in held]
+        for lam in lambdas:
+            head = fit_head(data, masked, pseudo, lam)
+            for i in held:
+                heat = data.head_heat(head, i) if head is not None else np.zeros_like(data.oracle[i], np.float32)
+                head_scores[lam].append(iou(heat > data.settings.seg_threshold, data.oracle[i]))
+    by_lambda = {lam: float(np.mean(v)) for lam, v in head_scores.items()}
+    return {"cam": float(np.mean(cam_scores)), "head": by_lambda, "folds": len(folds), "masks": len(positives)}
 
-    def training_set(
-        masked: Sequence[int], pseudo: dict[int, torch.Tensor], lam: float
-    ) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
-        chosen = {i: targets[i] for i in masked} | (pseudo if lam > 0 else {})
-        weights = {i: 1.0 if i in oracle else lam for i in chosen}
-        return chosen, weights
 
-    pseudo = pseudo_masks(result.mask_fusion, result.cam_threshold)
-    result.metrics.update({"oracle_masks": len(oracle), "pseudo_masks": len(pseudo), "target_size": size})
-    if not oracle:
-        return result
-
-    # Lambda is cross-validated against 0: hundreds of pseudo-masks at 0.1 each can outweigh a few
-    # oracle masks, and then the head learns to copy the CAM it was meant to beat.
-    lambdas = [settings.seg_lambda] + ([0.0] if settings.seg_lambda > 0 and pseudo else [])
-    lam = settings.seg_lambda
-    enough = len(oracle) >= settings.min_pixel_labels
-    if not enough or len(positives) < 2:
-        result.metrics["seg_head_decision"] = (
-            f"CAM masks kept ({len(oracle)} oracle masks, {len(positives)} of a positive class; "
-            f"min {settings.min_pixel_labels} and 2 to cross-validate)"
-        )
+def fit_pixels(annotator: Annotator, cache: FeatureCache, split: Split, heads: Heads, threshold: float) -> PixelResult:
+    """The pixel phase (see the module docstring); `threshold`: the calibrated uncertainty threshold."""
+    s = annotator.settings
+    data = PixelSet(annotator, cache, split, heads, threshold)
+    result = PixelResult("cam", s.cam_threshold, s.mask_fusion)
+    result.metrics.update(
+        oracle_masks=len(data.oracle),
+        pseudo_candidates=len(data.candidates),
+        negatives=len(data.empty),
+        working_size=data.size,
+    )
+    if data.positives:
+        _calibrate_on_oracle(data, result)
+    pseudo = pseudo_masks(data, data.candidates, result.mask_fusion, result.cam_threshold)
+    if len(data.positives) >= max(2, s.min_pixel_labels):
+        lam = _choose_by_folds(data, result)
+    elif s.labels_only_masks == "segments":
+        lam = 1.0  # the photograph benchmark's choice without (enough) oracle masks: the head on pseudo-masks
+        result.mask_source = "segments"
+        result.metrics["decision"] = f"segment head on {len(pseudo)} pseudo-masks ({len(data.oracle)} oracle masks)"
     else:
-        folds = kfold(positives, CV_FOLDS, settings.seed)
-        cam_scores: list[float] = []
-        seg_scores: dict[float, list[float]] = {v: [] for v in lambdas}
-        for held in folds:
-            rest = [i for i in positives if i not in held]
-            rule, threshold, _ = choose_rule([fused_cams(i) for i in rest], [truths[i] for i in rest], FUSION_RULES)
-            cam_scores += [iou(fuse_maps(fused_cams(i), rule, threshold)[0], truths[i]) for i in held]
-            masked = [i for i in oracle if i not in held]
-            fold_pseudo = pseudo_masks(rule, threshold) if any(v > 0 for v in lambdas) else {}
-            for lam_c in lambdas:
-                heads = train_heads(ensemble, seg_maps, *training_set(masked, fold_pseudo, lam_c), settings)
-                for i in held:
-                    who = voters(i, positive[i])
-                    probs = [seg_map(heads[names[m]], seg_maps[i][m].unsqueeze(0), (size, size)) for m in who]
-                    seg_scores[lam_c].append(iou(fuse_maps(probs, "mean", settings.seg_threshold)[0], truths[i]))
-        by_lambda = {lam_c: float(np.mean(v)) for lam_c, v in seg_scores.items()}
-        lam = max(lambdas, key=lambda v: by_lambda[v])  # a tie keeps the configured lambda (listed first)
-        cam_iou, seg_iou = float(np.mean(cam_scores)), by_lambda[lam]
-        result.use_seg_head = seg_iou > cam_iou
-        # `val_*`: held-out IoU pooled over the folds (every positive oracle mask is held out once).
-        result.metrics.update(
-            {
-                "val_iou_cam": cam_iou,
-                "val_iou_seg_head": seg_iou,
-                "val_iou_seg_head_by_lambda": {str(k): v for k, v in by_lambda.items()},
-                "cv_folds": len(folds),
-                "cv_masks": len(positives),
-            }
-        )
-        verdict = "seg head used" if result.use_seg_head else "CAM masks kept"
-        result.metrics["seg_head_decision"] = (
-            f"{verdict} ({len(folds)}-fold IoU seg {seg_iou:.3f} (lambda {lam:g}) vs CAM {cam_iou:.3f})"
-        )
-        log.info("%d-fold IoU: CAM %.3f, seg head %s", len(folds), cam_iou, by_lambda)
-
-    # The final heads: every oracle mask (+ pseudo-masks at the chosen lambda).
-    result.seg_heads = train_heads(ensemble, seg_maps, *training_set(list(oracle), pseudo, lam), settings)
-    result.metrics["seg_lambda"] = lam
-    used = len(pseudo) if lam > 0 else 0
-    log.info("seg heads trained on %d oracle + %d pseudo masks (lambda %g)", len(oracle), used, lam)
+        result.metrics["decision"] = f"refined CAM ({len(data.oracle)} oracle masks)"
+        return result
+    result.segment_head = fit_head(data, list(data.oracle), pseudo, lam)
+    if result.segment_head is None:
+        result.mask_source = "cam"
+    result.metrics.update(seg_lambda=lam, pseudo_masks=len(pseudo) if lam > 0 else 0)
+    log.info("masks from %s (%s)", result.mask_source, result.metrics.get("decision"))
     return result
+
+
+def _calibrate_on_oracle(data: PixelSet, result: PixelResult) -> None:
+    rule, threshold, info = calibrate_cam(data, data.positives)
+    result.mask_fusion, result.cam_threshold = rule, threshold
+    result.fusion_thresholds = info["fusion_thresholds"]
+    names = [m.name for m in data.annotator.ensemble.members]
+    gts = [data.oracle[i] for i in data.positives]
+    own = {name: [data.member_map(i, m) for i in data.positives] for m, name in enumerate(names)}
+    result.member_cam_thresholds = calibrate_members(own, gts)
+    info.pop("scores")
+    result.metrics["cam_calibration"] = info
+    log.info("CAM masks: %s at %.2f gives IoU %.3f on %d oracle masks", rule, threshold, info["iou"], info["images"])
+
+
+def _choose_by_folds(data: PixelSet, result: PixelResult) -> float:
+    s = data.settings
+    lambdas = sorted({s.seg_lambda, 0.0, 1.0}) if data.candidates or data.empty else [0.0]
+    cv = cross_validate(data, lambdas)
+    lam = max(lambdas, key=lambda v: (cv["head"][v], v == s.seg_lambda))  # a tie keeps the configured lambda
+    use_head = cv["head"][lam] > cv["cam"]
+    result.mask_source = "segments" if use_head else "cam"
+    verdict = "segment head" if use_head else "refined CAM"
+    result.metrics.update(
+        val_iou_cam=cv["cam"],
+        val_iou_segments=cv["head"][lam],
+        cv_folds=cv["folds"],
+        cv_masks=cv["masks"],
+        val_iou_segments_by_lambda={str(k): v for k, v in cv["head"].items()},
+        decision=f"{verdict} ({cv['folds']}-fold IoU: head {cv['head'][lam]:.3f} at lambda "
+        f"{lam:g}, CAM {cv['cam']:.3f})",
+    )
+    return lam

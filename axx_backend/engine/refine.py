@@ -1,0 +1,59 @@
+"""Refinement to image edges: superpixel pooling (METHOD.md "Mask", step 6b).
+
+A CAM is a blob at the resolution of the last feature map (10x10 cells at 320 px); the object's outline is
+in the image. Felzenszwalb's graph segmentation (scikit-image) cuts the image into regions along its
+edges; averaging the map inside each region makes every region all-in or all-out, so the thresholded mask
+follows the image's edges. Regions at three scales are averaged, so one bad cut costs a third.
+
+Measured on the photograph benchmark (binary, 100 test objects never seen in training, the mean CAM of
+the three `offline` members given the true class): IoU 0.450 without refinement; 0.600 with one
+Felzenszwalb scale; 0.644 with three; SLIC superpixels 0.42-0.48 and a guided filter 0.45-0.47 did not
+help. Regions are computed on the image at the model's input size (the map's working resolution): at
+half that size the three-scale pooling fell to 0.574.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+REFINE_METHODS = ("none", "superpixels")
+REFERENCE_SIDE = 320  # the image side the scales below are stated for; other sizes scale them by area
+
+
+@dataclass(frozen=True)
+class SuperpixelSpec:
+    """Felzenszwalb regions at several scales (`scale` and `min_size` as for a 320 x 320 image)."""
+
+    scales: tuple[float, ...] = (200.0, 400.0, 800.0)
+    sigma: float = 0.8
+    min_size: int = 30
+
+
+def segment_image(image: np.ndarray, spec: SuperpixelSpec = SuperpixelSpec()) -> list[np.ndarray]:
+    """Region labels [H, W] (int, 0..n-1) of an RGB uint8 image [H, W, 3], one array per scale."""
+    from skimage.segmentation import felzenszwalb
+
+    area = image.shape[0] * image.shape[1] / REFERENCE_SIDE**2
+    min_size = max(4, int(round(spec.min_size * area)))
+    return [
+        felzenszwalb(image, scale=scale * area, sigma=spec.sigma, min_size=min_size).astype(np.int64)
+        for scale in spec.scales
+    ]
+
+
+def region_means(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The mean of `values` [H, W] inside each region of `labels` [H, W]: shape [n_regions]."""
+    count = np.bincount(labels.ravel(), minlength=labels.max() + 1)
+    total = np.bincount(labels.ravel(), weights=values.ravel().astype(np.float64), minlength=len(count))
+    return total / np.maximum(count, 1)
+
+
+def pool(heat: np.ndarray, segmentations: Sequence[np.ndarray]) -> np.ndarray:
+    """`heat` [H, W] averaged inside the regions of each segmentation, then over the segmentations."""
+    if not segmentations:
+        return heat
+    pooled = [region_means(heat, labels)[labels] for labels in segmentations]
+    return np.mean(pooled, axis=0).astype(np.float32)

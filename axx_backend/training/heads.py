@@ -1,0 +1,239 @@
+"""The classification phase, on cached pooled features (milliseconds per epoch):
+
+1. each member's MC-dropout head on the train split, early-stopped on the held-out split (its epoch count);
+2. cross-fitting: k heads per member, each trained for that many epochs on the other folds of every labelled
+   image, predict their own fold: out-of-fold probabilities for all of them, the calibration set of the
+   temperatures, the member weights and the review threshold (four times the images of a held-out split, and
+   each scored by a head that never saw it, as a new image will be);
+3. the served head trained on every labelled image for the same number of epochs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..core.settings import Settings
+from ..engine.ensemble import Ensemble, MCDropoutHead, Member
+from ..engine.uncertainty import mc_statistics
+from .calibration import fit_temperature
+from .features import FeatureCache
+
+log = logging.getLogger(__name__)
+
+CV_FOLDS = 5
+
+
+@dataclass
+class Split:
+    """Which cached samples train the heads and which calibrate them; class index per sample (-1: none)."""
+
+    labels: torch.Tensor  # [N]
+    train: torch.Tensor  # sample indices
+    val: torch.Tensor
+
+    @classmethod
+    def of(cls, cache: FeatureCache, classes: Sequence[str], val_keys: set[str]) -> Split:
+        index = {c: i for i, c in enumerate(classes)}
+        labels = torch.tensor([index[s.label] if s.label is not None else -1 for s in cache.samples])
+        labelled = [i for i in range(len(labels)) if labels[i] >= 0]
+        val = [i for i in labelled if cache.samples[i].key in val_keys]
+        train = [i for i in labelled if cache.samples[i].key not in val_keys]
+        return cls(labels, torch.tensor(train, dtype=torch.long), torch.tensor(val, dtype=torch.long))
+
+    def label_of(self, i: int) -> int | None:
+        return int(self.labels[i]) if self.labels[i] >= 0 else None
+
+
+@dataclass
+class MemberStats:
+    """Per member: MC mean probabilities and normalised entropies of some samples, in a fixed order."""
+
+    index: list[int]
+    probs: list[np.ndarray] = field(default_factory=list)  # per member [n, C]
+    entropy: list[np.ndarray] = field(default_factory=list)  # per member [n]
+
+    def of(self, i: int) -> tuple[list[np.ndarray], list[float]]:
+        k = self.index.index(i)
+        return [p[k] for p in self.probs], [float(h[k]) for h in self.entropy]
+
+
+@dataclass
+class Heads:
+    """What the classification phase leaves for calibration, the pixel phase and the version."""
+
+    temperatures: list[float]
+    weights: list[float]  # each member's vote and share of the ensemble mean (sum 1)
+    metrics: dict[str, Any]  # per member
+    calibration: MemberStats  # out-of-fold statistics of every labelled image (temperature-scaled)
+    pixels: MemberStats  # the pixel set's samples, by the served heads
+
+
+def train_member_heads(ensemble: Ensemble, cache: FeatureCache, split: Split, settings: Settings) -> Heads:
+    """Train and cross-fit every member's head (see the module docstring), fit its temperature on the
+    out-of-fold logits, weigh the members, and sample the MC statistics of the pixel set."""
+    labelled = torch.cat([split.train, split.val]).sort().values
+    folds = stratified_folds(split.labels[labelled].numpy(), CV_FOLDS, settings.seed)
+    pixel_index = sorted(cache.pixels)
+    heads = Heads([], [], {}, MemberStats(labelled.tolist()), MemberStats(pixel_index))
+    generator = torch.Generator().manual_seed(settings.seed)
+    oof_logits = []
+    for m, member in enumerate(ensemble.members):
+        x = cache.pooled[m]
+        with torch.enable_grad():
+            info = train_head(
+                member.head,
+                x[split.train],
+                split.labels[split.train],
+                x[split.val],
+                split.labels[split.val],
+                len(ensemble.classes),
+                settings,
+            )
+            epochs = int(info["best_epoch"]) + 1
+            logits, samples = cross_fit(member, x[labelled], split.labels[labelled], folds, epochs, settings, generator)
+            retrain(member, x[labelled], split.labels[labelled], epochs, settings)
+        temperature = fit_temperature(logits, split.labels[labelled])
+        member.temperature.fill_(temperature)
+        stats = mc_statistics((samples / temperature).softmax(-1))
+        heads.calibration.probs.append(stats.mean_probs.numpy())
+        heads.calibration.entropy.append(stats.entropy.numpy())
+        oof_logits.append(logits / temperature)
+        accuracy = float((logits.argmax(-1) == split.labels[labelled]).float().mean())
+        heads.temperatures.append(temperature)
+        heads.metrics[member.name] = {"oof_accuracy": accuracy, "temperature": temperature, "epochs": epochs, **info}
+        log.info(
+            "member %s: out-of-fold accuracy %.3f, temperature %.3f, %d epochs",
+            member.name,
+            accuracy,
+            temperature,
+            epochs,
+        )
+    heads.weights = member_weights(oof_logits, split.labels[labelled])
+    for member, weight in zip(ensemble.members, heads.weights, strict=True):
+        heads.metrics[member.name]["weight"] = weight
+    _pixel_stats(ensemble, cache, heads, settings, generator)
+    return heads
+
+
+def cross_fit(
+    member: Member,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    folds: np.ndarray,
+    epochs: int,
+    settings: Settings,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Out-of-fold logits [N, C] and MC logit samples [T, N, C] of fresh heads like the member's."""
+    n_classes = member.head.fc.out_features
+    logits = torch.zeros(len(y), n_classes)
+    samples = torch.zeros(settings.mc_samples, len(y), n_classes)
+    for fold in range(int(folds.max()) + 1):
+        held = torch.from_numpy(np.flatnonzero(folds == fold))
+        rest = torch.from_numpy(np.flatnonzero(folds != fold))
+        head = MCDropoutHead(member.head.fc.in_features, n_classes, member.head.p)
+        fixed_epochs = dataclasses.replace(settings, epochs=epochs)
+        train_head(head, x[rest], y[rest], x[rest][:0], y[rest][:0], n_classes, fixed_epochs)
+        with torch.no_grad():
+            logits[held] = head.fc(x[held])
+            samples[:, held] = head.sample(x[held], settings.mc_samples, generator)
+    return logits, samples
+
+
+def retrain(member: Member, x: torch.Tensor, y: torch.Tensor, epochs: int, settings: Settings) -> None:
+    """The served head: every labelled image, the early-stopped number of epochs."""
+    fresh = MCDropoutHead(member.head.fc.in_features, member.head.fc.out_features, member.head.p)
+    train_head(fresh, x, y, x[:0], y[:0], member.head.fc.out_features, dataclasses.replace(settings, epochs=epochs))
+    member.head.load_state_dict(fresh.state_dict())
+
+
+def member_weights(logits: Sequence[torch.Tensor], labels: torch.Tensor, step: float = 0.1) -> list[float]:
+    """Weights on the simplex (a grid of `step`) that minimise the out-of-fold log-loss of the weighted mean of
+    the members' probabilities; equal weights win ties. A member no better than chance gets little say."""
+    probs = [lg.softmax(-1).double() for lg in logits]
+    n = len(probs)
+    best = (float("inf"), [1.0 / n] * n)
+    for combo in _simplex(n, round(1 / step)):
+        w = [c * step for c in combo]
+        mixed = sum(wi * p for wi, p in zip(w, probs, strict=True))
+        loss = float(F.nll_loss(torch.log(mixed.clamp_min(1e-12)), labels))
+        equal = all(abs(wi - 1.0 / n) < step / 2 for wi in w)
+        if loss < best[0] - 1e-9 or (abs(loss - best[0]) <= 1e-9 and equal):
+            best = (loss, w)
+    total = sum(best[1])
+    return [round(wi / total, 4) for wi in best[1]]
+
+
+def _simplex(n: int, units: int) -> Iterator[tuple[int, ...]]:
+    if n == 1:
+        yield (units,)
+        return
+    for first in range(units + 1):
+        for rest in _simplex(n - 1, units - first):
+            yield (first, *rest)
+
+
+def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold index per item, classes dealt evenly (seeded); fewer folds when a class has fewer items."""
+    rng = np.random.default_rng(seed)
+    k = max(2, min(k, min(np.bincount(labels)[np.bincount(labels) > 0])))
+    folds = np.zeros(len(labels), dtype=int)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        folds[idx] = np.arange(len(idx)) % k
+    return folds
+
+
+def _pixel_stats(
+    ensemble: Ensemble, cache: FeatureCache, heads: Heads, settings: Settings, generator: torch.Generator
+) -> None:
+    index = torch.tensor(heads.pixels.index, dtype=torch.long)
+    for m, member in enumerate(ensemble.members):
+        with torch.no_grad():
+            mc = member.head.sample(cache.pooled[m][index], settings.mc_samples, generator) / heads.temperatures[m]
+            stats = mc_statistics(mc.softmax(-1))
+        heads.pixels.probs.append(stats.mean_probs.numpy())
+        heads.pixels.entropy.append(stats.entropy.numpy())
+
+
+def train_head(
+    head: torch.nn.Module,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    num_classes: int,
+    settings: Settings,
+) -> dict[str, float]:
+    """Full-batch AdamW with class-balanced cross-entropy; keeps the epoch with the best
+    validation loss (early stopping without a patience knob: every epoch is cheap)."""
+    torch.manual_seed(settings.seed)
+    counts = torch.bincount(train_y, minlength=num_classes).float()
+    weights = counts.sum() / (num_classes * counts.clamp_min(1))
+    optimizer = torch.optim.AdamW(head.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    best_loss, best_state, best_epoch = float("inf"), None, 0
+    has_val = len(val_y) > 0
+    for epoch in range(settings.epochs):
+        head.train()
+        optimizer.zero_grad()
+        loss = F.cross_entropy(head(train_x), train_y, weight=weights)
+        loss.backward()
+        optimizer.step()
+        head.eval()
+        with torch.no_grad():
+            monitor = F.cross_entropy(head(val_x), val_y) if has_val else loss.detach()
+        if float(monitor) < best_loss:
+            best_loss, best_epoch = float(monitor), epoch
+            best_state = {k: v.clone() for k, v in head.state_dict().items()}
+    if best_state is not None:
+        head.load_state_dict(best_state)
+    head.eval()
+    return {"best_epoch": best_epoch, "val_loss": best_loss}
