@@ -22,7 +22,7 @@ setup: $(BIN)/axx-backend
 
 # Generate a small demo data set, train a version on it, annotate a folder: the whole engine in a minute.
 demo: setup
-	$(BIN)/python -c "from axx_backend.synthetic import make_dataset; make_dataset('$(DEMO_DIR)/dataset', 24, 192, seed=0); make_dataset('$(DEMO_DIR)/unseen', 4, 256, seed=1, masks=False)"
+	$(BIN)/python -c "from axx_backend.core.synthetic import make_dataset; make_dataset('$(DEMO_DIR)/dataset', 24, 192, seed=0); make_dataset('$(DEMO_DIR)/unseen', 4, 256, seed=1, masks=False)"
 	$(BIN)/axx-backend train $(DEMO_DIR)/dataset --model-dir $(MODEL_DIR)
 	$(BIN)/axx-backend annotate $(DEMO_DIR)/unseen/images --out $(DEMO_DIR)/annotated --model-dir $(MODEL_DIR)
 

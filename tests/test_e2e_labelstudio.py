@@ -466,7 +466,7 @@ def test_preannotate_in_process_fails_bad_images_only(stack: dict[str, Any]) -> 
 
 # --- the learning loop (keep these last: they add a prediction per task and move project.model_version) -----------
 # Which task images get an annotation, and whether it has the brush mask too: all 7 lesion images with their
-# generated mask (5 stay in training after the validation split: enough for the seg head, METHOD.md
+# generated mask (5 stay in training after the validation split: enough for the seg head, docs/METHOD.md
 # min_pixel_labels) and the 4 healthy ones with the choice alone. grey.png and corrupt.png stay unlabelled:
 # pseudo-mask candidates, and an unreadable image the run must skip.
 ANNOTATE = {

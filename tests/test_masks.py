@@ -1,4 +1,4 @@
-"""Fusion rules of METHOD.md step 6 on hand-made maps."""
+"""Fusion rules of docs/METHOD.md step 6 on hand-made maps."""
 
 import numpy as np
 import pytest

@@ -204,7 +204,7 @@ def toy_pixels(cam_knows, head_knows, n_pos=10, n_neg=4, n_unlabelled=0, **setti
         probs.append([0.03, 0.97] if positive else [0.97, 0.03])
     index = list(range(len(labels)))
     stats = MemberStats(index, [np.array(probs)] * 2, [np.full(len(index), 0.1)] * 2)
-    heads = Heads([1.0, 1.0], {}, MemberStats([]), stats)
+    heads = Heads([1.0, 1.0], [0.5, 0.5], {}, MemberStats([]), stats)
     split = Split(torch.tensor(labels), torch.tensor([]), torch.tensor([]))
     return fit_pixels(annotator, cache, split, heads, 0.5)
 

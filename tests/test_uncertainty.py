@@ -1,4 +1,4 @@
-"""MC statistics against hand computations, and the decision rule of METHOD.md step 4."""
+"""MC statistics against hand computations, and the decision rule of docs/METHOD.md step 4."""
 
 import math
 

@@ -79,7 +79,7 @@ def test_the_typed_format_round_trips_and_reads_a_format_1_version(tmp_path):
     assert loaded.version == "v1" and loaded.created and loaded.format == 2
     assert loaded.members[0].mean == (0.1, 0.2, 0.3) and loaded.negative_classes == ("Healthy",)
     assert loaded == load_version(tmp_path / "v1")
-    # The first releases wrote an untyped dict without format, seg_layer, val_keys or weights.
+    # The first releases wrote an untyped dict without format, val_keys or member weights.
     old = {
         "classes": ["a", "b"],
         "members": [{"name": "resnet50", "source": "pip:imgsim", "fingerprint": "f" * 16, "temperature": 2.0}],
@@ -90,7 +90,7 @@ def test_the_typed_format_round_trips_and_reads_a_format_1_version(tmp_path):
     (tmp_path / "v0").mkdir()
     (tmp_path / "v0" / "version.json").write_text(json.dumps(old))
     legacy = load_version(tmp_path / "v0")
-    assert legacy.format == 1 and legacy.members[0].seg_layer is None and legacy.members[0].temperature == 2.0
+    assert legacy.format == 1 and legacy.members[0].weight == 1.0 and legacy.members[0].temperature == 2.0
     assert legacy.thresholds.mask_fusion == "intersection" and legacy.thresholds.fusion_thresholds == {}
     assert legacy.training.skipped == ("x: unreadable",) and legacy.training.val_keys == ()
     assert legacy.negative_classes is None and not legacy.cam_calibrated

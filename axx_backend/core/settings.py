@@ -1,4 +1,4 @@
-"""Every tunable number of the method (METHOD.md), in one place.
+"""Every tunable number of the method (docs/METHOD.md), in one place.
 
 A trained version stores the values it was calibrated with (`thresholds` in its
 `version.json`); those win over these defaults at prediction time, unless an
@@ -37,7 +37,7 @@ DEFAULT_NEGATIVE_PATTERN = r"^\s*(healthy|normal|negative|none|background|no[ _-
 
 @dataclass
 class Settings:
-    """Prediction and training settings with the defaults of METHOD.md."""
+    """Prediction and training settings with the defaults of docs/METHOD.md."""
 
     preset: str = "auto"
     members: tuple[str, ...] = ()  # explicit timm names override the preset
@@ -64,6 +64,7 @@ class Settings:
     mask_fusion: str = "mean"  # "mean" | "intersection" | "votes:k"
     cam_threshold: float = 0.5
     refine: str = "superpixels"  # "superpixels": pool maps in image regions (engine/refine.py); "none"
+    map_side: int = 320  # maps and regions are made at the input size, at most this (bounds refinement's cost)
     superpixel_scales: tuple[float, ...] = (200.0, 400.0, 800.0)  # Felzenszwalb scales at 320 px
     negative_pattern: str = DEFAULT_NEGATIVE_PATTERN
     negative_classes: tuple[str, ...] = ()  # explicit list overrides the pattern
@@ -76,7 +77,7 @@ class Settings:
     learning_rate: float = 1e-2
     weight_decay: float = 1e-3
     val_fraction: float = 0.25
-    tta_flip: bool = False  # also cache features of the mirrored images (doubles feature time)
+    tta_flip: bool = False  # decide on the image and its mirror (a second forward: +0.5 accuracy points measured)
 
     # Pixel supervision (Belharbi et al.): a segment head on oracle masks + lambda * pseudo-masks
     seg_lambda: float = 0.1

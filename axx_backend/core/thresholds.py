@@ -1,6 +1,6 @@
-"""Choosing mask thresholds on validation images with ground-truth masks (METHOD.md "Mask").
+"""Choosing mask thresholds on validation images with ground-truth masks (docs/METHOD.md "Mask").
 
-The probe of METHOD.md showed that a threshold tuned per member and then AND-ed shrinks the mask
+The probe of docs/METHOD.md showed that a threshold tuned per member and then AND-ed shrinks the mask
 (IoU 0.237 vs 0.350 with one threshold tuned for the AND): each fusion rule gets its own threshold,
 chosen where that rule's mean IoU is highest. Use validation data only, never the test split.
 

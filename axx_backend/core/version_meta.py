@@ -2,8 +2,8 @@
 
 Training writes a `VersionMeta` (`save_version`); the annotator, the server's registry, `evaluate` and
 `axx-backend versions` read one (`load_version`). Versions written by older releases still load: every
-field added since has a default that means "what the older release did" (e.g. no `seg_layer`: a
-segmentation head reads the last feature map).
+field added since has a default that means "what the older release did" (e.g. no member `weight`:
+the members vote equally).
 
 `metrics` stays a free-form report (validation numbers for people and `evaluate`); nothing that
 prediction depends on lives there.

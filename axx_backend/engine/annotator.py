@@ -1,4 +1,4 @@
-"""The prediction pipeline (METHOD.md "Prediction"), in two explicit steps that serving, `evaluate` and
+"""The prediction pipeline (docs/METHOD.md "Prediction"), in two explicit steps that serving, `evaluate` and
 training share:
 
     forward(images)  -> Forward: one backbone pass per member, the MC statistics (and, for the segment
@@ -63,9 +63,12 @@ class Forward:
     def member_entropy(self, b: int) -> list[float]:
         return [float(st.entropy[b]) for st in self.stats]
 
-    def working_image(self, b: int) -> np.ndarray:
-        """Image b as the model saw it: RGB uint8 [S, S, 3]."""
-        return (self.x[b].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
+    def working_image(self, b: int, side: int) -> np.ndarray:
+        """Image b as the model saw it, at `side` x `side`: RGB uint8 [side, side, 3]."""
+        x = self.x[b : b + 1]
+        if x.shape[-1] != side:
+            x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+        return (x[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
 
 
 class Annotator:
@@ -92,6 +95,8 @@ class Annotator:
         self.segment_head = segment_head
         self.version = version
         self.input_size = input_size or settings.input_size
+        # Maps, regions and masks are made at this side (the input size, at most `map_side`), then upsampled once.
+        self.map_side = min(self.input_size, settings.map_side)
         self.device = select_device(settings.device)
         self.ensemble = ensemble.prepare(self.device, settings.channels_last and self.device.type == "cpu")
         if negative_classes is None:
@@ -147,7 +152,11 @@ class Annotator:
         outputs = self.ensemble.forward_mc(
             x, s.mc_samples, generator, s.precision, full_mc=s.mc_mode == "full", levels=want_levels
         )
-        return Forward(list(images), x, outputs, [mc_statistics(out.mc_probs) for out in outputs])
+        samples = [out.mc_probs for out in outputs]
+        if s.tta_flip:  # the mirrored image's samples join the statistics; the maps stay the image's own
+            mirrored = self.ensemble.forward_mc(x.flip(-1), s.mc_samples, generator, s.precision)
+            samples = [torch.cat([a, b.mc_probs]) for a, b in zip(samples, mirrored, strict=True)]
+        return Forward(list(images), x, outputs, [mc_statistics(p) for p in samples])
 
     # --- conclude --------------------------------------------------------------------------------------------------
     def decide(self, fwd: Forward, b: int) -> Decision:
@@ -217,7 +226,7 @@ class Annotator:
     def maps(self, fwd: Forward, b: int, label: int, members: Sequence[int] | None = None) -> list[np.ndarray]:
         """Each member's (of `members`, default all) normalised CAM of class `label`, [S, S], before refinement."""
         chosen = range(len(fwd.outputs)) if members is None else members
-        size = (self.input_size, self.input_size)
+        size = (self.map_side, self.map_side)
         return [self._cam(self.ensemble.members[i], fwd.outputs[i], fwd.x[b : b + 1], b, label, size) for i in chosen]
 
     def _cam(
@@ -235,14 +244,14 @@ class Annotator:
         """Image b's regions at every superpixel scale, cut once per forward."""
         if b not in fwd.segmentations:
             spec = SuperpixelSpec(scales=tuple(self.settings.superpixel_scales))
-            fwd.segmentations[b] = segment_image(fwd.working_image(b), spec)
+            fwd.segmentations[b] = segment_image(fwd.working_image(b, self.map_side), spec)
         return fwd.segmentations[b]
 
     def segment_features(self, fwd: Forward, b: int, cam: np.ndarray) -> list[np.ndarray]:
         """The segment head's input for image b, one array per superpixel scale."""
         if any(out.levels is None for out in fwd.outputs):
             raise ValueError("this forward kept no level maps: call forward(images, levels=True)")
-        grid = level_grid([level[b] for out in fwd.outputs for level in out.levels or []], self.input_size)
+        grid = level_grid([level[b] for out in fwd.outputs for level in out.levels or []], self.map_side)
         return [region_features(grid, cam, labels) for labels in self.segmentations(fwd, b)]
 
     def segment_score(self, fwd: Forward, b: int, label: int, members: Sequence[int]) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Fusing the agreeing members' maps into one binary mask (METHOD.md step 6)."""
+"""Fusing the agreeing members' maps into one binary mask (docs/METHOD.md step 6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Refinement to image edges: superpixel pooling (METHOD.md "Mask", step 6b).
+"""Refinement to image edges: superpixel pooling (docs/METHOD.md "Mask", step 6b).
 
 A CAM is a blob at the resolution of the last feature map (10x10 cells at 320 px); the object's outline is
 in the image. Felzenszwalb's graph segmentation (scikit-image) cuts the image into regions along its

@@ -1,4 +1,4 @@
-"""XGrad-CAM maps (METHOD.md step 5).
+"""XGrad-CAM maps (docs/METHOD.md step 5).
 
 For a `GAP -> (dropout) -> linear` head, XGrad-CAM's channel weight is
 `sum_ij (A_kij / sum_ij A_kij) * dY_c/dA_kij = w_ck / (h*w)`, so the map is
@@ -25,7 +25,7 @@ def cam_weights(weight: torch.Tensor, mode: str = "class") -> torch.Tensor:
     """The [C, K] channel weights a CAM uses: `class` is the head's w_c (XGrad-CAM as in the paper);
     `contrastive` is w_c minus the mean of the other classes' weights. A softmax decision depends only on
     such differences: w_c alone keeps whatever all classes share, which lights up the whole scene
-    (METHOD.md "Class-contrastive CAM"). With two classes the two differ only by a factor."""
+    (docs/METHOD.md "Class-contrastive CAM"). With two classes the two differ only by a factor."""
     if mode == "class" or weight.shape[0] < 2:
         return weight
     if mode != "contrastive":

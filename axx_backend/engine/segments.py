@@ -1,4 +1,4 @@
-"""The segment head: which image regions belong to the object (METHOD.md "Learning" 3).
+"""The segment head: which image regions belong to the object (docs/METHOD.md "Learning" 3).
 
 Belharbi et al. train a segmentation head on a few oracle masks plus lambda-weighted pseudo-masks. Here
 the head labels the Felzenszwalb regions of `refine.py` rather than pixels: a region's features are the

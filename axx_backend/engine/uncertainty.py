@@ -1,4 +1,4 @@
-"""Monte Carlo statistics per member and the review/flag decision (METHOD.md, steps 3-4)."""
+"""Monte Carlo statistics per member and the review/flag decision (docs/METHOD.md, steps 3-4)."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def decide(
     min_uncertain_to_flag: int = 2,
     weights: Sequence[float] | None = None,
 ) -> Decision:
-    """METHOD.md step 4: flag when >= k members are uncertain or no class has a (weighted) majority of the
+    """docs/METHOD.md step 4: flag when >= k members are uncertain or no class has a (weighted) majority of the
     confident members' votes; else that class. `weights`: each member's vote (default 1 each, the paper's
     plain majority); training sets them from out-of-fold predictions."""
     probs = [np.asarray(p, dtype=np.float64) for p in member_probs]

@@ -1,6 +1,6 @@
 """`axx-backend evaluate`: a version on a data set folder with image labels and (optionally) masks.
 
-What is measured (METHOD.md "Evaluation"):
+What is measured (docs/METHOD.md "Evaluation"):
 - classification over all images: accuracy of the served class (and of each member alone), macro-F1, AUROC
   and ECE of the ensemble mean probabilities, and the review flag (share flagged, accuracy on the unflagged
   and on the flagged);
@@ -256,7 +256,7 @@ def calibrate_thresholds(annotator: Annotator, samples: Sequence[Sample], source
             maps = annotator.maps(fwd, b, annotator.classes.index(ann.label))
             if annotator.refines:
                 maps = [pool(m, annotator.segmentations(fwd, b)) for m in maps]
-            gt = gt_mask(sample, (annotator.input_size, annotator.input_size))
+            gt = gt_mask(sample, (annotator.map_side, annotator.map_side))
             fused.append([maps[i] for i, m in enumerate(ann.members) if m.agrees])
             gts.append(gt)
             for name, m in zip(names, maps, strict=True):

@@ -1,4 +1,4 @@
-"""Metrics of METHOD.md "Evaluation", in plain numpy (no scikit-learn dependency).
+"""Metrics of docs/METHOD.md "Evaluation", in plain numpy (no scikit-learn dependency).
 
 Classification: accuracy, macro-F1, AUROC (rank-based; one-vs-rest macro for more than two classes),
 expected calibration error and reliability bins, the risk-coverage curve. Masks: IoU and Dice per

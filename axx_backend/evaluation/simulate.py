@@ -3,15 +3,15 @@
 Start from image labels only; each round the oracle reveals K ground-truth masks of pool images (chosen
 by `random`, `entropy` or `bald`), a new version is trained on the pool with those masks, and the test
 split is evaluated. The masks reach training as `Sample.mask_path` (an oracle mask); what training
-does with them (the segmentation head of METHOD.md "Learning" 3) is up to `train_fn`.
+does with them (the segment head of docs/METHOD.md "Learning" 3) is up to `train_fn`.
 
 The revealed masks are also used to choose the CAM thresholds when the version did not calibrate its
-own (METHOD.md "Mask": thresholds tuned for the fused rule on images with masks): the row
-`iou_mean_calibrated` is what the oracle masks buy without any pixel-supervised training.
+own (docs/METHOD.md "Mask": thresholds tuned for the fused rule on images with masks): the row
+`iou_mean_calibrated` is what the oracle masks buy for the refined CAM without any pixel-supervised training.
 
 Selection scores are pixel-wise and averaged over the pixels of an image (not pooled over all pixels of
-the pool at once), from the members' segmentation-head probabilities when the version has heads, else
-their normalised CAMs of the image's known class used as foreground probabilities:
+the pool at once), from the segment head's probability when the version serves it, else the members'
+(refined) normalised CAMs of the image's known class used as foreground probabilities:
 `entropy` = mean binary entropy of the mean map; `bald` = mean over pixels of
 H(mean_m p_m) - mean_m H(p_m), the members standing in for posterior samples (a deep-ensemble BALD).
 """
@@ -146,7 +146,7 @@ def simulate_al(
     """Run rounds 0..`rounds` (round 0: no mask); write `al_<strategy>.csv` and `.png` to `out_dir`.
 
     Round r has `r * per_round` oracle masks, or `schedule[r - 1]` when a schedule of increasing
-    cumulative counts is given (e.g. 5, 10, 20, 50 as in METHOD.md "Evaluation").
+    cumulative counts is given (e.g. 5, 10, 20, 50 as in docs/METHOD.md "Evaluation").
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose {', '.join(STRATEGIES)}")

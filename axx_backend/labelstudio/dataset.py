@@ -1,4 +1,4 @@
-"""A Label Studio project as training samples (METHOD.md "Learning" 1).
+"""A Label Studio project as training samples (docs/METHOD.md "Learning" 1).
 
 All tasks come through the export API (START_TRAINING carries no annotations: docs/LABEL_STUDIO.md,
 section 4). For each task the latest non-cancelled annotation wins: its Choices value is the class, its

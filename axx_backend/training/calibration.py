@@ -1,4 +1,4 @@
-"""Calibration on the validation split: temperatures and the uncertainty threshold (METHOD.md 3)."""
+"""Calibration on out-of-fold predictions: temperatures and the uncertainty threshold (docs/METHOD.md "Learning" 4)."""
 
 from __future__ import annotations
 

@@ -91,7 +91,7 @@ def extract_features(
 
 def pixel_view(annotator: Annotator, fwd: Forward, b: int) -> PixelView:
     segmentations = annotator.segmentations(fwd, b)
-    side = fwd.x.shape[-1]
+    side = annotator.map_side
     grid = level_grid([level[b] for out in fwd.outputs for level in out.levels or []], side)
     blank = np.zeros((side, side), np.float32)  # the CAM column is filled in once the heads exist
     features = [region_features(grid, blank, labels) for labels in segmentations]

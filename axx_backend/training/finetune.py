@@ -1,4 +1,4 @@
-"""Fine-tuning the backbones on image-level labels (METHOD.md "Learning" 2).
+"""Fine-tuning the backbones on image-level labels (docs/METHOD.md "Learning" 2).
 
 `last-stage` (the default where it pays) trains the stride-32 stage of each backbone, everything after it in
 `forward_features`, and the head, on the CPU in minutes: what enters that stage (the stride-16 map, the same

@@ -1,4 +1,4 @@
-"""The pixel phase of training (METHOD.md "Learning" 3, after Belharbi et al.): CAM thresholds, pseudo-masks,
+"""The pixel phase of training (docs/METHOD.md "Learning" 3, after Belharbi et al.): CAM thresholds, pseudo-masks,
 the segment head, and whether the head or the refined CAM makes the served masks.
 
 Everything runs on the pixel set's cached views (training/features.py) at the working resolution (the
@@ -75,7 +75,7 @@ class PixelSet:
         self.annotator = annotator
         self.cache = cache
         self.settings = annotator.settings
-        self.size = annotator.input_size
+        self.size = annotator.map_side
         self.negative = {annotator.classes.index(c) for c in annotator.negative}
         self.oracle = {i: m for i, s in self._samples() if (m := s.load_mask()) is not None}
         self.oracle = {i: resize_mask(m, self.size) for i, m in self.oracle.items()}
