@@ -97,6 +97,12 @@ def add_service_commands(sub: Any) -> None:
         default=None,
         help="comma-separated queues to serve, in priority order (default: axx-training,axx-preannotate)",
     )
+    worker.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per job (default: $AXX_WORKER_THREADS, else the CPUs divided by this host's workers)",
+    )
     worker.set_defaults(func=cmd_worker)
 
 
@@ -168,7 +174,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from .jobs import run_worker
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
-    run_worker(burst=args.burst, queues=queues)
+    run_worker(burst=args.burst, queues=queues, threads=args.threads)
     return 0
 
 

@@ -16,14 +16,16 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from ..core.settings import Settings
 from ..core.version_meta import VERSION_FILE, VersionError, VersionMeta, load_version
 from ..core.versions import ModelStore
-from .annotator import Annotator
+
+if TYPE_CHECKING:
+    from .annotator import Annotator
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,15 @@ class Resolved:
     @property
     def ready(self) -> bool:
         return self.path is not None
+
+
+def __getattr__(name: str) -> Any:
+    """`registry.Annotator` still names the class (imported on first use: resolving needs no torch)."""
+    if name == "Annotator":
+        from .annotator import Annotator
+
+        return Annotator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class LoadedModel:
@@ -130,6 +141,8 @@ class ModelRegistry:
                 model = self._models.get(path)
             if model is not None:
                 return model
+            from .annotator import Annotator  # torch: imported by the first load, not by resolving
+
             start = time.perf_counter()
             try:
                 annotator = Annotator.from_version(path, self.settings)

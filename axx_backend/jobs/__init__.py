@@ -4,6 +4,7 @@
 - `lease`: one Redis lease with a heartbeat, held by a training run and by a pre-annotation chunk.
 - `training`: `InProcessJobs` (a thread per project) and `RQJobs` (Redis), `rq_entry` (what a worker runs).
 - `project`: `train_project`, the training job itself (a dataset folder or a Label Studio project).
+- `warm`: `WarmWorker`, RQ's forking worker that preloads what a job needs (`preload_with`) before the fork.
 - `worker`: `run_worker`, `axx-backend worker`.
 
 RQ stores a job's function by import path: `axx_backend.jobs.rq_entry` (the path of jobs queued before the

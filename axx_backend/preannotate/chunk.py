@@ -1,8 +1,10 @@
 """One chunk of a pre-annotation run: predict its tasks with the code of `/predict`, post the predictions.
 
 On a worker (`rq_chunk_entry`) the chunk holds a lease in Redis while it runs (`jobs.lease`, the heartbeat
-training runs use too) and checks it before each post, so a chunk taken over by a new attempt stops posting.
-Right before predicting, the chunk re-reads its tasks: a retried or resumed chunk posts only what is missing.
+training runs use too) and checks it before each request that posts, so a chunk taken over by a new attempt
+stops posting. Right before predicting, the chunk re-reads its tasks: a retried or resumed chunk posts only what
+is missing. Predictions go to Label Studio in bulk, `IMPORT_BATCH` per request. The worker loads the run's
+version before it forks the chunk's process (`preload_version`, `jobs.warm`): chunks do not load it again.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ..jobs.lease import Lease
-from ..labelstudio.client import LabelStudioClient, prediction_versions
+from ..jobs.warm import preload_with
+from ..labelstudio.client import LabelStudioClient, LabelStudioError, prediction_versions
 from ..labelstudio.config import ConfigCache
 from ..labelstudio.predict import TaskPredictions, predict_tasks
 from ..labelstudio.settings import LabelStudioSettings
@@ -26,6 +29,7 @@ from .plan import RunSpec, registry_for, run_keys
 log = logging.getLogger(__name__)
 
 RESULTS_TTL = 7 * 86400  # s: how long a run's chunk results stay in Redis
+IMPORT_BATCH = 100  # predictions per bulk import request
 
 
 class ChunkIncomplete(RuntimeError):
@@ -63,7 +67,7 @@ def predict_chunk(
     }
     if todo:
         out = _predict(spec, todo, ls, client)
-        _post(client, todo, out, result, holds_lease, task_ids)
+        _post(client, spec, todo, out, result, holds_lease, task_ids)
         transient = out.counts["skipped_transient"]
         if transient:
             raise ChunkIncomplete(
@@ -91,25 +95,63 @@ def _predict(
 
 def _post(
     client: LabelStudioClient,
+    spec: RunSpec,
     todo: list[dict[str, Any]],
     out: TaskPredictions,
     result: dict[str, Any],
     holds_lease: Callable[[], bool] | None,
     task_ids: list[int],
 ) -> None:
-    """Post each prediction (a task without one is asked again later), while the lease is ours."""
+    """Store the predictions (a task without one is asked again later) while the lease is ours: in bulk, up
+    to `IMPORT_BATCH` per request; one by one for what a refused bulk request did not store."""
+    ready: list[tuple[int, dict[str, Any], bool]] = []  # (task id, prediction, its image was unusable)
     for i, (task, prediction) in enumerate(zip(todo, out.results, strict=True)):
         if i in out.errors:
             result["errors"][str(task["id"])] = out.errors[i]
-        if not prediction:
-            continue
-        if holds_lease is not None and not holds_lease():
-            raise LeaseLost(f"chunk of tasks {task_ids[0]}..{task_ids[-1]}: lease lost, another attempt posts")
-        client.post_prediction(int(task["id"]), prediction)
-        result["posted"] += 1
-        result["failed_images"] += out.outcomes[i] == "failed"
+        if prediction:
+            ready.append((int(task["id"]), prediction, out.outcomes[i] == "failed"))
+    for start in range(0, len(ready), IMPORT_BATCH):
+        batch = ready[start : start + IMPORT_BATCH]
+        _check_lease(holds_lease, task_ids)
+        try:
+            client.import_predictions(spec.project, [(task, prediction) for task, prediction, _ in batch])
+        except LabelStudioError as exc:
+            log.warning("project %s: bulk import of %d predictions refused (%s): posting them one by one",
+                        spec.project, len(batch), exc)  # fmt: skip
+            _post_each(client, spec, batch, holds_lease, task_ids)
+        result["posted"] += len(batch)
+        result["failed_images"] += sum(failed for _, _, failed in batch)
 
 
+def _post_each(
+    client: LabelStudioClient,
+    spec: RunSpec,
+    batch: list[tuple[int, dict[str, Any], bool]],
+    holds_lease: Callable[[], bool] | None,
+    task_ids: list[int],
+) -> None:
+    """`POST /api/predictions` for each task of a refused bulk request that has no prediction of the version
+    (the bulk import is not one transaction: part of it may be stored)."""
+    stored = client.list_tasks(spec.project, ids=[task for task, _, _ in batch])
+    have = {int(t["id"]) for t in stored if spec.version in prediction_versions(t)}
+    for task, prediction, _ in batch:
+        if task not in have:
+            _check_lease(holds_lease, task_ids)
+            client.post_prediction(task, prediction)
+
+
+def _check_lease(holds_lease: Callable[[], bool] | None, task_ids: list[int]) -> None:
+    if holds_lease is not None and not holds_lease():
+        raise LeaseLost(f"chunk of tasks {task_ids[0]}..{task_ids[-1]}: lease lost, another attempt posts")
+
+
+def preload_version(spec_json: dict[str, Any], *_: Any) -> None:
+    """In the worker, before it forks the chunk's work horse (`jobs.warm.WarmWorker`): the run's version into
+    this process's cache, where the horse and the next chunks find it (a no-op once it is there)."""
+    registry_for(spec_json["model_dir"]).get(Path(spec_json["version_path"]))
+
+
+@preload_with(preload_version)
 def rq_chunk_entry(spec_json: dict[str, Any], index: int, task_ids: list[int], attempt: int) -> dict[str, Any]:
     """What an RQ worker runs for one chunk: the lease, then `predict_chunk`, then the result in Redis."""
     from rq import get_current_job

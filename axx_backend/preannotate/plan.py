@@ -8,6 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..core.env import environ, get_int
 from ..core.settings import Settings
 from ..engine.registry import ModelRegistry
 from ..labelstudio.client import LabelStudioClient, prediction_versions
@@ -55,15 +56,18 @@ def run_keys(project: str, run: str | None = None, index: int | None = None) -> 
     return keys
 
 
-_registries: dict[str, ModelRegistry] = {}  # model dir -> registry: an in-process run loads its version once
+_registries: dict[str, ModelRegistry] = {}  # model dir -> registry: a process loads a version once
 _registries_lock = threading.Lock()
 
 
 def registry_for(model_dir: str) -> ModelRegistry:
-    """The per-process cache of loaded versions (the server's `ModelRegistry`), one per model directory."""
+    """The per-process cache of loaded versions (the server's `ModelRegistry`), one per model directory: keyed
+    by version directory, at most `AXX_MAX_LOADED_VERSIONS` (2) of them, the least recently used dropped first.
+    A worker fills it before forking a chunk (`chunk.preload_version`), so every chunk finds its version."""
     with _registries_lock:
         if model_dir not in _registries:
-            _registries[model_dir] = ModelRegistry(model_dir, Settings.from_env())
+            keep = get_int(environ(), "AXX_MAX_LOADED_VERSIONS", 2, minimum=1)
+            _registries[model_dir] = ModelRegistry(model_dir, Settings.from_env(), max_loaded=keep)
         return _registries[model_dir]
 
 
