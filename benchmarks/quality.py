@@ -96,6 +96,7 @@ def run_one(
         "eval_seconds": round(t_eval, 1),
         "version_mask_source": meta.mask_source,
         "version_pixels": meta.metrics.get("pixels"),
+        "train_step_seconds": meta.metrics.get("seconds"),
         **ev.report,
     }
     title = (

@@ -156,6 +156,8 @@ class Settings:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.image_max_pixels < 1:
             raise ValueError("image_max_pixels must be >= 1")
+        if self.map_side < 32:
+            raise ValueError("map_side must be >= 32")
 
 
 def model_dir_from(arg: str | os.PathLike[str] | None) -> Path:

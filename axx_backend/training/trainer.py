@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,15 @@ from .heads import Heads, Split, train_member_heads
 from .pixels import PixelResult, fit_pixels
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def timed(step: str, seconds: dict[str, float]) -> Iterator[None]:
+    """Record (and log) how long a step took: the version's `metrics.seconds` shows where training time goes."""
+    start = time.perf_counter()
+    yield
+    seconds[step] = round(time.perf_counter() - start, 1)
+    log.info("%s took %.1f s", step, seconds[step])
 
 
 def train_version(
@@ -71,19 +82,27 @@ def train_on_samples(
     annotator = Annotator(ensemble, settings, negative_classes=set(negative))
     val_keys = validation_keys(labelled, settings)
     mode = resolve_finetune(settings)
-    finetune_metrics = finetune_all(annotator, labelled, classes, val_keys, progress) if mode == "all" else {}
-    cache = extract_features(annotator, list(samples), pixel_keys(samples, settings), progress, mode == "last-stage")
+    seconds: dict[str, float] = {}
+    with timed("finetune (all layers)", seconds):
+        finetune_metrics = finetune_all(annotator, labelled, classes, val_keys, progress) if mode == "all" else {}
+    with timed("features", seconds):
+        keys = pixel_keys(samples, settings)
+        cache = extract_features(annotator, list(samples), keys, progress, mode == "last-stage")
     split = Split.of(cache, classes, val_keys)
-    if mode == "last-stage":
-        finetune_metrics = finetune_step(ensemble, cache, split, settings, progress)
-    heads = train_member_heads(ensemble, cache, split, settings)
-    thresholds, metrics = calibrate_review(heads, split, settings)
+    with timed("finetune (last stage)", seconds):
+        if mode == "last-stage":
+            finetune_metrics = finetune_step(ensemble, cache, split, settings, progress)
+    with timed("heads and calibration", seconds):
+        heads = train_member_heads(ensemble, cache, split, settings)
+        thresholds, metrics = calibrate_review(heads, split, settings)
     for name, extra in finetune_metrics.items():
         heads.metrics[name].update(extra)
     metrics.update(members=heads.metrics, n_train=len(split.train), n_val=len(split.val), calibration="out of fold")
     if progress:
         progress("pixels", 0.0)
-    pixels = fit_pixels(annotator, cache, split, heads, thresholds["uncertainty_threshold"])
+    with timed("pixels", seconds):
+        pixels = fit_pixels(annotator, cache, split, heads, thresholds["uncertainty_threshold"])
+    metrics["seconds"] = seconds
     thresholds.update(pixels.thresholds())  # the served CAM rule and every rule's and member's threshold
     metrics["pixels"] = pixels.metrics
     meta = VersionMeta(
