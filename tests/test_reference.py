@@ -95,6 +95,7 @@ def test_logistic_regression_reaches_the_regularised_optimum():
 def test_logistic_regression_matches_sklearn(n_classes):
     """scikit-learn (a test-only dependency) is the independent reference for the regularised softmax fit."""
     from sklearn import linear_model
+
     x, y = _toy_classification(n_classes=n_classes)
     c = 0.3
     head = ref.fit_logistic(x, y, n_classes, c)
