@@ -87,3 +87,28 @@ def test_member_weights_give_a_member_no_better_than_chance_little_say():
     folds = stratified_folds(np.array([0] * 10 + [1] * 4), 5, seed=0)
     assert folds.max() == 3  # a class of 4 allows 4 folds, each holding one of its items
     assert all(np.bincount(folds[10:]) == 1) and sorted(np.bincount(folds[:10])) == [2, 2, 3, 3]
+
+
+def test_a_backbone_fine_tuned_on_the_train_split_is_calibrated_on_the_held_out_split_only():
+    from types import SimpleNamespace
+
+    from axx_backend.core.settings import Settings
+    from axx_backend.engine.ensemble import MCDropoutHead
+    from axx_backend.training.features import FeatureCache
+    from axx_backend.training.heads import Split, train_member_heads
+
+    torch.manual_seed(0)
+    labels = torch.arange(60) % 2
+    pooled = torch.nn.functional.one_hot(labels, 2).float() * 2 + torch.randn(60, 2)
+    members = [
+        SimpleNamespace(name=f"m{i}", head=MCDropoutHead(2, 2, 0.3), temperature=torch.ones(())) for i in range(2)
+    ]
+    ensemble = SimpleNamespace(members=members, classes=["a", "b"])
+    cache = FeatureCache(samples=[], pooled=[pooled, pooled.clone()])
+    split = Split(labels, train=torch.arange(45), val=torch.arange(45, 60))
+    settings = Settings(preset="offline", epochs=20)
+    tuned = train_member_heads(ensemble, cache, split, settings, backbone_saw_train=True)
+    assert tuned.calibration.index == list(range(45, 60))
+    assert all(len(h) == 15 for h in tuned.calibration.entropy) and all(len(p) == 15 for p in tuned.calibration.probs)
+    frozen = train_member_heads(ensemble, cache, split, settings)
+    assert frozen.calibration.index == list(range(60)) and all(len(h) == 60 for h in frozen.calibration.entropy)

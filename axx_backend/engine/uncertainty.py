@@ -36,7 +36,8 @@ def mc_statistics(samples: torch.Tensor) -> MCStats:
     expected = entropy(samples).mean(dim=0)
     top = mean.argmax(dim=-1)
     top_samples = samples.gather(-1, top.view(1, -1, 1).expand(samples.shape[0], -1, 1)).squeeze(-1)
-    std_top = top_samples.std(dim=0, unbiased=False) if samples.shape[0] > 1 else torch.zeros_like(predictive)
+    several = samples.shape[0] > 1 and top_samples.numel() > 0  # (an empty batch has no spread to measure)
+    std_top = top_samples.std(dim=0, unbiased=False) if several else torch.zeros_like(predictive)
     return MCStats(mean, predictive / norm, (predictive - expected).clamp_min(0.0) / norm, std_top)
 
 

@@ -93,11 +93,14 @@ def train_on_samples(
         if mode == "last-stage":
             finetune_metrics = finetune_step(ensemble, cache, split, settings, progress)
     with timed("heads and calibration", seconds):
-        heads = train_member_heads(ensemble, cache, split, settings)
+        tuned = any(m.get("kept") for m in finetune_metrics.values())
+        heads = train_member_heads(ensemble, cache, split, settings, backbone_saw_train=tuned)
         thresholds, metrics = calibrate_review(heads, split, settings)
     for name, extra in finetune_metrics.items():
         heads.metrics[name].update(extra)
-    metrics.update(members=heads.metrics, n_train=len(split.train), n_val=len(split.val), calibration="out of fold")
+    metrics.update(
+        members=heads.metrics, n_train=len(split.train), n_val=len(split.val), calibration=calibration_set(tuned)
+    )
     if progress:
         progress("pixels", 0.0)
     with timed("pixels", seconds):
@@ -195,6 +198,11 @@ def finetune_all(
             progress,
         )
     return {name: {**m, "kept": True} for name, m in metrics.items()}
+
+
+def calibration_set(backbone_saw_train: bool) -> str:
+    """Which images the temperatures, member weights and review threshold were calibrated on."""
+    return "held-out split (a backbone stage was fine-tuned on the rest)" if backbone_saw_train else "out of fold"
 
 
 def calibrate_review(heads: Heads, split: Split, settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
