@@ -94,6 +94,7 @@ from axx_backend.engine.annotator import Annotator  # noqa: E402
 from axx_backend.engine.ensemble import Ensemble, MCDropoutHead, Member  # noqa: E402
 from axx_backend.engine.masks import fuse_maps, iou  # noqa: E402
 from axx_backend.engine.saliency import gradcam_maps, normalize_maps, upsample  # noqa: E402
+from axx_backend.engine.segments import SegmentHead  # noqa: E402
 from axx_backend.engine.uncertainty import decide, mc_statistics  # noqa: E402
 
 CLASSES = ("a", "b")
@@ -186,6 +187,17 @@ def limit_forward(ensemble: Ensemble, x: torch.Tensor) -> list[torch.Tensor]:
         return [member(member_input(member, x)) for member in ensemble.members]
 
 
+def random_segment_head(annotator: Annotator) -> SegmentHead:
+    """A segment head of the right width for these members (its weights do not change its cost)."""
+    fwd = annotator.forward(make_images(1, annotator.input_size, 0), levels=True)
+    cam = np.zeros((annotator.map_side, annotator.map_side), np.float32)
+    width = annotator.segment_features(fwd, 0, cam)[0].shape[1]
+    g = torch.Generator().manual_seed(0)
+    return SegmentHead(
+        torch.zeros(width), torch.ones(width), torch.randn(width, generator=g) / width**0.5, torch.zeros(())
+    )
+
+
 def predict(annotator: Annotator, images: Sequence[Image.Image]) -> list[Annotation]:
     """(b) Our full predict."""
     return annotator.annotate(images)
@@ -266,8 +278,11 @@ BREAKDOWN_PARTS = (
     ("head_mc", "MCDropoutHead.sample"),
     ("mc_stats", "mc_statistics"),
     ("decide", "decide"),
-    ("cam", "Annotator._saliency (fast XGrad-CAM, upsample, normalise)"),
-    ("fuse", "fuse_maps"),
+    ("cam", "Annotator._cam (fast XGrad-CAM, upsample, normalise)"),
+    ("regions", "Annotator.segmentations (Felzenszwalb, 3 scales)"),
+    ("refine", "pool (CAMs averaged in regions)"),
+    ("segments", "level_grid + region_features + SegmentHead.heat"),
+    ("fuse", "rule_map"),
 )
 
 
@@ -283,8 +298,13 @@ def instrumented(totals: dict[str, float]) -> Iterator[list[str]]:
         ("head_mc", MCDropoutHead, ("sample",)),
         ("mc_stats", annotator_mod, ("mc_statistics",)),
         ("decide", annotator_mod, ("decide",)),
-        ("cam", Annotator, ("_saliency", "_cam")),
-        ("fuse", annotator_mod, ("fuse_maps",)),
+        ("cam", Annotator, ("_cam",)),
+        ("regions", Annotator, ("segmentations",)),
+        ("refine", annotator_mod, ("pool",)),
+        ("segments", annotator_mod, ("level_grid",)),
+        ("segments", annotator_mod, ("region_features",)),
+        ("segments", SegmentHead, ("heat",)),
+        ("fuse", annotator_mod, ("rule_map",)),
     ]
     saved = []
     missing = []
@@ -374,10 +394,10 @@ def run_config(
         seed=args.seed,
     )
     annotator = Annotator(ensemble, settings)
+    if args.mask_source == "segments":  # a trained version's path: the segment head on region features
+        annotator = Annotator(ensemble, settings, mask_source="segments", segment_head=random_segment_head(annotator))
     if annotator.negative:
         raise RuntimeError(f"classes {annotator.negative} count as negative: they would get no mask")
-    if getattr(annotator, "mask_source", "cam") != "cam":
-        raise RuntimeError(f"annotator mask source {annotator.mask_source!r}, expected the CAM path")
     images = make_images(batch, size, args.seed + size * 1000 + batch)
     x = annotator.preprocess(images)
     row: dict[str, Any] = {"size": size, "batch": batch, "allowed_s": allowed_s, "naive": None}
@@ -573,6 +593,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--no-breakdown", dest="breakdown", action="store_false", help="skip the timed predict breakdown"
+    )
+    parser.add_argument(
+        "--mask-source",
+        choices=("cam", "segments"),
+        default="cam",
+        help="(b)'s mask: the refined CAM (a version without a segment head) or the segment head (default cam)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke run: 224^2, batch 1, 1 run of each stage")

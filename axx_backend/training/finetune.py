@@ -6,7 +6,7 @@ map the segment head reads) is computed once per image and view (the image and i
 epoch runs only the stage. BatchNorm statistics stay frozen (batches are small; ImageNet's are better), the
 head's dropout is on, the loss is class-balanced cross-entropy, AdamW; the epoch with the best held-out loss is
 kept, within `finetune_seconds`. A member keeps its fine-tuned stage only when its held-out loss beats the
-frozen backbone's (with a head trained as long on the same images): a validation split says whether it pays.
+frozen backbone's (with a head trained on the same images): a validation split says whether it pays.
 
 `all` fine-tunes every layer on whole images (slow on a CPU; for a GPU), as before.
 """
@@ -32,7 +32,6 @@ from .heads import train_head
 log = logging.getLogger(__name__)
 
 FINETUNE_MODES = ("head", "last-stage", "all")
-MIN_GAIN = 1e-3  # held-out loss a fine-tuned stage must gain (and 2 %) to be kept: noise is not a gain
 HEAD_MODULES = {"global_pool", "fc", "classifier", "head", "head_drop", "flatten", "pre_logits", "fc_norm"}
 
 
@@ -208,8 +207,11 @@ def finetune_last_stages(
         budget = settings.finetune_seconds / len(ensemble.members)
         epochs, seed = settings.finetune_epochs, settings.seed + m
         result: dict[str, Any] = finetune_member(member, tail, inputs, labels, train, val, epochs, budget, seed)
-        gain = result["frozen_val_loss"] - result["finetune_val_loss"]
-        result["kept"] = result["finetune_best_epoch"] >= 0 and gain > max(MIN_GAIN, 0.02 * result["frozen_val_loss"])
+        # Kept when an epoch beat the frozen backbone's held-out loss. A margin on top (1e-3 and 2 %, tried first)
+        # decided by noise: held-out splits that share objects with training are near-saturated (frozen losses
+        # 5e-4 to 4e-2 on the photograph benchmark), and it rejected stages that raised new-object accuracy
+        # from 0.79 to 0.905 where it kept them.
+        result["kept"] = result["finetune_best_epoch"] >= 0
         if not result["kept"]:
             _load(member, tail, frozen)
         else:
