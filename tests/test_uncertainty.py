@@ -109,14 +109,3 @@ def test_decide_min_uncertain_is_a_setting():
 def test_decide_threshold_is_strict():
     d = decide([P_A, P_A, P_A], [0.5, 0.5, 0.5], uncertainty_threshold=0.5)
     assert not d.flagged  # entropy equal to the threshold is not uncertain
-
-
-def test_a_member_without_a_vote_cannot_flag_an_image():
-    # Two of three members uncertain flags with equal weights (the paper's rule) ...
-    assert decide([P_A, P_A, P_A], [0.9, 0.9, 0.1], uncertainty_threshold=0.5).flagged
-    # ... but not when those two hold no weight: the member that decides is confident.
-    d = decide([P_A, P_A, P_A], [0.9, 0.9, 0.1], uncertainty_threshold=0.5, weights=[0.0, 0.0, 1.0])
-    assert not d.flagged and d.label == 0
-    # The one member with all the weight being uncertain is enough (it holds more than 2/3 of the weight).
-    d = decide([P_A, P_A, P_A], [0.1, 0.1, 0.9], uncertainty_threshold=0.5, weights=[0.0, 0.1, 0.9])
-    assert d.flagged and "1 uncertain member" in d.reason

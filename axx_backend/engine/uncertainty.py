@@ -68,28 +68,22 @@ def decide(
     min_uncertain_to_flag: int = 2,
     weights: Sequence[float] | None = None,
 ) -> Decision:
-    """docs/METHOD.md "Prediction" 4: flag when the uncertain members hold at least k/M of the weight (with
-    equal weights: >= k of M members uncertain, the paper's rule) or no class has a weighted majority of the
-    confident members' votes; else that class. `weights`: each member's vote and say in the flag (default 1
-    each); training sets them from held-out predictions, so a member given no vote cannot flag an image."""
+    """docs/METHOD.md "Prediction" 4: flag when >= k members are uncertain (every member counts, whatever its
+    vote: letting only weighted members flag raised flagged positives from 15 to 26 of 100 on the photograph
+    benchmark, at the same flag rate) or no class has a weighted majority of the confident members' votes;
+    else that class. `weights`: each member's vote (default 1 each, the paper's plain majority); training sets
+    them from held-out predictions."""
     probs = [np.asarray(p, dtype=np.float64) for p in member_probs]
     w = np.ones(len(probs)) if weights is None else np.asarray(weights, dtype=np.float64)
-    if w.sum() <= 0:
-        w = np.ones(len(probs))
-    ensemble_mean = np.average(probs, axis=0, weights=w)
+    ensemble_mean = np.average(probs, axis=0, weights=w) if w.sum() > 0 else np.mean(probs, axis=0)
     uncertain = [i for i, h in enumerate(member_entropy) if h > uncertainty_threshold]
     confident = [i for i in range(len(probs)) if i not in uncertain]
     fallback = int(ensemble_mean.argmax())
 
-    uncertain_share = float(w[uncertain].sum() / w.sum()) if uncertain else 0.0
-    if uncertain and uncertain_share >= min_uncertain_to_flag / len(probs) - 1e-9:
+    if len(uncertain) >= min_uncertain_to_flag:
         names = ", ".join(str(i) for i in uncertain)
         return Decision(
-            fallback,
-            True,
-            [],
-            float(ensemble_mean[fallback]),
-            f"{len(uncertain)} uncertain member{'s' if len(uncertain) > 1 else ''} ({names})",
+            fallback, True, [], float(ensemble_mean[fallback]), f"{len(uncertain)} uncertain members ({names})"
         )
     if not confident:
         return Decision(fallback, True, [], float(ensemble_mean[fallback]), "no confident member")
