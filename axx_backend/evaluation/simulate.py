@@ -150,15 +150,7 @@ def simulate_al(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose {', '.join(STRATEGIES)}")
-    if schedule:
-        if any(b <= a for a, b in zip([0, *schedule], schedule, strict=False)):
-            raise ValueError(f"the schedule must increase from above 0: {list(schedule)}")
-        targets = list(schedule)
-    else:
-        if rounds < 0 or per_round < 1:
-            raise ValueError("--rounds must be >= 0 and --per-round >= 1")
-        targets = [per_round * (r + 1) for r in range(rounds)]
-    rounds = len(targets)
+    targets = oracle_targets(rounds, per_round, schedule)
     settings = settings or Settings()
     train_fn = train_fn or default_train_fn
     pool, test, classes = load_pool_and_test(dataset_dir, test_fraction, seed)
@@ -171,33 +163,18 @@ def simulate_al(
     hidden = [dataclasses.replace(s, mask_path=None, mask=None) for s in pool]
     revealed: list[str] = []
     rng = np.random.default_rng(seed)
-    store_dir = Path(work_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / f"al_{strategy}.csv"
     rows: list[dict[str, Any]] = []
     annotator: Annotator | None = None
-    for rnd in range(rounds + 1):
+    for rnd in range(len(targets) + 1):
         start = time.perf_counter()
-        keys = set(revealed)
-        samples = [oracle[s.key] if s.key in keys else s for s in hidden]
+        samples = [oracle[s.key] if s.key in set(revealed) else s for s in hidden]
         torch.manual_seed(seed)  # the heads' initial weights come from the global RNG: same start every round
-        version = train_fn(samples, classes, store_dir, settings)
-        store = ModelStore(store_dir)
-        if annotator is None or annotator.version != version:  # loading a version costs seconds: reuse it
-            annotator = Annotator.from_version(store.path(version), settings)
-        meta = store.metadata(version)
-        thresholds = version_thresholds(annotator, meta)
-        if revealed and not meta.cam_calibrated:
-            oracle_samples = [s for s in samples if s.has_mask]
-            try:
-                thresholds = calibrate_thresholds(annotator, oracle_samples, f"{len(revealed)} oracle masks")
-            except ValueError as exc:
-                log.warning("round %d: %s", rnd, exc)
-        ev = evaluate(annotator, test, thresholds, n_examples=0)
-        row = round_row(rnd, len(revealed), version, meta.mask_source, ev, thresholds)
-        if rnd < rounds:
-            candidates = [s for s in hidden if s.key in oracle and s.key not in keys]
+        annotator, row = train_and_score(samples, classes, test, Path(work_dir), settings, train_fn, annotator, rnd)
+        if rnd < len(targets):
+            candidates = [s for s in hidden if s.key in oracle and s.key not in set(revealed)]
             if candidates:
                 chosen = select(strategy, candidates, targets[rnd] - len(revealed), rng, annotator)
                 revealed += [s.key for s in chosen]
@@ -213,13 +190,51 @@ def simulate_al(
             row["seconds"],
         )
         _write_csv(csv_path, rows)
-        if rnd < rounds and not row["selected"]:
+        if rnd < len(targets) and not row["selected"]:
             log.warning("every pool mask is revealed after round %d: stopping", rnd)
             break
     from .plots import al_curve_plot
 
     al_curve_plot(rows, out / f"al_{strategy}.png", f"Active learning ({strategy} selection), test IoU")
     return rows
+
+
+def oracle_targets(rounds: int, per_round: int, schedule: Sequence[int] | None) -> list[int]:
+    """The cumulative oracle masks of rounds 1.. (round 0 has none): the schedule, or `per_round` more a round."""
+    if schedule:
+        if any(b <= a for a, b in zip([0, *schedule], schedule, strict=False)):
+            raise ValueError(f"the schedule must increase from above 0: {list(schedule)}")
+        return list(schedule)
+    if rounds < 0 or per_round < 1:
+        raise ValueError("--rounds must be >= 0 and --per-round >= 1")
+    return [per_round * (r + 1) for r in range(rounds)]
+
+
+def train_and_score(
+    samples: list[Sample],
+    classes: list[str],
+    test: list[Sample],
+    store_dir: Path,
+    settings: Settings,
+    train_fn: TrainFn,
+    annotator: Annotator | None,
+    rnd: int,
+) -> tuple[Annotator, dict[str, Any]]:
+    """One round: train a version on `samples` (the revealed masks included), evaluate it on `test` as served."""
+    version = train_fn(samples, classes, store_dir, settings)
+    store = ModelStore(store_dir)
+    if annotator is None or annotator.version != version:  # loading a version costs seconds: reuse it
+        annotator = Annotator.from_version(store.path(version), settings)
+    meta = store.metadata(version)
+    thresholds = version_thresholds(annotator, meta)
+    oracle_samples = [s for s in samples if s.has_mask]
+    if oracle_samples and not meta.cam_calibrated:
+        try:
+            thresholds = calibrate_thresholds(annotator, oracle_samples, f"{len(oracle_samples)} oracle masks")
+        except ValueError as exc:
+            log.warning("round %d: %s", rnd, exc)
+    ev = evaluate(annotator, test, thresholds, n_examples=0)
+    return annotator, round_row(rnd, len(oracle_samples), version, meta.mask_source, ev, thresholds)
 
 
 def round_row(rnd: int, n_oracle: int, version: str, mask_source: str, ev: Any, thresholds: Any) -> dict[str, Any]:

@@ -107,6 +107,16 @@ def create_app(runtime: Runtime | Callable[[], Runtime] | None = None) -> Flask:
     max_body = get_int(environ(None), "AXX_MAX_REQUEST_BYTES", MAX_BODY_BYTES, minimum=1)
     app.config["MAX_CONTENT_LENGTH"] = max_body
 
+    _request_hooks(app, get)
+    _error_handlers(app, get, max_body)
+    _protocol_routes(app, get)
+    _operations_routes(app, get)
+    return app
+
+
+def _request_hooks(app: Flask, get: Callable[[], Runtime]) -> None:
+    """Basic authentication and per-path request metrics."""
+
     @app.before_request
     def _auth() -> Response | None:
         rt = get()
@@ -127,6 +137,10 @@ def create_app(runtime: Runtime | Callable[[], Runtime] | None = None) -> Flask:
         if response.status_code >= 500:
             rt.metrics.error(request.path)
         return response
+
+
+def _error_handlers(app: Flask, get: Callable[[], Runtime], max_body: int) -> None:
+    """Input errors are 400/413 with a message; anything else a logged 500."""
 
     @app.errorhandler(ConfigError)
     def _config_error(exc: ConfigError) -> Response:
@@ -151,6 +165,10 @@ def create_app(runtime: Runtime | Callable[[], Runtime] | None = None) -> Flask:
             return error_response(exc.code or 500, exc.description or exc.name)
         log.exception("%s failed", request.path)
         return error_response(500, f"{type(exc).__name__}: {exc}")
+
+
+def _protocol_routes(app: Flask, get: Callable[[], Runtime]) -> None:
+    """The ML backend protocol Label Studio calls (docs/LABEL_STUDIO.md), and the training jobs' status."""
 
     @app.get("/")
     @app.get("/health")
@@ -199,6 +217,10 @@ def create_app(runtime: Runtime | Callable[[], Runtime] | None = None) -> Flask:
     def jobs() -> Response:
         return jsonify(get().jobs_status())
 
+
+def _operations_routes(app: Flask, get: Callable[[], Runtime]) -> None:
+    """What operators read: metrics."""
+
     @app.get("/metrics")
     def metrics() -> Response:
         """Requests, latency, predictions, jobs and model versions (JSON, or `?format=prometheus`)."""
@@ -212,5 +234,3 @@ def create_app(runtime: Runtime | Callable[[], Runtime] | None = None) -> Flask:
         if request.args.get("format") == "prometheus":
             return Response(prometheus_text(snapshot), mimetype="text/plain; version=0.0.4")
         return jsonify(snapshot)
-
-    return app
