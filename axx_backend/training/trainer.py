@@ -1,10 +1,12 @@
-"""Training a version, one code path for a folder and a Label Studio project, in named steps:
+"""Training a version, one code path for a folder and a Label Studio project, in named steps (each step's
+seconds go into the version's `metrics.seconds`):
 
-1. `finetune_step`: optional fine-tuning of the backbones (`finetune`: last stage or all);
-2. `extract_features` (features.py): one backbone pass per image and member through the annotator's own
-   forward: pooled features for every image, maps and image regions for the pixel set;
-3. `train_member_heads` (heads.py): the MC-dropout heads, their temperatures on a held-out split;
-4. `calibrate_review`: the review threshold on the held-out split (calibration.py);
+1. `extract_features` (features.py): one backbone pass per image and member through the annotator's own
+   forward: pooled features for every image, maps and image regions for the pixel set, and (for last-stage
+   fine-tuning) what enters the last stage; `--finetune all` fine-tunes every layer before it instead;
+2. `finetune_step` (finetune.py): the last stage of each backbone on the cached inputs, kept where it pays;
+3. `train_member_heads` (heads.py): the MC-dropout heads, cross-fitted; temperatures and member weights;
+4. `calibrate_review`: the review threshold (calibration.py), on images no trained part has seen;
 5. `fit_pixels` (pixels.py): CAM thresholds, pseudo-masks, the segment head, and which makes the masks;
 6. `write`: an atomic write of the version, which becomes current.
 """
