@@ -208,7 +208,7 @@ def finetune_last_stages(
         epochs, seed = settings.finetune_epochs, settings.seed + m
         result: dict[str, Any] = finetune_member(member, tail, inputs, labels, train, val, epochs, budget, seed)
         # Kept when an epoch beat the frozen backbone's held-out loss. A margin on top (1e-3 and 2 %, tried first)
-        # decided by noise: held-out splits that share objects with training are near-saturated (frozen losses
+        # decided by noise: held-out splits from the training images' photographs are near-saturated (frozen losses
         # 5e-4 to 4e-2 on the photograph benchmark), and it rejected stages that raised new-object accuracy
         # from 0.79 to 0.905 where it kept them.
         result["kept"] = result["finetune_best_epoch"] >= 0
