@@ -15,6 +15,7 @@ half that size the three-scale pooling fell to 0.574.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,10 +39,16 @@ def segment_image(image: np.ndarray, spec: SuperpixelSpec = SuperpixelSpec()) ->
 
     area = image.shape[0] * image.shape[1] / REFERENCE_SIDE**2
     min_size = max(4, int(round(spec.min_size * area)))
-    return [
-        felzenszwalb(image, scale=scale * area, sigma=spec.sigma, min_size=min_size).astype(np.int64)
-        for scale in spec.scales
-    ]
+
+    def cut(scale: float) -> np.ndarray:
+        return felzenszwalb(image, scale=scale * area, sigma=spec.sigma, min_size=min_size).astype(np.int64)
+
+    if len(spec.scales) < 2:
+        return [cut(scale) for scale in spec.scales]
+    # One thread per scale: felzenszwalb releases the GIL for part of its work (3 scales at 320 px: 228 ms in a
+    # row, 154 ms in threads on 2 cores). A pool per call, so that a forked worker never inherits a dead one.
+    with ThreadPoolExecutor(len(spec.scales)) as pool:
+        return list(pool.map(cut, spec.scales))
 
 
 def region_means(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
