@@ -173,11 +173,11 @@ class Annotator:
         if decision.flagged or ann.label in self.negative:
             return ann
         score, threshold, source = self.mask_score(fwd, b, decision.label, decision.agreeing)
-        size = (ann.height, ann.width)
-        ann.mask = (to_size(score, size) > threshold).astype(np.uint8)
+        heat = to_size(score, (ann.height, ann.width))
+        ann.mask = (heat > threshold).astype(np.uint8)
         ann.mask_source = source
         if with_heat:
-            ann.heat = to_size(score, size)
+            ann.heat = heat
         return ann
 
     def _annotation(self, fwd: Forward, b: int, decision: Decision) -> Annotation:
@@ -217,11 +217,15 @@ class Annotator:
         s = self.settings
         if self.mask_source == "segments":
             return self.segment_score(fwd, b, label, members), s.seg_threshold, "segments"
-        maps = self.maps(fwd, b, label, members)
-        if self.refines:
-            maps = [pool(m, self.segmentations(fwd, b)) for m in maps]
         source = f"cam:{s.mask_fusion}" + ("+superpixels" if self.refines else "")
-        return rule_map(maps, s.mask_fusion), s.cam_threshold, source
+        return rule_map(self.refined_maps(fwd, b, label, members), s.mask_fusion), s.cam_threshold, source
+
+    def refined_maps(self, fwd: Forward, b: int, label: int, members: Sequence[int] | None = None) -> list[np.ndarray]:
+        """`maps`, each averaged inside image b's regions when the version refines: what CAM masks fuse."""
+        maps = self.maps(fwd, b, label, members)
+        if not self.refines:
+            return maps
+        return [pool(m, self.segmentations(fwd, b)) for m in maps]
 
     def maps(self, fwd: Forward, b: int, label: int, members: Sequence[int] | None = None) -> list[np.ndarray]:
         """Each member's (of `members`, default all) normalised CAM of class `label`, [S, S], before refinement."""

@@ -35,7 +35,6 @@ from ..core.images import ImageError
 from ..core.thresholds import FUSION_RULES, best_rule, best_thresholds, calibrate_members, fusion_scores, rule_map
 from ..core.version_meta import VersionMeta
 from ..engine.annotator import Annotator, Forward, to_size
-from ..engine.refine import pool
 from . import metrics
 
 log = logging.getLogger(__name__)
@@ -112,17 +111,18 @@ def row_scores(
     """(score map [S, S], threshold) of every mask row for class `label`: each member's own map, the fusions
     of `members`' maps, the segment head, and the mask as served; a mask is score > threshold."""
     names = [m.name for m in annotator.ensemble.members]
-    maps = annotator.maps(fwd, b, label)
-    if annotator.refines:
-        maps = [pool(m, annotator.segmentations(fwd, b)) for m in maps]
+    maps = annotator.refined_maps(fwd, b, label)
     rows = {f"member {name}": (m, thresholds.members[name]) for name, m in zip(names, maps, strict=True)}
     chosen = [maps[i] for i in members]
     rows.update({rule: (rule_map(chosen, rule), thresholds.rules[rule]) for rule in CAM_RULES})
     if annotator.segment_head is not None:
         if fwd.outputs[0].levels is not None:
             rows["segment head"] = (annotator.segment_score(fwd, b, label, members), annotator.settings.seg_threshold)
-    score, threshold, _ = annotator.mask_score(fwd, b, label, members)
-    rows["served"] = (score, threshold)
+    if annotator.mask_source == "segments" and "segment head" in rows:
+        rows["served"] = rows["segment head"]  # the same map (mask_score would compute the region features again)
+    else:
+        score, threshold, _ = annotator.mask_score(fwd, b, label, members)
+        rows["served"] = (score, threshold)
     return rows
 
 
@@ -204,10 +204,7 @@ def class_maps(annotator: Annotator, samples: Sequence[Sample]) -> Iterator[tupl
                 every = list(range(len(annotator.ensemble.members)))
                 yield sample, [annotator.segment_score(fwd, b, label, every)]
                 continue
-            maps = annotator.maps(fwd, b, label)
-            if annotator.refines:
-                maps = [pool(m, annotator.segmentations(fwd, b)) for m in maps]
-            yield sample, maps
+            yield sample, annotator.refined_maps(fwd, b, label)
 
 
 def serving_with(annotator: Annotator, thresholds: MaskThresholds) -> Annotator:
@@ -253,9 +250,7 @@ def calibrate_thresholds(annotator: Annotator, samples: Sequence[Sample], source
         for b, ((sample, _img), ann) in enumerate(zip(chunk, annotator.conclude(fwd), strict=True)):
             if ann.flagged or ann.label != sample.label or ann.label in annotator.negative:
                 continue
-            maps = annotator.maps(fwd, b, annotator.classes.index(ann.label))
-            if annotator.refines:
-                maps = [pool(m, annotator.segmentations(fwd, b)) for m in maps]
+            maps = annotator.refined_maps(fwd, b, annotator.classes.index(ann.label))
             gt = gt_mask(sample, (annotator.map_side, annotator.map_side))
             fused.append([maps[i] for i, m in enumerate(ann.members) if m.agrees])
             gts.append(gt)
