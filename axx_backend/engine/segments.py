@@ -45,7 +45,19 @@ def level_grid(levels: Sequence[torch.Tensor], side: int) -> torch.Tensor:
 def region_features(grid: torch.Tensor, cam: np.ndarray, segmentation: np.ndarray) -> np.ndarray:
     """Features [n_regions, D + 2] of one image's regions: the region means of the level grid [D, G, G], of
     `cam` [S, S], and the region's share of the image."""
-    side, g = cam.shape[0], grid.shape[-1]
+    return with_cam(*region_levels(grid, segmentation), cam, segmentation)
+
+
+def with_cam(levels: np.ndarray, area: np.ndarray, cam: np.ndarray, segmentation: np.ndarray) -> np.ndarray:
+    """The feature layout the segment head reads: level means [n, D], the region's CAM mean, its area."""
+    cam_mean = region_means(cam, segmentation)
+    return np.concatenate([levels.astype(np.float32), cam_mean[:, None], area[:, None]], axis=1).astype(np.float32)
+
+
+def region_levels(grid: torch.Tensor, segmentation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(level-grid means [n_regions, D], share of the image [n_regions]) of the regions of `segmentation`
+    [S, S]: the part of the features that does not depend on the class (training caches it)."""
+    side, g = segmentation.shape[0], grid.shape[-1]
     centres = ((np.arange(g) + 0.5) * side / g).astype(int)
     cells = torch.from_numpy(segmentation[np.ix_(centres, centres)].ravel())  # the region of each cell's centre
     n = int(segmentation.max()) + 1
@@ -57,8 +69,7 @@ def region_features(grid: torch.Tensor, cam: np.ndarray, segmentation: np.ndarra
     fallback = torch.from_numpy((first // side * g // side) * g + (first % side) * g // side)
     means = torch.where(count > 0, sums / count.clamp_min(1), flat[:, fallback])
     area = np.bincount(segmentation.ravel(), minlength=n) / segmentation.size
-    cam_mean = region_means(cam, segmentation)
-    return np.concatenate([means.T.numpy(), cam_mean[:, None], area[:, None]], axis=1).astype(np.float32)
+    return means.T.numpy(), area
 
 
 @dataclass

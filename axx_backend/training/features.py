@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..core.data import Sample
 from ..core.images import ImageError
 from ..engine.annotator import Annotator, Forward
-from ..engine.segments import level_grid, region_features
+from ..engine.segments import level_grid, region_levels
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +93,12 @@ def pixel_view(annotator: Annotator, fwd: Forward, b: int) -> PixelView:
     segmentations = annotator.segmentations(fwd, b)
     side = annotator.map_side
     grid = level_grid([level[b] for out in fwd.outputs for level in out.levels or []], side)
-    blank = np.zeros((side, side), np.float32)  # the CAM column is filled in once the heads exist
-    features = [region_features(grid, blank, labels) for labels in segmentations]
-    return PixelView(
+    levels, areas = zip(*[region_levels(grid, labels) for labels in segmentations], strict=True)
+    return PixelView(  # the CAM column is added once the heads exist (pixels.py, `with_cam`)
         last_maps=[out.features[b].half().cpu().clone() for out in fwd.outputs],
         segmentations=[labels.astype(np.int32) for labels in segmentations],
-        region_levels=[f[:, :-2].astype(np.float16) for f in features],
-        region_area=[f[:, -1].copy() for f in features],
+        region_levels=[lv.astype(np.float16) for lv in levels],
+        region_area=list(areas),
     )
 
 

@@ -29,7 +29,7 @@ from ..engine.annotator import Annotator
 from ..engine.masks import fuse_maps, iou
 from ..engine.refine import pool, region_means
 from ..engine.saliency import member_cam
-from ..engine.segments import SegmentHead, fit_segment_head
+from ..engine.segments import SegmentHead, fit_segment_head, with_cam
 from ..engine.uncertainty import decide
 from .features import FeatureCache
 from .heads import Heads, Split
@@ -150,7 +150,7 @@ class PixelSet:
         if i not in self._features:
             view, cam = self.cache.pixels[i], self.raw_cam(i)
             self._features[i] = [
-                np.concatenate([levels.astype(np.float32), region_means(cam, labels)[:, None], area[:, None]], 1)
+                with_cam(levels, area, cam, labels)
                 for labels, levels, area in zip(view.segmentations, view.region_levels, view.region_area, strict=True)
             ]
         return self._features[i]
