@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -205,23 +205,31 @@ class LabelStudio:
         return str(self.api("POST", "/api/token/")["token"])
 
 
-class StaticServer:
-    """A threaded static file server on 127.0.0.1 for URL tasks."""
+class LocalHTTPServer:
+    """An HTTP server on 127.0.0.1 (the only address tests talk to) serving `handler` from a daemon thread."""
 
-    def __init__(self, root: Path) -> None:
-        handler = functools.partial(_QuietHandler, directory=str(root))
+    def __init__(self, handler: Callable[..., http.server.BaseHTTPRequestHandler]) -> None:
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.port = int(self.httpd.server_address[1])
         self.url = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
-    def __enter__(self) -> StaticServer:
-        self.thread.start()
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> LocalHTTPServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.close()
+
+
+class StaticServer(LocalHTTPServer):
+    """A threaded static file server on 127.0.0.1 for URL tasks."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(functools.partial(_QuietHandler, directory=str(root)))
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

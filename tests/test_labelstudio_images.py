@@ -10,7 +10,6 @@ import base64
 import http.server
 import io
 import json
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +20,7 @@ from PIL import Image
 
 from axx_backend.labelstudio.client import ApiKeyAuth, jwt_claims
 from axx_backend.labelstudio.images import FetchLimits, HostAllowList, ImageFetcher, ImageFetchError
+from tests.ls_harness import LocalHTTPServer
 
 LEGACY = "0123456789abcdef0123456789abcdef01234567"
 
@@ -41,7 +41,7 @@ def png(arr: np.ndarray, mode: str | None = None, fmt: str = "PNG", **save: Any)
     return buf.getvalue()
 
 
-class FakeLabelStudio:
+class FakeLabelStudio(LocalHTTPServer):
     """Serves /data/upload/..., /data/local-files/?d=..., /api/token/refresh/, /api/projects/<id>."""
 
     def __init__(self) -> None:
@@ -127,14 +127,7 @@ class FakeLabelStudio:
                     return self._send(200, json.dumps({"model_version": outer.project_version}).encode())
                 self._send(code, b'{"model_version":["Model version doesn\'t exist"]}')
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture()

@@ -4,8 +4,6 @@ failures, time budget, auth, webhooks. The real model runs in tests/test_e2e_lab
 from __future__ import annotations
 
 import base64
-import functools
-import http.server
 import io
 import json
 import socket
@@ -28,6 +26,7 @@ from axx_backend.core.versions import ModelStore
 from axx_backend.engine.registry import LoadedModel, ModelRegistry
 from axx_backend.server.app import create_app
 from axx_backend.server.model import UNTRAINED, Runtime, project_id_of
+from tests.ls_harness import StaticServer
 
 CONFIG = LABEL_CONFIG  # Image + Choices Lesion/Healthy/Needs review + BrushLabels Lesion
 
@@ -97,17 +96,8 @@ def images(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     (root / "grey.png").write_bytes(png(np.full((24, 32, 3), 128, np.uint8)))
     (root / "corrupt.png").write_bytes(b"not an image")
     (root / "blue.png").write_bytes(png(np.full((24, 32, 3), [0, 0, 255], np.uint8)))
-    handler = functools.partial(_Quiet, directory=str(root))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", root
-    httpd.shutdown()
-    httpd.server_close()
-
-
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args: Any) -> None:
-        pass
+    with StaticServer(root) as server:
+        yield server.url, root
 
 
 def make_runtime(model_dir: Path, static_url: str | None = None, **env: str) -> tuple[Runtime, dict[Path, Any]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.server
 import io
 import socket
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,6 +29,7 @@ from axx_backend.labelstudio.url_policy import (
     normalise_path,
     redact,
 )
+from tests.ls_harness import LocalHTTPServer
 
 KEY = "0123456789abcdef0123456789abcdef01234567"
 LS = "http://127.0.0.1:8080"
@@ -83,7 +83,7 @@ def no_outside_connections(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, .
     return attempts
 
 
-class Recorder:
+class Recorder(LocalHTTPServer):
     """An HTTP server on 127.0.0.1 that records (path, Host, Authorization) and serves a PNG or a redirect."""
 
     def __init__(self) -> None:
@@ -112,14 +112,7 @@ class Recorder:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture()
