@@ -6,15 +6,18 @@ and optionally `DATASET_DIR/masks/<class>/<name>.png` (nonzero = foreground).
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .images import IMAGE_SUFFIXES, load_image
+from .images import IMAGE_SUFFIXES, ImageError, load_image
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -92,3 +95,17 @@ def stratified_split(labels: Sequence[str], val_fraction: float, seed: int = 0) 
         val.extend(idx[:n_val].tolist())
         train.extend(idx[n_val:].tolist())
     return sorted(train), sorted(val)
+
+
+def iter_readable(samples: Iterable[Sample], skipped: list[str] | None = None) -> Iterator[tuple[Sample, Image.Image]]:
+    """Each sample whose image loads, with the image; a failure is logged, noted in `skipped` as
+    "key: reason", and skipped."""
+    for sample in samples:
+        try:
+            image = sample.load()
+        except (ImageError, OSError) as exc:
+            log.warning("skipping %s", exc)
+            if skipped is not None:
+                skipped.append(f"{sample.key}: {exc}")
+            continue
+        yield sample, image

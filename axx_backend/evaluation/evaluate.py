@@ -30,8 +30,7 @@ import numpy as np
 from PIL import Image
 
 from ..core.annotation import Annotation
-from ..core.data import Sample, read_folder_dataset, stratified_split
-from ..core.images import ImageError
+from ..core.data import Sample, iter_readable, read_folder_dataset, stratified_split
 from ..core.thresholds import FUSION_RULES, best_rule, best_thresholds, calibrate_members, fusion_scores, rule_map
 from ..core.version_meta import VersionMeta
 from ..engine.annotator import Annotator, Forward, to_size
@@ -179,14 +178,7 @@ def _chunks(
 ) -> Iterator[list[tuple[Sample, Image.Image]]]:
     batch = max(1, annotator.settings.batch_size)
     for start in range(0, len(samples), batch):
-        chunk: list[tuple[Sample, Image.Image]] = []
-        for sample in samples[start : start + batch]:
-            try:
-                chunk.append((sample, sample.load()))
-            except (ImageError, OSError) as exc:
-                log.warning("skipping %s", exc)
-                if skipped is not None:
-                    skipped.append(f"{sample.key}: {exc}")
+        chunk = list(iter_readable(samples[start : start + batch], skipped))
         if chunk:
             yield chunk
 

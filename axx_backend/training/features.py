@@ -18,8 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..core.data import Sample
-from ..core.images import ImageError
+from ..core.data import Sample, iter_readable
 from ..engine.annotator import Annotator, Forward
 from ..engine.segments import level_grid, region_levels
 
@@ -103,12 +102,5 @@ def pixel_view(annotator: Annotator, fwd: Forward, b: int) -> PixelView:
 
 
 def _load(chunk: Sequence[Sample], skipped: list[str]) -> tuple[list[Sample], list]:
-    readable, images = [], []
-    for sample in chunk:
-        try:
-            images.append(sample.load())
-            readable.append(sample)
-        except (ImageError, OSError) as exc:
-            skipped.append(f"{sample.key}: {exc}")
-            log.warning("skipping %s", exc)
-    return readable, images
+    pairs = list(iter_readable(chunk, skipped))
+    return [sample for sample, _ in pairs], [image for _, image in pairs]

@@ -26,8 +26,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..core.data import Sample, read_folder_dataset, stratified_split
-from ..core.images import ImageError
+from ..core.data import Sample, iter_readable, read_folder_dataset, stratified_split
 from ..core.settings import Settings
 from ..core.version_meta import MaskConfig, MemberSpec, Thresholds, TrainingInfo, VersionMeta
 from ..core.versions import ModelStore
@@ -315,12 +314,8 @@ def load_resized(annotator: Annotator, samples: Sequence[Sample]) -> tuple[torch
     """The readable images resized to the input size, uint8 [N, 3, S, S] on the CPU."""
     size = (annotator.input_size, annotator.input_size)
     arrays, readable = [], []
-    for sample in tqdm(samples, desc="load", unit="img", disable=None):
-        try:
-            img = sample.load().resize(size, Image.BILINEAR)
-        except (ImageError, OSError) as exc:
-            log.warning("skipping %s", exc)
-            continue
+    for sample, image in iter_readable(tqdm(samples, desc="load", unit="img", disable=None)):
+        img = image.resize(size, Image.BILINEAR)
         arrays.append(torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1))
         readable.append(sample)
     if not arrays:
