@@ -13,19 +13,20 @@ object; sizes in MB.
 from __future__ import annotations
 
 import argparse
-import functools
-import http.server
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests import ls_harness as h  # noqa: E402  (the static file server and the wait for /health)
 
 
 def make_images(work: Path) -> tuple[Path, Path]:
@@ -54,22 +55,16 @@ def annotate_peak_mb(folder: Path, out: Path, model_dir: str) -> float:
     return usage.ru_maxrss / 1024
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 def server_rss_mb(static: Path, model_dir: str, tasks: int, requests: int, port: int) -> dict[str, float]:
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(static)))
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    image = f"http://127.0.0.1:{httpd.server_address[1]}/j4096.jpg"
-    env = {**os.environ, "MODEL_DIR": model_dir, "AXX_ALLOWED_HOSTS": f"127.0.0.1:{httpd.server_address[1]}",
+    files = h.StaticServer(static)
+    image = f"{files.url}/j4096.jpg"
+    env = {**os.environ, "MODEL_DIR": model_dir, "AXX_ALLOWED_HOSTS": f"127.0.0.1:{files.port}",
            "HF_HUB_OFFLINE": "1", "AXX_SYNC_MODEL_VERSION": "false", "LOG_LEVEL": "WARNING"}  # fmt: skip
     cmd = [sys.executable, "-m", "axx_backend", "serve", "--host", "127.0.0.1", "--port", str(port)]
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         base = f"http://127.0.0.1:{port}"
-        _wait_for(base + "/health")
+        h.wait_http(base + "/health", 120, proc=server)
         from axx_backend.core.synthetic import LABEL_CONFIG
 
         body = {"tasks": [{"id": i, "data": {"image": image}} for i in range(tasks)], "project": "1.1",
@@ -86,19 +81,7 @@ def server_rss_mb(static: Path, model_dir: str, tasks: int, requests: int, port:
     finally:
         server.terminate()
         server.wait(30)
-        httpd.shutdown()
-
-
-def _wait_for(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2).read()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+        files.close()
 
 
 def main() -> None:
