@@ -9,7 +9,9 @@ first version (`axx-backend train`, offline members); then runs the README's com
 With `--kill-at F` (default 0.3) one worker is SIGKILLed once a fraction F of the tasks has predictions, and a
 fresh worker takes its place (a lost machine). Then it checks through the API that every task has exactly one
 prediction of the version (none lost, none duplicated), runs the command again (it must post nothing), and
-prints a table row for the README.
+prints a table row for the README. With `--compare-annotate` (default on) it then runs `axx-backend annotate` on
+the same image files with the same version on the same machine (one process, all cores) and prints the two
+throughputs and their ratio (use `--kill-at 0` for a like-for-like comparison).
 
     .venv/bin/python benchmarks/preannotate_scale.py --work runs/scale --tasks 1000
 """
@@ -50,6 +52,12 @@ def main() -> int:
     parser.add_argument("--chunk", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--kill-at", type=float, default=0.3, help="kill a worker at this fraction (0: never)")
+    parser.add_argument(
+        "--compare-annotate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="afterwards, time `axx-backend annotate` on the same images and version (default on)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -118,6 +126,7 @@ def main() -> int:
         redis.stop()
         ls.stop()
 
+    annotate = time_annotate(work, models, env) if args.compare_annotate else None
     result = {
         "tasks": args.tasks,
         "workers": args.workers,
@@ -137,6 +146,10 @@ def main() -> int:
         "second_run_posted": second["posted"],
         "predictions_after_second_run": after,
     }
+    if annotate is not None:
+        result["annotate_seconds"] = round(annotate, 1)
+        result["annotate_images_per_second"] = round(args.tasks / annotate, 2)
+        result["preannotate_vs_annotate"] = round(annotate / seconds, 3)
     print(json.dumps(result, indent=2))
     print(
         "\n| tasks | workers | chunk | worker killed | wall time | tasks/s | retried chunks | predictions | "
@@ -148,6 +161,11 @@ def main() -> int:
         f"{result['predictions']} | {result['tasks_with_exactly_one']} | {result['tasks_without']} | "
         f"{result['tasks_with_more_than_one']} | {result['second_run_posted']} |"
     )
+    if annotate is not None:
+        print(
+            f"\nannotate on the same {args.tasks} images: {annotate:.0f} s, {result['annotate_images_per_second']} "
+            f"images/s; preannotate / annotate throughput {result['preannotate_vs_annotate']:.2f}"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
@@ -160,6 +178,15 @@ def main() -> int:
     )
     print("OK: none lost, none duplicated" if ok else "NOT OK", flush=True)
     return 0 if ok else 1
+
+
+def time_annotate(work: Path, models: Path, env: dict[str, str]) -> float:
+    """Seconds `axx-backend annotate` takes on the task images (the folder the static server served)."""
+    out = work / "annotated"
+    cmd = [CLI, "annotate", str(work / "static"), "--out", str(out), "--model-dir", str(models)]
+    t0 = time.monotonic()
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.monotonic() - t0
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,6 @@ socket.socket.connect = _no_network  # type: ignore[method-assign, assignment]
 socket.socket.connect_ex = _no_network  # type: ignore[method-assign, assignment]
 
 import numpy as np  # noqa: E402
-import pytorch_grad_cam  # noqa: E402, F401  (imported here, so that its import time is in no timed run)
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -91,7 +90,7 @@ import axx_backend.engine.annotator as annotator_mod  # noqa: E402
 from axx_backend.core.annotation import Annotation  # noqa: E402
 from axx_backend.core.settings import PRESETS, Settings  # noqa: E402
 from axx_backend.engine.annotator import Annotator  # noqa: E402
-from axx_backend.engine.ensemble import Ensemble, MCDropoutHead, Member  # noqa: E402
+from axx_backend.engine.ensemble import Ensemble, MCDropoutHead, Member, autocast_for, native_bf16  # noqa: E402
 from axx_backend.engine.masks import fuse_maps, iou  # noqa: E402
 from axx_backend.engine.saliency import gradcam_maps, normalize_maps, upsample  # noqa: E402
 from axx_backend.engine.segments import SegmentHead  # noqa: E402
@@ -181,9 +180,10 @@ def member_input(member: Member, x: torch.Tensor) -> torch.Tensor:
 # the three pipelines
 
 
-def limit_forward(ensemble: Ensemble, x: torch.Tensor) -> list[torch.Tensor]:
-    """(a) One plain inference forward per member on the preprocessed batch."""
-    with torch.inference_mode():
+def limit_forward(ensemble: Ensemble, x: torch.Tensor, precision: str = "fp32") -> list[torch.Tensor]:
+    """(a) One plain inference forward per member on the preprocessed batch (bf16: under the same autocast as
+    predict's backbones)."""
+    with torch.inference_mode(), autocast_for(x.device, precision):
         return [member(member_input(member, x)) for member in ensemble.members]
 
 
@@ -348,6 +348,68 @@ def predict_breakdown(annotator: Annotator, images: Sequence[Image.Image]) -> di
 # one configuration
 
 
+def make_annotator(
+    ensemble: Ensemble, size: int, batch: int, args: argparse.Namespace, precision: str, plain_cam: bool = False
+) -> Annotator:
+    """(b)'s annotator; `plain_cam`: without the refinement to image regions, what the naive pipeline's masks
+    must equal. CAMs from the class's own weights: class-contrastive ones (the same cost) are zero for the rigged
+    heads, which would make every mask empty and every mask comparison void."""
+    settings = Settings(
+        refine="none" if plain_cam else "superpixels",
+        cam_weights="class",
+        input_size=size,
+        batch_size=batch,
+        device="cpu",
+        precision=precision,
+        mc_samples=args.samples,
+        uncertainty_threshold=1.01,  # nobody uncertain: every image takes the mask path
+        seed=args.seed,
+    )
+    annotator = Annotator(ensemble, settings)
+    if (
+        args.mask_source == "segments" and not plain_cam
+    ):  # a trained version's path: the segment head on region features
+        annotator = Annotator(ensemble, settings, mask_source="segments", segment_head=random_segment_head(annotator))
+    if annotator.negative:
+        raise RuntimeError(f"classes {annotator.negative} count as negative: they would get no mask")
+    return annotator
+
+
+@dataclass
+class BF16Runs:
+    """(a) and (b) again with the backbones under bf16 autocast, timed in the same rounds as fp32's."""
+
+    a_walls: list[float] = field(default_factory=list)
+    a_cpus: list[float] = field(default_factory=list)
+    b_walls: list[float] = field(default_factory=list)
+    b_cpus: list[float] = field(default_factory=list)
+    annotations: list[Annotation] = field(default_factory=list)
+
+    def run(self, limit: Callable[[], object], predict: Callable[[], list[Annotation]]) -> float:
+        walls, cpus, _ = timed(limit, 1, 0)
+        self.a_walls += walls
+        self.a_cpus += cpus
+        walls, cpus, self.annotations = timed(predict, 1, 0)
+        self.b_walls += walls
+        self.b_cpus += cpus
+        return self.a_walls[-1] + self.b_walls[-1]
+
+    def summary(self, batch: int, row: dict[str, Any], fp32: Sequence[Annotation]) -> dict[str, Any]:
+        """Times, their ratios to fp32's, and how far bf16's decisions and masks moved from fp32's."""
+        limit, predict = stage(self.a_walls, self.a_cpus, batch), stage(self.b_walls, self.b_cpus, batch)
+        pairs = list(zip(fp32, self.annotations, strict=True))
+        ious = [iou(b.mask, a.mask) for a, b in pairs if a.mask is not None and b.mask is not None]
+        return {
+            "limit": limit,
+            "predict": predict,
+            "predict_vs_fp32": predict["ms_per_image"] / row["predict"]["ms_per_image"],
+            "limit_vs_fp32": limit["ms_per_image"] / row["limit"]["ms_per_image"],
+            "predict_vs_limit": predict["ms_per_image"] / limit["ms_per_image"],
+            "decisions_changed": sum(a.label != b.label or a.flagged != b.flagged for a, b in pairs),
+            "mask_iou_vs_fp32": {"mean": float(np.mean(ious)), "min": float(np.min(ious))} if ious else None,
+        }
+
+
 STAGES = ("limit", "predict", "naive")
 
 
@@ -385,19 +447,8 @@ def run_config(
     def left() -> float:
         return allowed_s - (time.perf_counter() - begin)
 
-    settings = Settings(
-        input_size=size,
-        batch_size=batch,
-        device="cpu",
-        mc_samples=args.samples,
-        uncertainty_threshold=1.01,  # nobody uncertain: every image takes the mask path
-        seed=args.seed,
-    )
-    annotator = Annotator(ensemble, settings)
-    if args.mask_source == "segments":  # a trained version's path: the segment head on region features
-        annotator = Annotator(ensemble, settings, mask_source="segments", segment_head=random_segment_head(annotator))
-    if annotator.negative:
-        raise RuntimeError(f"classes {annotator.negative} count as negative: they would get no mask")
+    annotator = make_annotator(ensemble, size, batch, args, "fp32")
+    half = make_annotator(ensemble, size, batch, args, "bf16") if args.bf16 else None
     images = make_images(batch, size, args.seed + size * 1000 + batch)
     x = annotator.preprocess(images)
     row: dict[str, Any] = {"size": size, "batch": batch, "allowed_s": allowed_s, "naive": None}
@@ -408,12 +459,22 @@ def run_config(
     def run_predict() -> list[Annotation]:
         return predict(annotator, images)
 
+    def run_limit_bf16() -> object:
+        return limit_forward(ensemble, x, "bf16")
+
+    def run_predict_bf16() -> list[Annotation]:
+        assert half is not None
+        return predict(half, images)
+
     # warm-up of (a) and (b), each alone, giving their peak RSS
     peaks = {}
     for key, fn in (("limit", run_limit), ("predict", run_predict)):
         reset_peak_rss()
         fn()
         peaks[key] = peak_rss_mb()
+    if half is not None:
+        run_limit_bf16()
+        run_predict_bf16()
 
     # timed runs of (a) and (b), interleaved so that load from other processes hits both alike
     max_images = batch if args.naive_max_images <= 0 else min(batch, args.naive_max_images)
@@ -422,6 +483,7 @@ def run_config(
     b_walls: list[float] = []
     b_cpus: list[float] = []
     annotations: list[Annotation] = []
+    bf16 = BF16Runs()
     while True:
         walls, cpus, _ = timed(run_limit, 1, 0)
         a_walls += walls
@@ -429,13 +491,18 @@ def run_config(
         walls, cpus, annotations = timed(run_predict, 1, 0)
         b_walls += walls
         b_cpus += cpus
+        round_s = a_walls[-1] + b_walls[-1]
+        if half is not None:
+            round_s += bf16.run(run_limit_bf16, run_predict_bf16)
         per_image = statistics.median(a_walls) / batch  # L, seconds
         naive_image_s = budget.naive_units * per_image
-        if len(a_walls) >= args.repeats or left() - (a_walls[-1] + b_walls[-1]) < naive_image_s * min(max_images, 4):
+        if len(a_walls) >= args.repeats or left() - round_s < naive_image_s * min(max_images, 4):
             break
     row["limit"] = stage(a_walls, a_cpus, batch) | {"peak_rss_mb": peaks["limit"]}
     row["predict"] = stage(b_walls, b_cpus, batch) | {"peak_rss_mb": peaks["predict"]}
     row["predict_vs_limit"] = row["predict"]["ms_per_image"] / row["limit"]["ms_per_image"]
+    if half is not None:
+        row["bf16"] = bf16.summary(batch, row, annotations)
     missing = [i for i, a in enumerate(annotations) if a.mask is None or sum(m.agrees for m in a.members) != 3]
     if missing:
         raise RuntimeError(f"predict: images {missing} took no mask from all 3 members (flagged or disagreeing)")
@@ -469,8 +536,10 @@ def run_config(
         walls, cpus, _ = timed(lambda: predict(annotator, subset), 1, 1)
         row["predict_naive_batch"] = stage(walls, cpus, count)
         row["naive_vs_predict_same_batch"] = row["naive"]["ms_per_image"] / row["predict_naive_batch"]["ms_per_image"]
-    # sanity: the same masks (fast XGrad-CAM == grad-cam's XGradCAM for a GAP-linear head)
-    ious = [iou(a.mask, m) for a, m in zip(annotations[:count], naive_masks, strict=True) if m is not None]
+    # sanity: the same masks (fast XGrad-CAM == grad-cam's XGradCAM for a GAP-linear head), against predict
+    # without the refinement to image regions (which the naive pipeline does not do)
+    unrefined = make_annotator(ensemble, size, batch, args, "fp32", plain_cam=True).annotate(subset)
+    ious = [iou(a.mask, m) for a, m in zip(unrefined, naive_masks, strict=True) if m is not None]
     row["mask_iou_predict_vs_naive"] = float(np.mean(ious)) if ious else None
     row["naive_vs_predict"] = row["naive"]["ms_per_image"] / row["predict"]["ms_per_image"]
     return row
@@ -492,13 +561,17 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return None if numerator is None or denominator is None else numerator / denominator
 
 
+def print_header(header: str) -> None:
+    print(header)
+    print("-" * len(header))
+
+
 def print_table(rows: list[dict[str, Any]], rss_label: str) -> None:
     header = (
         f"{'size':>5} {'batch':>5} | {'(a) limit':>10} {'(b) predict':>11} {'(c) naive':>11} {'naive n':>7} | "
         f"{'b/a':>5} {'c/b':>6} | {'IoU b~c':>7} | {rss_label}"
     )
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for r in rows:
         rss = "/".join(cell(stage_value(r, k, "peak_rss_mb"), 0, 0) for k in STAGES)
         naive_n = "-" if r["naive"] is None else str(r["naive"]["images"])
@@ -526,8 +599,7 @@ def print_robust_table(rows: list[dict[str, Any]]) -> None:
         f"{'size':>5} {'batch':>5} | {'a min':>8} {'b min':>8} {'c min':>9} {'b/a':>5} {'c/b':>6} | "
         f"{'a cpu':>8} {'b cpu':>8} {'c cpu':>9} {'b/a':>5} {'c/b':>6}"
     )
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for r in rows:
         a, b, c = (stage_value(r, k, "min_ms_per_image") for k in STAGES)
         ac, bc, cc = (stage_value(r, k, "cpu_ms_per_image") for k in STAGES)
@@ -541,8 +613,7 @@ def print_robust_table(rows: list[dict[str, Any]]) -> None:
 def print_breakdown(rows: list[dict[str, Any]]) -> None:
     keys = [k for k, _ in BREAKDOWN_PARTS] + ["other", "total"]
     header = f"{'size':>5} {'batch':>5} | " + " ".join(f"{k:>10}" for k in keys) + f" | {'limit':>8}"
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for r in rows:
         parts = r.get("predict_breakdown_ms_per_image")
         if parts:
@@ -551,6 +622,72 @@ def print_breakdown(rows: list[dict[str, Any]]) -> None:
         else:
             print(f"{r['size']:>5} {r['batch']:>5} | (left out: no time left in the budget)")
     print("parts: " + "; ".join(f"{k} = {what}" for k, what in BREAKDOWN_PARTS) + "; other = the rest of annotate")
+
+
+def print_bf16_table(rows: list[dict[str, Any]]) -> None:
+    header = (
+        f"{'size':>5} {'batch':>5} | {'a bf16':>8} {'b bf16':>8} | {'a16/a':>6} {'b16/b':>6} {'b16/a16':>7} | "
+        f"{'mask IoU vs fp32 mean/min':>25} | {'decisions changed':>17}"
+    )
+    print_header(header)
+    for r in rows:
+        h = r.get("bf16")
+        if h is None:
+            continue
+        ious = h["mask_iou_vs_fp32"]
+        iou_cell = "-" if ious is None else f"{ious['mean']:.3f}/{ious['min']:.3f}"
+        print(
+            f"{r['size']:>5} {r['batch']:>5} | {cell(h['limit']['ms_per_image'], 8)} "
+            f"{cell(h['predict']['ms_per_image'], 8)} | {cell(h['limit_vs_fp32'], 6, 2)} "
+            f"{cell(h['predict_vs_fp32'], 6, 2)} {cell(h['predict_vs_limit'], 7, 2)} | {iou_cell:>25} | "
+            f"{h['decisions_changed']:>17}"
+        )
+
+
+def print_rss_table(peaks: dict[tuple[int, int], dict[str, float]]) -> None:
+    precisions = sorted({p for by in peaks.values() for p in by})
+    print(f"{'size':>5} {'batch':>5} | " + " ".join(f"{p:>8}" for p in precisions))
+    for (size, batch), by in peaks.items():
+        print(f"{size:>5} {batch:>5} | " + " ".join(cell(by.get(p), 8, 0) for p in precisions))
+
+
+def fresh_process_peaks(args: argparse.Namespace, configs: Sequence[tuple[int, int]]) -> dict:
+    """Peak RSS (MB) of one predict call per configuration and precision, each in a new process that loads what
+    the server loads (no grad-cam): what a worker needs, without what earlier runs left in this one."""
+    import subprocess
+
+    peaks: dict[tuple[int, int], dict[str, float]] = {}
+    for size, batch in configs:
+        for precision in ("fp32", "bf16") if args.bf16 else ("fp32",):
+            cmd = [sys.executable, __file__, "--rss-probe", str(size), str(batch), precision]
+            cmd += ["--samples", str(args.samples), "--mask-source", args.mask_source, "--seed", str(args.seed)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            peaks.setdefault((size, batch), {})[precision] = json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
+    return peaks
+
+
+def rss_probe(args: argparse.Namespace) -> int:
+    """`--rss-probe SIZE BATCH PRECISION`: build, predict once, print the process's peak RSS as JSON."""
+    size, batch, precision = int(args.rss_probe[0]), int(args.rss_probe[1]), args.rss_probe[2]
+    annotator = make_annotator(build_ensemble(PRESETS["paper"]), size, batch, args, precision)
+    annotator.annotate(make_images(batch, size, args.seed + size * 1000 + batch))
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork and exec
+    print(json.dumps({"peak_rss_mb": (_vm_hwm_kb() or 0) / 1024}))
+    return 0
+
+
+def bf16_summary(row: dict[str, Any]) -> dict[str, Any] | None:
+    h = row.get("bf16")
+    if h is None:
+        return None
+    return {
+        "ratio_predict_bf16_vs_fp32": h["predict_vs_fp32"],
+        "ratio_limit_bf16_vs_fp32": h["limit_vs_fp32"],
+        "ratio_predict_vs_limit_bf16": h["predict_vs_limit"],
+        "ms_per_image": {"limit": h["limit"]["ms_per_image"], "predict": h["predict"]["ms_per_image"]},
+        "mask_iou_vs_fp32": h["mask_iou_vs_fp32"],
+        "decisions_changed": h["decisions_changed"],
+    }
 
 
 def rounded(value: Any, digits: int = 3) -> Any:
@@ -600,6 +737,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="cam",
         help="(b)'s mask: the refined CAM (a version without a segment head) or the segment head (default cam)",
     )
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=native_bf16(torch.device("cpu")),
+        help="also time (a) and (b) with bf16 backbones and compare their masks with fp32's (default: on where\n"
+        "the CPU has native bf16, as AXX_PRECISION=auto serves)",
+    )
+    parser.add_argument(
+        "--rss",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="peak RSS of predict per configuration and precision, each in a fresh process (default on)",
+    )
+    parser.add_argument("--rss-probe", nargs=3, metavar=("SIZE", "BATCH", "PRECISION"), help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke run: 224^2, batch 1, 1 run of each stage")
     args = parser.parse_args(argv)
@@ -612,6 +763,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.rss_probe:
+        return rss_probe(args)
+    import pytorch_grad_cam  # noqa: F401  (imported here, so that its import time is in no timed run)
+
     wall_start = time.perf_counter()
     names = PRESETS["paper"]
     threads = torch.get_num_threads()
@@ -663,6 +818,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         print("where predict's time goes (one instrumented run, ms/image):")
         print_breakdown(rows)
+    if args.bf16:
+        print()
+        print("bf16 backbones (AXX_PRECISION=bf16, what `auto` serves on this CPU), timed in the same rounds as fp32")
+        print("(ms/image; decisions cannot move here: the heads are rigged; benchmarks/precision.py measures them):")
+        print_bf16_table(rows)
+    peaks: dict[tuple[int, int], dict[str, float]] = {}
+    if args.rss:
+        peaks = fresh_process_peaks(args, configs)
+        print()
+        print("peak RSS (MB) of one predict call, each in a fresh process loading what the server loads:")
+        print_rss_table(peaks)
     load_end = os.getloadavg()
     print()
     print(f"load average at end: {' '.join(f'{v:.2f}' for v in load_end)}; wall {wall:.1f} s (imports included)")
@@ -696,6 +862,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "peak_rss_mb": {k: value(k, "peak_rss_mb") for k in STAGES},
         "peak_rss_per_stage": RESETTABLE_PEAK,
         "mask_iou_predict_vs_naive": main_row.get("mask_iou_predict_vs_naive"),
+        "bf16": bf16_summary(main_row),
+        "peak_rss_mb_predict_512_b8": peaks.get((512, 8), {}).get("fp32"),
+        "peak_rss_mb_predict_512_b8_bf16": peaks.get((512, 8), {}).get("bf16"),
+        "peak_rss_mb_fresh_process": {f"{size}x{batch}": by for (size, batch), by in peaks.items()},
         "predict_breakdown_ms_per_image": main_row.get("predict_breakdown_ms_per_image"),
         "load_avg_1min": {"start": load_start[0], "end": load_end[0]},
         "wall_s": wall,
@@ -706,6 +876,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "ms_per_image": {k: stage_value(r, k, "ms_per_image") for k in STAGES},
                 "b/a": r["predict_vs_limit"],
                 "c/b": r.get("naive_vs_predict"),
+                "b16/b": r["bf16"]["predict_vs_fp32"] if r.get("bf16") else None,
                 "runs": [0 if r[k] is None else len(r[k]["runs_s"]) for k in STAGES],
                 "naive_images": None if r["naive"] is None else r["naive"]["images"],
                 "load_1min": r["load_avg_1min"],

@@ -44,7 +44,9 @@ class Settings:
     input_size: int = 320
     batch_size: int = 8
     device: str = "auto"  # "auto" -> cuda when available, else cpu
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast of the backbones)
+    # "auto": bf16 autocast of the backbones where the hardware computes bf16 natively (a CPU with AVX512-BF16
+    # or AMX, a GPU with bf16), fp32 elsewhere; heads, MC statistics, temperatures and CAMs stay fp32.
+    precision: str = "auto"
     channels_last: bool = True
 
     # Monte Carlo Dropout
@@ -142,8 +144,8 @@ class Settings:
             raise ValueError("dropout must be in [0, 1)")
         if self.mc_mode not in ("head", "full"):
             raise ValueError("mc_mode must be 'head' or 'full'")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError("precision must be 'fp32' or 'bf16'")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError("precision must be 'auto', 'fp32' or 'bf16'")
         parse_fusion(self.mask_fusion)
         choices = {
             "cam_weights": ("class", "contrastive"),

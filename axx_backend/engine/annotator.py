@@ -29,7 +29,7 @@ from ..core.settings import Settings
 from ..core.thresholds import rule_map
 from ..core.version_meta import MemberSpec, VersionError, VersionMeta, load_version
 from ..core.versions import ModelStore
-from .ensemble import Ensemble, Member, MemberOutput, select_device
+from .ensemble import Ensemble, Member, MemberOutput, resolve_precision, select_device
 from .refine import SuperpixelSpec, pool, segment_image
 from .saliency import gradcam_maps, member_cam, normalize_maps, upsample
 from .segments import SegmentHead, level_grid, region_features
@@ -98,6 +98,8 @@ class Annotator:
         # Maps, regions and masks are made at this side (the input size, at most `map_side`), then upsampled once.
         self.map_side = min(self.input_size, settings.map_side)
         self.device = select_device(settings.device)
+        self.precision = resolve_precision(settings.precision, self.device)
+        log.info("backbones run in %s on %s (AXX_PRECISION=%s)", self.precision, self.device, settings.precision)
         self.ensemble = ensemble.prepare(self.device, settings.channels_last and self.device.type == "cpu")
         if negative_classes is None:
             negative_classes = {c for c in ensemble.classes if settings.is_negative(c)}
@@ -150,11 +152,11 @@ class Annotator:
         generator = torch.Generator().manual_seed(s.seed)
         want_levels = self.mask_source == "segments" if levels is None else levels
         outputs = self.ensemble.forward_mc(
-            x, s.mc_samples, generator, s.precision, full_mc=s.mc_mode == "full", levels=want_levels
+            x, s.mc_samples, generator, self.precision, full_mc=s.mc_mode == "full", levels=want_levels
         )
         samples = [out.mc_probs for out in outputs]
         if s.tta_flip:  # the mirrored image's samples join the statistics; the maps stay the image's own
-            mirrored = self.ensemble.forward_mc(x.flip(-1), s.mc_samples, generator, s.precision)
+            mirrored = self.ensemble.forward_mc(x.flip(-1), s.mc_samples, generator, self.precision)
             samples = [torch.cat([a, b.mc_probs]) for a, b in zip(samples, mirrored, strict=True)]
         return Forward(list(images), x, outputs, [mc_statistics(p) for p in samples])
 

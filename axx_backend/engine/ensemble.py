@@ -197,7 +197,7 @@ class Ensemble(nn.Module):
             if _is_channels_last(member):
                 x = x.contiguous(memory_format=torch.channels_last)
             level_maps = None
-            with _autocast(x.device, precision):
+            with autocast_for(x.device, precision):
                 if levels:
                     feats, level_maps = member.features_and_levels(x)
                 else:
@@ -224,7 +224,7 @@ def _full_mc_logits(member: Member, x: torch.Tensor, samples: int, precision: st
         member.head.train()
         logits = []
         for _ in range(samples):
-            with _autocast(x.device, precision):
+            with autocast_for(x.device, precision):
                 logits.append(member(x).float())
         return torch.stack(logits)
     finally:
@@ -244,12 +244,28 @@ def _is_channels_last(member: Member) -> bool:
 
 
 @contextlib.contextmanager
-def _autocast(device: torch.device, precision: str) -> Iterator[None]:
+def autocast_for(device: torch.device, precision: str) -> Iterator[None]:
     if precision == "bf16":
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
             yield
     else:
         yield
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Does `device` compute bf16 natively? (Elsewhere autocast emulates it, slower than fp32.)"""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """`auto` -> `bf16` where `device` has native bf16, else `fp32`; `fp32` and `bf16` stay as asked."""
+    if requested != "auto":
+        return requested
+    return "bf16" if native_bf16(device) else "fp32"
 
 
 def select_device(requested: str = "auto") -> torch.device:

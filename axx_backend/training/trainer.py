@@ -80,7 +80,10 @@ def train_on_samples(
         settings.preset, classes, settings.dropout, settings.weights_dir, settings.members
     )
     negative = [c for c in classes if settings.is_negative(c)]
-    annotator = Annotator(ensemble, settings, negative_classes=set(negative))
+    # Features for training in fp32: heads, temperatures and thresholds are fitted on full-precision features
+    # (and fine-tuning's cached stage inputs must reproduce them); serving may run bf16 (benchmarks/precision.py
+    # measures what that changes).
+    annotator = Annotator(ensemble, settings.replace(precision="fp32"), negative_classes=set(negative))
     val_keys = validation_keys(labelled, settings)
     mode = resolve_finetune(settings)
     seconds: dict[str, float] = {}
