@@ -79,6 +79,9 @@ class Settings:
     learning_rate: float = 1e-2
     weight_decay: float = 1e-3
     val_fraction: float = 0.25
+    # "appearance": the held-out split and the calibration folds hold out whole clusters of look-alike images
+    # (training/groups.py), so calibration sees new-looking images as serving will; "random": stratified only
+    calibration_groups: str = "appearance"
     tta_flip: bool = False  # decide on the image and its mirror (a second forward: +0.5 accuracy points measured)
 
     # Pixel supervision (Belharbi et al.): a segment head on oracle masks + lambda * pseudo-masks
@@ -152,6 +155,7 @@ class Settings:
             "refine": ("none", "superpixels"),
             "labels_only_masks": ("segments", "cam"),
             "mask_source": ("auto", "cam", "segments"),
+            "calibration_groups": ("appearance", "random"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

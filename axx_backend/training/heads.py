@@ -25,6 +25,7 @@ from ..engine.ensemble import Ensemble, MCDropoutHead, Member
 from ..engine.uncertainty import mc_statistics
 from .calibration import fit_temperature
 from .features import FeatureCache
+from .groups import appearance_folds
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def train_member_heads(
     out-of-fold accuracy 1.000 on the train images against 0.905 on new ones, and a review threshold that
     flagged 38 % of new images against a 20 % budget). Calibration then uses the held-out split only."""
     labelled = torch.cat([split.train, split.val]).sort().values
-    folds = stratified_folds(split.labels[labelled].numpy(), CV_FOLDS, settings.seed)
+    folds = calibration_folds(cache, labelled, split.labels[labelled].numpy(), settings)
     unseen = split.val if backbone_saw_train and len(split.val) else labelled
     keep = torch.isin(labelled, unseen)  # the calibration rows of the out-of-fold arrays
     pixel_index = sorted(cache.pixels)
@@ -190,6 +191,16 @@ def _simplex(n: int, units: int) -> Iterator[tuple[int, ...]]:
     for first in range(units + 1):
         for rest in _simplex(n - 1, units - first):
             yield (first, *rest)
+
+
+def calibration_folds(cache: FeatureCache, rows: torch.Tensor, labels: np.ndarray, settings: Settings) -> np.ndarray:
+    """The cross-fitting folds: by appearance (groups.py) when set and possible, else stratified random."""
+    if settings.calibration_groups == "appearance":
+        folds = appearance_folds(cache.pooled, rows, labels, CV_FOLDS, settings.seed)
+        if folds is not None:
+            return folds
+        log.info("appearance folds would leave a class out of a fold's training part: stratified folds instead")
+    return stratified_folds(labels, CV_FOLDS, settings.seed)
 
 
 def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:

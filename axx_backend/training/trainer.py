@@ -37,6 +37,7 @@ from ..engine.weights import fingerprint
 from .calibration import calibrate_uncertainty_threshold, flag_rate, risk_coverage
 from .features import FeatureCache, Progress, extract_features
 from .finetune import FINETUNE_MODES, finetune_ensemble, finetune_last_stages
+from .groups import appearance_folds
 from .heads import Heads, Split, train_member_heads
 from .pixels import PixelResult, fit_pixels
 
@@ -92,6 +93,8 @@ def train_on_samples(
     with timed("features", seconds):
         keys = pixel_keys(samples, settings)
         cache = extract_features(annotator, list(samples), keys, progress, mode == "last-stage")
+    if mode != "all" and settings.calibration_groups == "appearance":
+        val_keys = appearance_validation_keys(cache, classes, settings) or val_keys
     split = Split.of(cache, classes, val_keys)
     with timed("finetune (last stage)", seconds):
         if mode == "last-stage":
@@ -149,6 +152,22 @@ def validation_keys(labelled: Sequence[Sample], settings: Settings) -> set[str]:
     split_keys = [f"{s.label}|{s.has_mask}" for s in labelled]
     _, val_pos = stratified_split(split_keys, settings.val_fraction, settings.seed)
     return {labelled[k].key for k in val_pos}
+
+
+def appearance_validation_keys(cache: FeatureCache, classes: Sequence[str], settings: Settings) -> set[str] | None:
+    """A held-out split of whole appearance groups (groups.py), about `val_fraction` of the labelled images;
+    None when grouping cannot keep every class on both sides."""
+    rows = [i for i, s in enumerate(cache.samples) if s.label in classes]
+    labels = np.array([classes.index(cache.samples[i].label) for i in rows])
+    k = max(2, round(1 / settings.val_fraction))
+    folds = appearance_folds(cache.pooled, torch.tensor(rows), labels, k, settings.seed)
+    if folds is None:
+        return None
+    sizes = np.bincount(folds)
+    val_fold = int(np.argmin(np.abs(sizes - settings.val_fraction * len(rows))))
+    if set(labels[folds == val_fold].tolist()) != set(range(len(classes))):
+        return None  # a class missing from the held-out split: nothing to early-stop or calibrate it on
+    return {cache.samples[rows[i]].key for i in np.flatnonzero(folds == val_fold)}
 
 
 def pixel_keys(samples: Sequence[Sample], settings: Settings) -> set[str]:
