@@ -202,6 +202,9 @@ def toy_pixels(cam_knows, head_knows, n_pos=10, n_neg=4, n_unlabelled=0, **setti
         cache.pixels[i] = view
         labels.append(-1 if i >= n_pos + n_neg else int(positive))
         probs.append([0.03, 0.97] if positive else [0.97, 0.03])
+    # pooled features as the backbone pass caches them: each member's last map averaged over space
+    cache.pooled = [torch.stack([cache.pixels[i].last_maps[m].float().mean(dim=(1, 2)) for i in cache.pixels])
+                    for m in range(2)]  # fmt: skip
     index = list(range(len(labels)))
     stats = MemberStats(index, [np.array(probs)] * 2, [np.full(len(index), 0.1)] * 2)
     heads = Heads([1.0, 1.0], [0.5, 0.5], {}, MemberStats([]), stats)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from ..core.thresholds import FUSION_RULES, best_rule, best_thresholds, calibrate_members, choose_rule, fusion_scores
@@ -32,6 +33,7 @@ from ..engine.saliency import member_cam
 from ..engine.segments import SegmentHead, fit_segment_head, with_cam
 from ..engine.uncertainty import decide
 from .features import FeatureCache
+from .groups import CLUSTERS_PER_FOLD, appearance_groups, grouped_folds
 from .heads import Heads, Split
 
 log = logging.getLogger(__name__)
@@ -219,18 +221,42 @@ def calibrate_cam(data: PixelSet, images: Sequence[int]) -> tuple[str, float, di
     )
 
 
+def pixel_folds(data: PixelSet) -> tuple[list[list[int]], dict[int, int]]:
+    """Folds of the oracle-masked positives, and each pixel-set image's appearance group (groups.py).
+
+    With `calibration_groups=appearance` the folds hold out whole look-alike groups, and a fold's head learns
+    from no image of its held-out groups (no pseudo-mask either): with random folds the head learnt from images
+    of the same photographs as the held-out masks, which flattered it against the CAM (README, active learning).
+    """
+    positives = data.positives
+    images = sorted(data.cache.pixels)
+    if data.settings.calibration_groups == "appearance" and len(positives) >= 2:
+        groups = appearance_groups(
+            data.cache.pooled, torch.tensor(images), CLUSTERS_PER_FOLD * CV_FOLDS, data.settings.seed
+        )
+        group_of = dict(zip(images, groups.tolist(), strict=True))
+        folds = grouped_folds(np.array([group_of[i] for i in positives]), np.zeros(len(positives), int), CV_FOLDS)
+        if folds is not None:
+            return [
+                [p for p, f in zip(positives, folds, strict=True) if f == k] for k in range(folds.max() + 1)
+            ], group_of
+    return kfold(positives, CV_FOLDS, data.settings.seed), {i: i for i in images}
+
+
 def cross_validate(data: PixelSet, lambdas: Sequence[float]) -> dict[str, Any]:
     """k-fold IoU of the refined CAM and of the segment head per lambda, over the oracle-masked positives."""
     positives = data.positives
-    folds = kfold(positives, CV_FOLDS, data.settings.seed)
+    folds, group_of = pixel_folds(data)
     cam_scores: list[float] = []
     head_scores: dict[float, list[float]] = {lam: [] for lam in lambdas}
     for held in folds:
         rest = [i for i in positives if i not in held]
         rule, threshold, _ = choose_rule([data.maps(i) for i in rest], [data.oracle[i] for i in rest], FUSION_RULES)
         cam_scores += [iou(fuse_maps(data.maps(i), rule, threshold)[0], data.oracle[i]) for i in held]
-        pseudo = pseudo_masks(data, data.candidates, rule, threshold)
-        masked = [i for i in data.oracle if i not in held]
+        held_groups = {group_of[i] for i in held}
+        seen = [i for i in data.candidates if group_of[i] not in held_groups]
+        pseudo = pseudo_masks(data, seen, rule, threshold)
+        masked = [i for i in data.oracle if i not in held and group_of[i] not in held_groups]
         for lam in lambdas:
             head = fit_head(data, masked, pseudo, lam)
             for i in held:
