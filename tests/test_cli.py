@@ -133,9 +133,12 @@ def test_a_version_refuses_backbone_weights_it_was_not_trained_on(tmp_path, trai
     copy = tmp_path / "copy"
     shutil.copytree(store.path(store.current()), copy)
     meta = json.loads((copy / "version.json").read_text())
-    meta["members"][1]["fingerprint"] = "0" * 16
+    # a member whose backbone is the shipped one (a fine-tuned member's backbone is stored in the version)
+    frozen = [m for m in meta["members"] if not m.get("finetuned")]
+    assert frozen, "the test version fine-tuned every member: no shipped backbone to swap"
+    frozen[0]["fingerprint"] = "0" * 16
     (copy / "version.json").write_text(json.dumps(meta))
-    with pytest.raises(VersionError, match="mobilenetv2_100"):
+    with pytest.raises(VersionError, match=frozen[0]["name"]):
         Annotator.from_version(copy, Settings(), explicit=set())
 
 
