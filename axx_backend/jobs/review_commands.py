@@ -175,4 +175,3 @@ def cmd_views(args: argparse.Namespace) -> int:
         f"({summary['tasks_written']} tasks); mislabeling set on {summary['mislabeling_written']} predictions"
     )
     return 0
-

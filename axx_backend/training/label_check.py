@@ -12,7 +12,8 @@ predicts each held-out image's mask; the ranking key is 1 - IoU with the drawn m
 when its IoU is under half the median IoU of the checked masks.
 
 After a training run the out-of-fold probabilities are those training computed for calibration
-(`Heads.calibration`), so the check costs only the mask folds (seconds).
+(`Heads.calibration`) when they cover every labelled image, so the check costs only the mask folds (seconds);
+when calibration kept the held-out split only (a fine-tuned backbone), fresh out-of-fold heads cover the rest.
 """
 
 from __future__ import annotations
@@ -234,12 +235,21 @@ def served_pixel_stats(annotator: Annotator, cache: FeatureCache) -> MemberStats
 def check_training_run(
     annotator: Annotator, cache: FeatureCache, split: Split, heads: Heads, threshold: float, version: str = ""
 ) -> LabelCheck:
-    """The check right after training: its out-of-fold calibration probabilities and its pixel set."""
+    """The check right after training: its out-of-fold calibration probabilities when they cover every labelled
+    image, else (calibration kept the held-out split only: a fine-tuned backbone saw the rest) fresh out-of-fold
+    heads on every labelled image's cached features; then its pixel set."""
     start = time.perf_counter()
+    labelled = torch.cat([split.train, split.val]).sort().values
     cal = heads.calibration
-    keys = [cache.samples[i].key for i in cal.index]
-    labels = split.labels[cal.index].numpy()
-    result = LabelCheck(version, class_check(cal.probs, heads.weights, labels, keys, annotator.classes))
+    if len(cal.index) == len(labelled):
+        index, probs = list(cal.index), cal.probs
+    else:
+        epochs = [int(heads.metrics[m.name]["epochs"]) for m in annotator.ensemble.members]
+        probs = out_of_fold_probs(annotator, cache, labelled, split.labels[labelled], epochs)
+        index = labelled.tolist()
+    keys = [cache.samples[i].key for i in index]
+    labels = split.labels[index].numpy()
+    result = LabelCheck(version, class_check(probs, heads.weights, labels, keys, annotator.classes))
     if cache.pixels:
         result.masks = mask_check(PixelSet(annotator, cache, split, heads, threshold))
     result.seconds = time.perf_counter() - start
