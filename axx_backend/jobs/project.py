@@ -49,7 +49,9 @@ def train_project(project: str, payload: dict[str, Any], progress: Callable[[str
         origin,
     )
     check = TrainingCheck()
-    version = train_on_samples(samples, classes, payload["model_dir"], settings, progress, origin, check)
+    version = train_on_samples(
+        samples, classes, payload["model_dir"], settings, progress, source=origin, after_fit=check
+    )
     version_dir = Path(payload["model_dir"]) / version
     check.store(version_dir, review_source(payload, project), samples)
     if ls is not None and ls.review_views:  # AXX_REVIEW_VIEWS: the tabs follow the new version
