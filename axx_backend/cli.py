@@ -1,4 +1,5 @@
-"""Command line: `axx-backend train | annotate | evaluate | simulate-al | serve | worker | preannotate | versions`."""
+"""Command line: `axx-backend train | annotate | evaluate | simulate-al | select | label-check | views | serve |
+worker | preannotate | versions`."""
 
 from __future__ import annotations
 
@@ -43,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation.commands import register as register_evaluation
 
     register_evaluation(sub)  # evaluate, simulate-al
+
+    from .jobs.review_commands import register as register_review
+
+    register_review(sub)  # select, label-check, views
 
     versions = sub.add_parser("versions", help="list the versions of a model directory")
     versions.add_argument("--model-dir", type=Path, default=None)

@@ -24,8 +24,8 @@ from axx_backend.engine.masks import fuse_maps
 from axx_backend.evaluation import metrics
 from axx_backend.evaluation.commands import register
 from axx_backend.evaluation.evaluate import MaskThresholds, evaluate_folder, iter_results, trivial_masks
-from axx_backend.evaluation.simulate import binary_entropy, selection_score
 from axx_backend.training import read_folder_dataset
+from axx_backend.training.selection import binary_entropy, map_disagreement, map_entropy
 
 # ---------------------------------------------------------------- classification
 
@@ -145,13 +145,13 @@ def test_selection_scores_by_hand():
     assert binary_entropy(np.array([0.0, 1.0])) == pytest.approx([0.0, 0.0], abs=1e-4)
     sure, unsure = np.array([[1.0, 0.0]]), np.array([[0.5, 0.5]])
     # Members that agree and are sure: no entropy, no disagreement.
-    assert selection_score([sure, sure], "entropy") == pytest.approx(0.0, abs=1e-4)
-    assert selection_score([sure, sure], "bald") == pytest.approx(0.0, abs=1e-4)
+    assert map_entropy(np.mean([sure, sure], axis=0)) == pytest.approx(0.0, abs=1e-4)
+    assert map_disagreement([sure, sure]) == pytest.approx(0.0, abs=1e-4)
     # Both members at 0.5: entropy 1, but they agree: BALD 0.
-    assert selection_score([unsure, unsure], "entropy") == pytest.approx(1.0)
-    assert selection_score([unsure, unsure], "bald") == pytest.approx(0.0, abs=1e-6)
+    assert map_entropy(np.mean([unsure, unsure], axis=0)) == pytest.approx(1.0)
+    assert map_disagreement([unsure, unsure]) == pytest.approx(0.0, abs=1e-6)
     # Confident members that contradict each other: mean 0.5 -> entropy 1 and BALD 1.
-    assert selection_score([sure, 1 - sure], "bald") == pytest.approx(1.0, abs=1e-3)
+    assert map_disagreement([sure, 1 - sure]) == pytest.approx(1.0, abs=1e-3)
 
 
 # ---------------------------------------------------------------- end to end

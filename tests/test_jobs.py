@@ -99,6 +99,8 @@ def test_in_process_jobs_coalesce_and_record_failures(tmp_path, dataset_dir):
     status = jobs.wait("3", timeout=300)
     assert status["state"] == "finished"
     assert ModelStore(model_dir).list_versions() == [status["version"]]
+    check = status["label_check"]  # the run's label check, in the /jobs report
+    assert check["version"] == status["version"] and check["checked_classes"] > 0
 
     bad = folder_payload(tmp_path / "missing", model_dir)
     assert jobs.submit("3", bad)["status"] == "queued"

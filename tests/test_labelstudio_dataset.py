@@ -110,8 +110,8 @@ def test_training_reads_the_labeling_config_with_the_settings_serving_uses(monke
     monkeypatch.setattr(LabelStudioClient, "export_tasks", lambda self, pid: tasks)
     trained = {}
 
-    def train_on_samples(samples, classes, model_dir, settings, progress, source):
-        trained.update(samples=samples, classes=classes, source=source)
+    def train_on_samples(samples, classes, model_dir, settings, progress, source, after_fit=None):
+        trained.update(samples=samples, classes=classes, source=source, after_fit=after_fit)
         return "v-test"
 
     monkeypatch.setattr(job, "train_on_samples", train_on_samples)

@@ -8,7 +8,7 @@ from label_studio_sdk.converter.brush import decode_rle
 
 from axx_backend.core.annotation import Annotation, MemberResult
 from axx_backend.labelstudio.config import parse_config
-from axx_backend.labelstudio.results import build_prediction, explain, failed_prediction
+from axx_backend.labelstudio.results import SCORES, build_prediction, explain, failed_prediction, task_score
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -149,3 +149,17 @@ def test_failed_prediction() -> None:
     assert cfg.validate(pred) == []
     no_notes = parse_config(CONFIG.replace('<TextArea name="notes" toName="image"/>', ""))
     assert failed_prediction(no_notes, "v1", "bad")["result"] == []
+
+
+def test_each_score_choice_sorts_the_doubtful_first() -> None:
+    sure, flagged = annotation(None, score=0.8), annotation(None, flagged=True, score=0.9)
+    assert task_score(sure) == sure.score  # the default: the ensemble confidence
+    assert task_score(sure, "margin") == pytest.approx(0.85 - 0.15)
+    assert task_score(sure, "bald") == pytest.approx(1 - 0.01)  # the members' mean mutual information
+    # `review`: a flagged image sorts before every unflagged one, whatever its confidence
+    assert task_score(flagged, "review") < 0.5 <= task_score(sure, "review")
+    for choice in SCORES:
+        pred = build_prediction(sure, parse_config(CONFIG), "v1", choice)
+        assert pred["score"] == pytest.approx(task_score(sure, choice), abs=1e-4)
+    with pytest.raises(ValueError, match="AXX_SCORE"):
+        task_score(sure, "loss")

@@ -12,9 +12,9 @@ from axx_backend.core.synthetic import make_dataset
 from axx_backend.core.versions import ModelStore
 from axx_backend.engine.annotator import Annotator
 from axx_backend.evaluation.commands import register
-from axx_backend.evaluation.evaluate import class_maps
-from axx_backend.evaluation.simulate import load_pool_and_test, select, selection_score, simulate_al
+from axx_backend.evaluation.simulate import load_pool_and_test, select, simulate_al
 from axx_backend.training import Sample, read_folder_dataset
+from axx_backend.training.profiles import profile_samples
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +90,8 @@ def test_entropy_and_bald_pick_the_highest_scores(split_dataset, trained_model_d
     annotator = Annotator.from_version(store.path(store.current()), Settings(), explicit=set())
     pool, _ = read_folder_dataset(split_dataset / "train")
     candidates = [s for s in pool if s.has_mask]
-    scores = {"entropy": {}, "bald": {}}
-    for sample, maps in class_maps(annotator, candidates):
-        for strategy, table in scores.items():
-            table[sample.key] = selection_score(maps, strategy)
+    profiles = profile_samples(lambda: annotator, candidates).profiles
+    scores = {strategy: {p.key: getattr(p, strategy) for p in profiles} for strategy in ("entropy", "bald")}
     for strategy, table in scores.items():
         assert len(table) == len(candidates)
         chosen = select(strategy, candidates, 3, np.random.default_rng(0), annotator)

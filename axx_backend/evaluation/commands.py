@@ -40,7 +40,12 @@ def register(subparsers: Any) -> None:
     al.add_argument("--model-dir", type=Path, required=True, help="where the versions of each round are written")
     al.add_argument("--rounds", type=int, default=4, help="rounds after round 0, which has no mask (default 4)")
     al.add_argument("--per-round", type=int, default=5, help="masks the oracle reveals per round (default 5)")
-    al.add_argument("--strategy", choices=["random", "entropy", "bald"], default="random")
+    al.add_argument(
+        "--strategy",
+        choices=["random", "entropy", "bald", "diverse"],
+        default="random",
+        help="which masks the oracle reveals (training/selection.py; default random, the baseline)",
+    )
     al.add_argument(
         "--schedule", default=None, help="cumulative oracle masks per round, e.g. 5,10,20,50 (overrides the two above)"
     )

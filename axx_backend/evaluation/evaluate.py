@@ -183,22 +183,6 @@ def _chunks(
             yield chunk
 
 
-def class_maps(annotator: Annotator, samples: Sequence[Sample]) -> Iterator[tuple[Sample, list[np.ndarray]]]:
-    """Every member's map of each sample's labelled class ([S, S], refined when the version refines), or
-    the segment head's probability when the version serves it: what active-learning selection scores."""
-    index = {c: i for i, c in enumerate(annotator.classes)}
-    with_levels = annotator.mask_source == "segments"
-    for chunk in _chunks(annotator, samples, None):
-        fwd = annotator.forward([img for _, img in chunk], levels=with_levels)
-        for b, (sample, _) in enumerate(chunk):
-            label = index[sample.label]
-            if with_levels:
-                every = list(range(len(annotator.ensemble.members)))
-                yield sample, [annotator.segment_score(fwd, b, label, every)]
-                continue
-            yield sample, annotator.refined_maps(fwd, b, label)
-
-
 def serving_with(annotator: Annotator, thresholds: MaskThresholds) -> Annotator:
     """A copy of `annotator` whose CAM masks use the calibrated rule (the best on the calibration images)
     at its calibrated threshold: what the version would serve had it stored these thresholds. Unchanged

@@ -1,19 +1,20 @@
 """`axx-backend simulate-al`: the active-learning protocol of Belharbi et al., offline.
 
 Start from image labels only; each round the oracle reveals K ground-truth masks of pool images (chosen
-by `random`, `entropy` or `bald`), a new version is trained on the pool with those masks, and the test
-split is evaluated. The masks reach training as `Sample.mask_path` (an oracle mask); what training
-does with them (the segment head of docs/METHOD.md "Learning" 3) is up to `train_fn`.
+by a strategy of `training/selection.py`: `random`, `entropy`, `bald` or `diverse`), a new version is trained
+on the pool with those masks, and the test split is evaluated. The masks reach training as `Sample.mask_path`
+(an oracle mask); what training does with them (the segment head of docs/METHOD.md "Learning" 3) is up to
+`train_fn`.
 
 The revealed masks are also used to choose the CAM thresholds when the version did not calibrate its
 own (docs/METHOD.md "Mask": thresholds tuned for the fused rule on images with masks): the row
 `iou_mean_calibrated` is what the oracle masks buy for the refined CAM without any pixel-supervised training.
 
-Selection scores are pixel-wise and averaged over the pixels of an image (not pooled over all pixels of
-the pool at once), from the segment head's probability when the version serves it, else the members'
-(refined) normalised CAMs of the image's known class used as foreground probabilities:
-`entropy` = mean binary entropy of the mean map; `bald` = mean over pixels of
-H(mean_m p_m) - mean_m H(p_m), the members standing in for posterior samples (a deep-ensemble BALD).
+Selection scores come from each candidate's review profile (`training/profiles.py`) for its known class:
+`entropy` = mean binary entropy of the served score map (the segment head's probability when the version
+serves it, else the mean of the members' normalised CAMs); `bald` = mean over pixels of
+H(mean_m p_m) - mean_m H(p_m) over the members' CAMs (a deep-ensemble BALD); `diverse` = entropy-weighted
+k-center greedy over the members' pooled features, the images with a revealed mask as the first centres.
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ from ..core.data import Sample, read_folder_dataset, stratified_split
 from ..core.settings import Settings
 from ..core.versions import ModelStore
 from ..engine.annotator import Annotator
-from .evaluate import CAM_RULES, calibrate_thresholds, class_maps, evaluate, version_thresholds
+from ..training.profiles import profile_samples, scores_of
+from ..training.selection import Scores, check_strategy, choose
+from .evaluate import CAM_RULES, calibrate_thresholds, evaluate, version_thresholds
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("random", "entropy", "bald")
 TrainFn = Callable[[Sequence[Sample], Sequence[str], Path, Settings], str]
 CSV_FIELDS = (
     "round",
@@ -86,44 +88,30 @@ def load_pool_and_test(
     return [samples[i] for i in pool_idx], [samples[i] for i in test_idx], classes
 
 
-def binary_entropy(p: np.ndarray) -> np.ndarray:
-    """H(p) of a Bernoulli(p) in bits (0..1 for p in [0, 1])."""
-    q = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
-    return -(q * np.log2(q) + (1 - q) * np.log2(1 - q))
-
-
-def selection_score(maps: Sequence[np.ndarray], strategy: str) -> float:
-    """Uncertainty of one image's mask from its members' maps (higher = ask the oracle first)."""
-    stack = np.stack([np.asarray(m, dtype=np.float64) for m in maps])
-    mean = stack.mean(axis=0)
-    if strategy == "entropy":
-        return float(binary_entropy(mean).mean())
-    if strategy == "bald":
-        return float((binary_entropy(mean) - binary_entropy(stack).mean(axis=0)).mean())
-    raise ValueError(f"no score for strategy {strategy!r}")
-
-
 def select(
     strategy: str,
     candidates: Sequence[Sample],
     k: int,
     rng: np.random.Generator,
     annotator: Annotator | None = None,
+    anchors: Sequence[Sample] = (),
 ) -> list[Sample]:
-    """The next `k` pool images whose masks the oracle reveals."""
+    """The next `k` pool images whose masks the oracle reveals; `anchors`: the images already revealed (the
+    first centres of `diverse`)."""
+    check_strategy(strategy)
     if k >= len(candidates):
         return list(candidates)
     if strategy == "random":
-        return [candidates[i] for i in sorted(rng.choice(len(candidates), size=k, replace=False))]
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose {', '.join(STRATEGIES)}")
+        n = len(candidates)
+        return [candidates[i] for i in choose("random", Scores(np.zeros(n), np.zeros(n), np.zeros((n, 0))), k, rng)]
     if annotator is None:
         raise ValueError(f"strategy {strategy} needs the current version")
-    # The segment head's probability when the version serves it (Belharbi scores the segmentation output);
-    # else the members' normalised CAMs as foreground probabilities.
-    scores = {sample.key: selection_score(maps, strategy) for sample, maps in class_maps(annotator, candidates)}
-    order = sorted(candidates, key=lambda s: (-scores.get(s.key, -1.0), s.key))
-    return order[:k]
+    profiled = profile_samples(lambda: annotator, [*candidates, *anchors]).profiles
+    by_key = {p.key: p for p in profiled}
+    readable = [s for s in candidates if s.key in by_key]
+    anchor_profiles = [by_key[s.key] for s in anchors if s.key in by_key]
+    picks = choose(strategy, scores_of([by_key[s.key] for s in readable], anchor_profiles), k, rng)
+    return [readable[i] for i in picks]
 
 
 def _fmt(value: float | None) -> str:
@@ -148,8 +136,7 @@ def simulate_al(
     Round r has `r * per_round` oracle masks, or `schedule[r - 1]` when a schedule of increasing
     cumulative counts is given (e.g. 5, 10, 20, 50 as in docs/METHOD.md "Evaluation").
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose {', '.join(STRATEGIES)}")
+    check_strategy(strategy)
     targets = oracle_targets(rounds, per_round, schedule)
     settings = settings or Settings()
     train_fn = train_fn or default_train_fn
@@ -176,7 +163,8 @@ def simulate_al(
         if rnd < len(targets):
             candidates = [s for s in hidden if s.key in oracle and s.key not in set(revealed)]
             if candidates:
-                chosen = select(strategy, candidates, targets[rnd] - len(revealed), rng, annotator)
+                anchors = [oracle[key] for key in revealed]
+                chosen = select(strategy, candidates, targets[rnd] - len(revealed), rng, annotator, anchors)
                 revealed += [s.key for s in chosen]
                 row["selected"] = ";".join(s.key for s in chosen)
         row["seconds"] = f"{time.perf_counter() - start:.1f}"

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ..core.data import read_folder_dataset
 from ..core.settings import Settings
 from ..labelstudio.settings import LabelStudioSettings
+from ..training.review import folder_source, project_source, stored_check
 from ..training.trainer import train_on_samples
+from .review import TrainingCheck, refresh_after
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +29,7 @@ def train_project(project: str, payload: dict[str, Any], progress: Callable[[str
     """Build the data set the payload names, train, and write a new current version."""
     settings = Settings.from_env(**payload.get("settings", {}))
     source = payload.get("source")
+    ls: LabelStudioSettings | None = None
     if source == "folder":
         samples, classes = read_folder_dataset(payload["dataset_dir"])
         origin = payload["dataset_dir"]
@@ -44,7 +48,32 @@ def train_project(project: str, payload: dict[str, Any], progress: Callable[[str
         sum(s.label is not None for s in samples),
         origin,
     )
-    return train_on_samples(samples, classes, payload["model_dir"], settings, progress, source=origin)
+    check = TrainingCheck()
+    version = train_on_samples(
+        samples, classes, payload["model_dir"], settings, progress, source=origin, after_fit=check
+    )
+    version_dir = Path(payload["model_dir"]) / version
+    check.store(version_dir, review_source(payload, project), samples)
+    if ls is not None and ls.review_views:  # AXX_REVIEW_VIEWS: the tabs follow the new version
+        refresh_after(project, version_dir, ls, "training")
+    return version
+
+
+def review_source(payload: dict[str, Any], project: str) -> str:
+    """The data-source name the review cache of a run's version is kept under (training/review.py)."""
+    if payload.get("source") == "labelstudio":
+        return project_source(payload.get("url"), project)
+    return folder_source(payload.get("dataset_dir") or "")
+
+
+def training_report(payload: dict[str, Any], project: str, version: str) -> dict[str, Any] | None:
+    """The label check of a finished run, for the `/jobs` status (None when there is none)."""
+    try:
+        stored = stored_check(Path(payload["model_dir"]) / version, review_source(payload, project))
+    except (KeyError, TypeError, OSError) as exc:
+        log.warning("project %s: no label check report: %s", project, exc)
+        return None
+    return None if stored is None else stored.summary(top=10)
 
 
 def labelstudio_settings(payload: dict[str, Any], method: Settings) -> LabelStudioSettings:

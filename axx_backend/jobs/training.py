@@ -206,7 +206,12 @@ def _execute(job: JobFunction, project: str, payload: dict[str, Any], update: Ca
         log.debug("%s", traceback.format_exc())
         update({"state": "failed", "error": f"{type(exc).__name__}: {exc}", "finished": _now()})
         raise
-    update({"state": "finished", "version": version, "progress": 1.0, "stage": "done", "finished": _now()})
+    finished: dict[str, Any] = {"state": "finished", "version": version, "progress": 1.0, "stage": "done"}
+    if payload.get("model_dir"):  # a run that wrote a version: its label check goes into the report
+        from .project import training_report
+
+        finished["label_check"] = training_report(payload, project, version)
+    update({**finished, "finished": _now()})
     log.info("training project %s: finished, version %s", project, version)
     return version
 

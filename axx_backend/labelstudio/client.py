@@ -168,11 +168,20 @@ class LabelStudioClient:
         return list(self.json("GET", f"/api/projects/{project_id}/export", params=params))
 
     def list_tasks(
-        self, project_id: int | str, ids: list[int] | None = None, page_size: int = 500
+        self,
+        project_id: int | str,
+        ids: list[int] | None = None,
+        page_size: int = 500,
+        include: str | None = None,
+        raw_data: bool = False,
     ) -> list[dict[str, Any]]:
-        """The project's tasks (id, data, versions of their predictions), page by page; only `ids` when given."""
+        """The project's tasks (`include`: id, data, versions of their predictions), page by page; only `ids`
+        when given. `raw_data`: the task data as stored (storage URLs not turned into proxy URLs), what a write
+        of the task's data must start from."""
         params: dict[str, Any] = {"project": project_id, "page_size": page_size, "fields": "all"}
-        params["include"] = TASK_FIELDS
+        params["include"] = include or TASK_FIELDS
+        if raw_data:
+            params["resolve_uri"] = "false"
         if ids is not None:
             params["query"] = json.dumps({"selectedItems": {"all": False, "included": list(ids)}})
         tasks: list[dict[str, Any]] = []

@@ -77,9 +77,12 @@ def predict_tasks(
     fetch_workers: int = 4,
     time_budget: float | None = None,
     project: str | None = None,
+    score_by: str = "confidence",
 ) -> TaskPredictions:
-    """Predict every task; stop early (leaving `[]`) only when `time_budget` seconds would be exceeded."""
+    """Predict every task; stop early (leaving `[]`) only when `time_budget` seconds would be exceeded.
+    `score_by`: what each prediction's score carries (AXX_SCORE, `results.task_score`)."""
     run = _PredictRun(tasks, cfg, annotator, version, lock or threading.Lock(), time_budget, project)
+    run.score_by = score_by
     try:
         run.go(fetcher, fetch_workers)
     finally:
@@ -106,6 +109,7 @@ class _PredictRun:
         self.out = TaskPredictions(results=[[] for _ in tasks], outcomes=["skipped_budget"] * len(tasks))
         self.per_image: float | None = None  # measured seconds per image, to stop before the budget runs out
         self.batch_size = max(1, int(getattr(getattr(annotator, "settings", None), "batch_size", 1)))
+        self.score_by = "confidence"
 
     # --- downloads ---------------------------------------------------------------------------------------------
     def go(self, fetcher: ImageFetcher, fetch_workers: int) -> None:
@@ -184,7 +188,8 @@ class _PredictRun:
         if isinstance(ann, Exception):  # this image broke the model; the others of the batch are fine
             self._fail(i, "failed", f"prediction failed: {type(ann).__name__}: {ann}", log_error=True)
             return
-        prediction = build_prediction(restore_full_size(ann, decoded.full_size), self.cfg, self.version)
+        full = restore_full_size(ann, decoded.full_size)
+        prediction = build_prediction(full, self.cfg, self.version, self.score_by)
         problems = self.cfg.validate(prediction)
         if problems:  # LS would store wrong names silently: refuse and say why
             self._fail(i, "invalid", f"prediction does not fit the labeling config: {problems}", log_error=True)

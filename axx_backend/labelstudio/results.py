@@ -1,10 +1,11 @@
 """Annotation -> Label Studio prediction JSON (the shape and the brush RLE: docs/LABEL_STUDIO.md, section 3).
 
 One small writer per control tag type (the label-studio-ml YOLO example does the same): a Choices
-writer, a BrushLabels writer and a TextArea writer for the explanation. The task score is the ensemble
-confidence (`Annotation.score`, 1 - normalised entropy), so sorting by prediction score ascending puts
-the most uncertain tasks first. Every region carries `meta.text` (shown by Label Studio in the region
-details) and `meta.axx` (per-member probabilities, entropies and the flag) so a reviewer sees why.
+writer, a BrushLabels writer and a TextArea writer for the explanation. The task score is what `AXX_SCORE`
+chooses (`task_score`; default the ensemble confidence, `Annotation.score`, 1 - normalised entropy); every
+choice is low for uncertain images, so sorting by prediction score ascending puts them first. Every region
+carries `meta.text` (shown by Label Studio in the region details) and `meta.axx` (per-member probabilities,
+entropies and the flag) so a reviewer sees why.
 """
 
 from __future__ import annotations
@@ -136,13 +137,39 @@ def text_result(cfg: ProjectConfig, text: str, score: float | None = None) -> di
 
 WRITERS: tuple[ResultWriter, ...] = (ChoicesWriter(), BrushLabelsWriter(), NotesWriter())
 
+# What a prediction's `score` can carry (AXX_SCORE); each is in [0, 1] and low for what a person should see first.
+SCORES = ("confidence", "margin", "bald", "review")
 
-def build_prediction(ann: Annotation, cfg: ProjectConfig, model_version: str) -> dict[str, Any]:
-    """One task's prediction: every writer's regions, the ensemble confidence as task score."""
+
+def task_score(ann: Annotation, score_by: str = "confidence") -> float:
+    """The task score `score_by` chooses:
+
+    - `confidence`: 1 - normalised entropy of the ensemble mean (any doubt, aleatoric or epistemic);
+    - `margin`: top-1 minus top-2 probability of the ensemble mean (how close the two likeliest classes are);
+    - `bald`: 1 - the members' mean mutual information (MC-dropout disagreement: what more labels would fix);
+    - `review`: flagged images first (0..0.5, by confidence), then the others (0.5..1, by confidence).
+    """
+    if score_by == "confidence":
+        return ann.score
+    if score_by == "margin":
+        top = sorted(ann.probs.values(), reverse=True) + [0.0, 0.0]
+        return float(top[0] - top[1])
+    if score_by == "bald":
+        mutual = [m.mutual_info for m in ann.members]
+        return float(1.0 - (sum(mutual) / len(mutual) if mutual else 0.0))
+    if score_by == "review":
+        return 0.5 * ann.score + (0.0 if ann.flagged else 0.5)
+    raise ValueError(f"AXX_SCORE must be one of {', '.join(SCORES)}, got {score_by!r}")
+
+
+def build_prediction(
+    ann: Annotation, cfg: ProjectConfig, model_version: str, score_by: str = "confidence"
+) -> dict[str, Any]:
+    """One task's prediction: every writer's regions, the task score `score_by` chooses (`task_score`)."""
     result: list[dict[str, Any]] = []
     for writer in WRITERS:
         result.extend(writer.write(ann, cfg))
-    return {"result": result, "score": _round(ann.score), "model_version": model_version}
+    return {"result": result, "score": _round(task_score(ann, score_by)), "model_version": model_version}
 
 
 def failed_prediction(cfg: ProjectConfig, model_version: str, reason: str) -> dict[str, Any]:

@@ -16,6 +16,10 @@ from ..core.settings import Settings
 from .client import LabelStudioClient
 from .config import ConfigOptions
 from .images import FetchLimits, ImageFetcher
+from .results import SCORES
+
+# The selection strategies of `training/selection.py` (this layer imports no torch; a test keeps them equal).
+SELECT_STRATEGIES = ("random", "entropy", "bald", "diverse")
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,19 @@ class LabelStudioSettings:
     config: ConfigOptions = field(default_factory=ConfigOptions)  # AXX_CHOICES_CONTROL, ... + negative classes
     label_field: str | None = None  # AXX_LABEL_FIELD: task data field with image-level labels, used for training
     sync_model_version: bool = True  # AXX_SYNC_MODEL_VERSION: keep project.model_version on the served version
+    score: str = "confidence"  # AXX_SCORE: what a prediction's score carries (results.task_score)
+    review_views: bool = False  # AXX_REVIEW_VIEWS: update the review tabs after preannotate and each training run
+    task_fields: bool = False  # AXX_TASK_FIELDS: write the review values into task data (views.TASK_FIELDS)
+    select_k: int = 10  # AXX_SELECT_K: tasks in "AXX: draw masks next"
+    select_strategy: str = "diverse"  # AXX_SELECT_STRATEGY: how they are chosen (SELECT_STRATEGIES)
+
+    def __post_init__(self) -> None:
+        if self.score not in SCORES:
+            raise ValueError(f"AXX_SCORE must be one of {', '.join(SCORES)}, got {self.score!r}")
+        if self.select_strategy not in SELECT_STRATEGIES:
+            raise ValueError(
+                f"AXX_SELECT_STRATEGY must be one of {', '.join(SELECT_STRATEGIES)}, got {self.select_strategy!r}"
+            )
 
     @property
     def has_api(self) -> bool:
@@ -64,6 +81,11 @@ class LabelStudioSettings:
             config=config_options_from_env(env, method),
             label_field=get_str(env, "AXX_LABEL_FIELD"),
             sync_model_version=get_bool(env, "AXX_SYNC_MODEL_VERSION", True),
+            score=(get_str(env, "AXX_SCORE") or "confidence").strip().lower(),
+            review_views=get_bool(env, "AXX_REVIEW_VIEWS", False),
+            task_fields=get_bool(env, "AXX_TASK_FIELDS", False),
+            select_k=get_int(env, "AXX_SELECT_K", 10, minimum=0),
+            select_strategy=(get_str(env, "AXX_SELECT_STRATEGY") or "diverse").strip().lower(),
         )
 
 

@@ -89,7 +89,7 @@ def _predict(
     model = registry_for(spec.model_dir).get(Path(spec.version_path))
     return predict_tasks(
         todo, cfg, model.annotator, spec.version, ls.fetcher(client), lock=model.lock,
-        fetch_workers=ls.fetch_workers, project=spec.project,
+        fetch_workers=ls.fetch_workers, project=spec.project, score_by=ls.score,
     )  # fmt: skip
 
 

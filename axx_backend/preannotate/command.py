@@ -66,6 +66,10 @@ def preannotate(
     sync = ls.sync_model_version if sync_model_version is None else sync_model_version
     if sync and summary["posted"] + summary["skipped_with_version"]:  # the version has predictions to point at
         summary["project_model_version"] = ModelVersionSync(client).sync_now(spec.project, spec.version, (0, 1, 2, 4))
+    if ls.review_views:  # AXX_REVIEW_VIEWS: the review tabs show the new predictions
+        from ..jobs.review import refresh_after
+
+        summary["review_views"] = refresh_after(spec.project, spec.version_path, ls, "preannotate")
     return summary
 
 

@@ -219,6 +219,7 @@ class AxxModel:
         out = predict_tasks(
             tasks, cfg, model.annotator, version, rt.fetcher, lock=model.lock,
             fetch_workers=rt.settings.fetch_workers, time_budget=budget, project=self.project_id,
+            score_by=rt.settings.labelstudio.score,
         )  # fmt: skip
         counts = out.counts
         if out.stopped:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,10 @@ from .heads import Heads, Split, train_member_heads
 from .pixels import PixelResult, fit_pixels
 
 log = logging.getLogger(__name__)
+
+# Called once the heads and the pixel phase are done, before the version is written, with what training cached
+# (annotator, features, split, heads, calibrated uncertainty threshold): the label check reads it (jobs/review.py).
+AfterFit = Callable[[Annotator, FeatureCache, Split, Heads, float], None]
 
 
 @contextmanager
@@ -72,6 +76,7 @@ def train_on_samples(
     settings: Settings,
     progress: Progress | None = None,
     source: str = "",
+    after_fit: AfterFit | None = None,
 ) -> str:
     """Train heads for `classes` on labelled samples (and the segment head on oracle and pseudo-masks);
     calibrate on a held-out split; write the version atomically."""
@@ -115,6 +120,8 @@ def train_on_samples(
     metrics["seconds"] = seconds
     thresholds.update(pixels.thresholds())  # the served CAM rule and every rule's and member's threshold
     metrics["pixels"] = pixels.metrics
+    if after_fit is not None:
+        after_fit(annotator, cache, split, heads, thresholds["uncertainty_threshold"])
     meta = VersionMeta(
         classes=tuple(classes),
         members=member_specs(ensemble, heads, finetune_metrics),
