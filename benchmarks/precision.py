@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:
 from axx_backend.core.annotation import Annotation  # noqa: E402
 from axx_backend.core.data import Sample, iter_readable, read_folder_dataset  # noqa: E402
 from axx_backend.core.settings import Settings  # noqa: E402
-from axx_backend.core.version_meta import VERSION_FILE  # noqa: E402
+from axx_backend.core.version_meta import VERSION_FILE, load_version  # noqa: E402
 from axx_backend.core.versions import ModelStore  # noqa: E402
 from axx_backend.engine.annotator import Annotator  # noqa: E402
 from axx_backend.engine.masks import iou  # noqa: E402
@@ -66,11 +66,10 @@ def version_dir_of(model_dir: Path) -> Path:
     """`model_dir` itself when it is a version, else its `current` version."""
     if (model_dir / VERSION_FILE).is_file():
         return model_dir
-    store = ModelStore(model_dir)
-    name = store.current()
-    if name is None:
+    path = ModelStore(model_dir).version_path()
+    if path is None:
         raise SystemExit(f"{model_dir} is neither a version nor a model dir with a current version")
-    return store.path(name)
+    return path
 
 
 def load_annotator(version: Path, precision: str, size: int | None) -> Annotator:
@@ -191,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: dict[str, dict[str, Any]] = {}
     for size in args.sizes or [None]:
         runs = compare_at(version, images, size, args.batch)
-        key = str(size or load_annotator(version, "fp32", None).input_size)
+        key = str(size or load_version(version).input_size)
         rows[key] = summarise(runs, samples, truths)
         print(f"  {key}^2: bf16/fp32 time {rows[key]['bf16_vs_fp32_time']:.2f}", flush=True)
     print()

@@ -32,6 +32,17 @@ def test_write_version_creates_complete_directory_and_moves_current(tmp_path):
     assert store.current() == "v1"
 
 
+def test_version_path_is_the_named_or_current_version(tmp_path):
+    store = ModelStore(tmp_path)
+    assert store.version_path() is None
+    store.write_version(fill_with(VersionMeta(classes=("a", "b"), members=())), name="v1")
+    store.write_version(fill_with(VersionMeta(classes=("a", "b"), members=())), name="v2")
+    assert store.version_path() == tmp_path / "v2"
+    assert store.version_path("v1") == tmp_path / "v1"
+    with pytest.raises(VersionError):
+        store.version_path("v3")
+
+
 def test_failed_write_leaves_store_untouched(tmp_path):
     store = ModelStore(tmp_path)
     store.write_version(fill_with(VersionMeta(classes=(), members=())), name="good")

@@ -84,6 +84,11 @@ class ModelStore:
         name = Path(name).name
         return name if self.is_complete(name) else None
 
+    def version_path(self, version: str | None = None) -> Path | None:
+        """The folder of `version` (default: the current one); None when there is no current version."""
+        name = version or self.current()
+        return None if name is None else self.path(name)
+
     def is_complete(self, name: str) -> bool:
         return not name.startswith(".") and (self.root / name / VERSION_FILE).is_file()
 

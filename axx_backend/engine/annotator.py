@@ -343,10 +343,9 @@ def _load_member(
 def load_annotator(
     model_dir: str | os.PathLike[str], settings: Settings, version: str | None = None, explicit: set[str] | None = None
 ) -> Annotator:
-    store = ModelStore(model_dir)
-    name = version or store.current()
-    if name is None:
+    path = ModelStore(model_dir).version_path(version)
+    if path is None:
         raise VersionError(
             f"{model_dir} has no current version: run `axx-backend train DATASET_DIR --model-dir {model_dir}`"
         )
-    return Annotator.from_version(store.path(name), settings, explicit)
+    return Annotator.from_version(path, settings, explicit)

@@ -70,11 +70,10 @@ def _ls_settings() -> Any:
 def _version_dir(model_dir: Path, version: str | None) -> Path:
     from ..core.versions import ModelStore
 
-    store = ModelStore(model_dir)
-    name = version or store.current()
-    if name is None:
+    path = ModelStore(model_dir).version_path(version)
+    if path is None:
         raise RuntimeError(f"no trained version in {model_dir}: run `axx-backend train` first")
-    return store.path(name)
+    return path
 
 
 def _folder(args: argparse.Namespace) -> tuple[Any, list[Any], list[str], str]:
