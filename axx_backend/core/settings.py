@@ -76,7 +76,7 @@ class Settings:
     finetune_epochs: int = 5
     finetune_seconds: float = 600.0  # time budget of last-stage fine-tuning, shared by the members
     epochs: int = 200
-    learning_rate: float = 1e-3  # of the heads, on standardised features, from zero (training/heads.py)
+    learning_rate: float = 1e-3  # of the heads, on scaled features, from zero (training/heads.py)
     weight_decay: float = 1e-3
     val_fraction: float = 0.25
     # "appearance": the held-out split and the calibration folds hold out whole clusters of look-alike images

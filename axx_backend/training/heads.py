@@ -238,23 +238,20 @@ def train_head(
     """Full-batch AdamW with class-balanced cross-entropy; keeps the epoch with the best
     validation loss (early stopping without a patience knob: every epoch is cheap).
 
-    It trains on standardised features and folds the standardisation into `head.fc` at the end, so the served
-    head still reads raw pooled features (and CAMs still use `fc.weight`). On raw features a member whose
-    pooled features are large (the self-supervised ResNet-50's norm is about 40, the mobile members' 13-18)
-    took full-batch steps that overshot: its head predicted one class after the few epochs early stopping chose
-    (test accuracy 0.50 on the photograph benchmark against 0.67-0.72 standardised, at any epoch count).
-
-    The head starts from zero (uniform probabilities), so stopping early shrinks it towards "no opinion" as
-    L2 regularisation would, rather than leaving it near a random initialisation: on held-out groups of new
-    backgrounds, the val split stops some members after a few epochs (measured on the photograph benchmark,
-    lr 1e-3: test log-loss 0.29-0.65 from zero against 0.46-0.67 from a random start, binary; 0.52-1.39 against
-    0.58-1.54, four classes; at lr 1e-2 every step overshot and early stopping chose epoch 1 to 5)."""
+    It trains on features divided by their root mean square and folds that scale into `head.fc` at the end,
+    so the served head still reads raw pooled features (and CAMs still use `fc.weight`). The head starts from
+    zero (uniform probabilities), so stopping early shrinks it towards "no opinion" as L2 regularisation would.
+    On raw features from a random start at lr 1e-2, the self-supervised ResNet-50 member (pooled-feature norm
+    about 40, the mobile members' 13-18) overshot to one class in the few epochs early stopping chose (test
+    accuracy 0.505 on the photograph benchmark; 0.74 scaled). The features are scaled, not centred: a featureless
+    image (all activations near 0) then gets the prior, not whatever the far side of the training mean says
+    (centred, an all-zero feature vector got 0.94-1.00 for one class; a grey image was no longer flagged)."""
     torch.manual_seed(settings.seed)
     with torch.no_grad():
         head.fc.weight.zero_()
         head.fc.bias.zero_()
-    mean, scale = standardiser(train_x)
-    train_x, val_x = (train_x - mean) / scale, (val_x - mean) / scale
+    scale = feature_scale(train_x)
+    train_x, val_x = train_x / scale, val_x / scale
     counts = torch.bincount(train_y, minlength=num_classes).float()
     weights = counts.sum() / (num_classes * counts.clamp_min(1))
     optimizer = torch.optim.AdamW(head.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
@@ -275,21 +272,15 @@ def train_head(
     if best_state is not None:
         head.load_state_dict(best_state)
     head.eval()
-    fold_standardiser(head.fc, mean, scale)
+    with torch.no_grad():
+        head.fc.weight.div_(scale)  # fc(x / scale) == fc'(x)
     return {"best_epoch": best_epoch, "val_loss": best_loss}
 
 
-def standardiser(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-feature mean and scale of `x` [N, K]. The scale is floored at a thousandth of the mean variance, so
-    that a feature constant on the training images cannot get a huge folded weight."""
-    if len(x) < 2:
-        return torch.zeros(x.shape[1]), torch.ones(x.shape[1])
-    mean, var = x.mean(dim=0), x.var(dim=0, unbiased=False)
-    return mean, (var + 1e-3 * var.mean().clamp_min(1e-12)).sqrt()
-
-
-@torch.no_grad()
-def fold_standardiser(fc: torch.nn.Linear, mean: torch.Tensor, scale: torch.Tensor) -> None:
-    """Make `fc(x)` equal what `fc((x - mean) / scale)` was."""
-    fc.weight.div_(scale)
-    fc.bias.sub_(fc.weight @ mean)
+def feature_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per-feature root mean square of `x` [N, K], floored at a thousandth of the mean square, so that a
+    feature that is zero on the training images cannot get a huge folded weight."""
+    if len(x) == 0:
+        return torch.ones(x.shape[1])
+    square = x.pow(2).mean(dim=0)
+    return (square + 1e-3 * square.mean().clamp_min(1e-12)).sqrt()
