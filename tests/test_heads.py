@@ -38,7 +38,7 @@ def test_a_head_learns_the_same_from_features_at_any_scale():
 
 def test_a_featureless_image_gets_the_prior_not_a_confident_class():
     # All activations near zero (a blank or grey image): no evidence for any class. Features centred on the
-    # training mean would put zero far on one side of it (here 2-2.5 against a spread of 0.15 to 0.3).
+    # training mean would put zero far on one side of it (here 2 to 3.25, with a spread of 0.15 to 0.4).
     x, y = separable(200, 2)
     x = 2.0 + 0.5 * x
     head = trained(x, y, 200)
