@@ -164,10 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-size", type=int, default=320)
     parser.add_argument("--docs", type=Path, default=None, help="copy the binary labels-only plots here")
     parser.add_argument("--finetune", default="auto", help="auto | head | last-stage | all (AXX_FINETUNE)")
+    parser.add_argument("--seed", type=int, default=0, help="training's seed (splits, folds, heads, MC masks)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(2)
-    settings = Settings(preset="offline", input_size=args.input_size, model_dir=str(args.work), finetune=args.finetune)
+    settings = Settings(
+        preset="offline", input_size=args.input_size, model_dir=str(args.work), finetune=args.finetune, seed=args.seed
+    )
     start = time.perf_counter()
     summary: dict[str, Any] = {}
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
