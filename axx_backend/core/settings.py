@@ -26,6 +26,9 @@ PRESETS: dict[str, tuple[str, ...]] = {
 _FIELD_KINDS: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool, "tuple": tuple}
 
 MASK_FUSION_RULES = ("mean", "intersection", "votes")
+# Which images get a mask next (training/selection.py); here so that the CLI and the Label Studio layer name
+# them without importing torch.
+SELECT_STRATEGIES = ("random", "entropy", "bald", "diverse")
 
 # One pixel limit for every decoded image (CLI, training, server): 10k x 10k. Checked from the header, before
 # decoding; inference then works on a reduced copy of a large image (axx_backend.core.images.WORK_SIDE).

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..core.settings import model_dir_from
+from ..core.settings import SELECT_STRATEGIES, model_dir_from
 
 
 def register(subparsers: Any) -> None:
@@ -42,7 +42,7 @@ def register(subparsers: Any) -> None:
     al.add_argument("--per-round", type=int, default=5, help="masks the oracle reveals per round (default 5)")
     al.add_argument(
         "--strategy",
-        choices=["random", "entropy", "bald", "diverse"],
+        choices=SELECT_STRATEGIES,
         default="random",
         help="which masks the oracle reveals (training/selection.py; default random, the baseline)",
     )

@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..core.settings import model_dir_from
+from ..core.settings import SELECT_STRATEGIES, model_dir_from
 
-STRATEGY_CHOICES = ("random", "entropy", "bald", "diverse")  # training/selection.py's STRATEGIES (a test keeps them)
+STRATEGY_CHOICES = SELECT_STRATEGIES
 
 
 def register(subparsers: Any) -> None:

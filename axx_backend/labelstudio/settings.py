@@ -12,14 +12,11 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..core.env import Environ, environ, first_str, get_bool, get_csv, get_float, get_int, get_str
-from ..core.settings import Settings
+from ..core.settings import SELECT_STRATEGIES, Settings
 from .client import LabelStudioClient
 from .config import ConfigOptions
 from .images import FetchLimits, ImageFetcher
 from .results import SCORES
-
-# The selection strategies of `training/selection.py` (this layer imports no torch; a test keeps them equal).
-SELECT_STRATEGIES = ("random", "entropy", "bald", "diverse")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-STRATEGIES = ("random", "entropy", "bald", "diverse")
+from ..core.settings import SELECT_STRATEGIES
+
+STRATEGIES = SELECT_STRATEGIES
 DEFAULT_STRATEGY = "diverse"
 MAX_DISTANCE = 2.0  # between unit vectors: the distance of an image to an empty set of anchors
 MIN_WEIGHT = 1e-3  # an image with no uncertainty still competes on distance (ties broken by distance)
