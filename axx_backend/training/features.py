@@ -45,6 +45,8 @@ class FeatureCache:
     skipped: list[str] = field(default_factory=list)  # "key: reason" of unreadable images
     stage_inputs: list[torch.Tensor] | None = None  # per member [N, C, h, w] float16: the stride-16 maps
     # (what enters the last stage), kept for last-stage fine-tuning
+    groups: np.ndarray | None = None  # appearance group per sample, from the features before any fine-tuning
+    # (groups.py); None: folds are stratified random
 
 
 @torch.inference_mode()

@@ -25,7 +25,7 @@ from ..engine.ensemble import Ensemble, MCDropoutHead, Member
 from ..engine.uncertainty import mc_statistics
 from .calibration import fit_temperature
 from .features import FeatureCache
-from .groups import appearance_folds
+from .groups import grouped_folds
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +195,8 @@ def _simplex(n: int, units: int) -> Iterator[tuple[int, ...]]:
 
 def calibration_folds(cache: FeatureCache, rows: torch.Tensor, labels: np.ndarray, settings: Settings) -> np.ndarray:
     """The cross-fitting folds: by appearance (groups.py) when set and possible, else stratified random."""
-    if settings.calibration_groups == "appearance":
-        folds = appearance_folds(cache.pooled, rows, labels, CV_FOLDS, settings.seed)
+    if settings.calibration_groups == "appearance" and cache.groups is not None:
+        folds = grouped_folds(cache.groups[rows.numpy()], labels, CV_FOLDS)
         if folds is not None:
             return folds
         log.info("appearance folds would leave a class out of a fold's training part: stratified folds instead")

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ..core.thresholds import FUSION_RULES, best_rule, best_thresholds, calibrate_members, choose_rule, fusion_scores
@@ -33,7 +32,7 @@ from ..engine.saliency import member_cam
 from ..engine.segments import SegmentHead, fit_segment_head, with_cam
 from ..engine.uncertainty import decide
 from .features import FeatureCache
-from .groups import CLUSTERS_PER_FOLD, appearance_groups, grouped_folds
+from .groups import grouped_folds
 from .heads import Heads, Split
 
 log = logging.getLogger(__name__)
@@ -230,11 +229,9 @@ def pixel_folds(data: PixelSet) -> tuple[list[list[int]], dict[int, int]]:
     """
     positives = data.positives
     images = sorted(data.cache.pixels)
-    if data.settings.calibration_groups == "appearance" and len(positives) >= 2:
-        groups = appearance_groups(
-            data.cache.pooled, torch.tensor(images), CLUSTERS_PER_FOLD * CV_FOLDS, data.settings.seed
-        )
-        group_of = dict(zip(images, groups.tolist(), strict=True))
+    groups = data.cache.groups
+    if data.settings.calibration_groups == "appearance" and groups is not None and len(positives) >= 2:
+        group_of = {i: int(groups[i]) for i in images}
         folds = grouped_folds(np.array([group_of[i] for i in positives]), np.zeros(len(positives), int), CV_FOLDS)
         if folds is not None:
             return [

@@ -37,7 +37,7 @@ from ..engine.weights import fingerprint
 from .calibration import calibrate_uncertainty_threshold, flag_rate, risk_coverage
 from .features import FeatureCache, Progress, extract_features
 from .finetune import FINETUNE_MODES, finetune_ensemble, finetune_last_stages
-from .groups import appearance_folds
+from .groups import cache_groups, grouped_folds
 from .heads import Heads, Split, train_member_heads
 from .pixels import PixelResult, fit_pixels
 
@@ -98,7 +98,8 @@ def train_on_samples(
     with timed("features", seconds):
         keys = pixel_keys(samples, settings)
         cache = extract_features(annotator, list(samples), keys, progress, mode == "last-stage")
-    if mode != "all" and settings.calibration_groups == "appearance":
+    if mode != "all" and settings.calibration_groups == "appearance":  # "all": these features saw the labels
+        cache.groups = cache_groups(cache.pooled, settings.seed)
         val_keys = appearance_validation_keys(cache, classes, settings) or val_keys
     split = Split.of(cache, classes, val_keys)
     with timed("finetune (last stage)", seconds):
@@ -164,10 +165,12 @@ def validation_keys(labelled: Sequence[Sample], settings: Settings) -> set[str]:
 def appearance_validation_keys(cache: FeatureCache, classes: Sequence[str], settings: Settings) -> set[str] | None:
     """A held-out split of whole appearance groups (groups.py), about `val_fraction` of the labelled images;
     None when grouping cannot keep every class on both sides."""
+    if cache.groups is None:
+        return None
     rows = [i for i, s in enumerate(cache.samples) if s.label in classes]
     labels = np.array([classes.index(cache.samples[i].label) for i in rows])
     k = max(2, round(1 / settings.val_fraction))
-    folds = appearance_folds(cache.pooled, torch.tensor(rows), labels, k, settings.seed)
+    folds = grouped_folds(cache.groups[rows], labels, k)
     if folds is None:
         return None
     sizes = np.bincount(folds)
