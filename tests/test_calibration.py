@@ -112,3 +112,34 @@ def test_a_backbone_fine_tuned_on_the_train_split_is_calibrated_on_the_held_out_
     assert all(len(h) == 15 for h in tuned.calibration.entropy) and all(len(p) == 15 for p in tuned.calibration.probs)
     frozen = train_member_heads(ensemble, cache, split, settings)
     assert frozen.calibration.index == list(range(60)) and all(len(h) == 60 for h in frozen.calibration.entropy)
+
+
+def test_members_vote_equally_unless_learned_weights_are_asked_for():
+    """`member_weights=equal` (default) serves the paper's plain majority and records what the held-out log-loss
+    would have chosen; `learned` serves that choice (a member of pure noise gets little say)."""
+    from types import SimpleNamespace
+
+    from axx_backend.core.settings import Settings
+    from axx_backend.engine.ensemble import MCDropoutHead
+    from axx_backend.training.features import FeatureCache
+    from axx_backend.training.heads import Split, train_member_heads
+
+    torch.manual_seed(0)
+    labels = torch.arange(80) % 2
+    good = torch.nn.functional.one_hot(labels, 2).float() * 2 + torch.randn(80, 2)
+    noise = torch.randn(80, 2)
+    split = Split(labels, train=torch.arange(60), val=torch.arange(60, 80))
+    served = {}
+    for rule in ("equal", "learned"):
+        members = [
+            SimpleNamespace(name=f"m{i}", head=MCDropoutHead(2, 2, 0.3), temperature=torch.ones(())) for i in range(3)
+        ]
+        ensemble = SimpleNamespace(members=members, classes=["a", "b"])
+        cache = FeatureCache(samples=[], pooled=[good, good.clone(), noise])
+        heads = train_member_heads(ensemble, cache, split, Settings(preset="offline", epochs=30, member_weights=rule))
+        learned = [heads.metrics[f"m{i}"]["learned_weight"] for i in range(3)]
+        assert learned[2] <= 0.1 and sum(learned) == pytest.approx(1.0)
+        assert [heads.metrics[f"m{i}"]["weight"] for i in range(3)] == heads.weights
+        served[rule] = (heads.weights, learned)
+    assert served["equal"][0] == [pytest.approx(1 / 3, abs=1e-4)] * 3
+    assert served["learned"][0] == served["learned"][1]

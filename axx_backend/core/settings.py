@@ -85,6 +85,10 @@ class Settings:
     # "appearance": the held-out split and the calibration folds hold out whole clusters of look-alike images
     # (training/groups.py), so calibration sees new-looking images as serving will; "random": stratified only
     calibration_groups: str = "appearance"
+    # "equal": every member votes 1 (the paper's plain majority); "learned": weights that minimise the held-out
+    # log-loss (training/heads.py member_weights). The held-out split is a few look-alike groups, too few to rank
+    # members by (README, "What the numbers say").
+    member_weights: str = "equal"
     tta_flip: bool = False  # decide on the image and its mirror (a second forward: +0.5 accuracy points measured)
 
     # Pixel supervision (Belharbi et al.): a segment head on oracle masks + lambda * pseudo-masks
@@ -159,6 +163,7 @@ class Settings:
             "labels_only_masks": ("segments", "cam"),
             "mask_source": ("auto", "cam", "segments"),
             "calibration_groups": ("appearance", "random"),
+            "member_weights": ("equal", "learned"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

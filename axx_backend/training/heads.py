@@ -3,8 +3,8 @@
 1. each member's MC-dropout head on the train split, early-stopped on the held-out split (its epoch count);
 2. cross-fitting: k heads per member, each trained for that many epochs on the other folds of every labelled
    image, predict their own fold: out-of-fold probabilities for all of them, the calibration set of the
-   temperatures, the member weights and the review threshold (four times the images of a held-out split, and
-   each scored by a head that never saw it, as a new image will be);
+   temperatures, the review threshold and (with `member_weights=learned`) the member weights (four times the
+   images of a held-out split, and each scored by a head that never saw it, as a new image will be);
 3. the served head trained on every labelled image for the same number of epochs.
 """
 
@@ -128,9 +128,11 @@ def train_member_heads(
             temperature,
             epochs,
         )
-    heads.weights = member_weights(oof_logits, split.labels[labelled][keep])
-    for member, weight in zip(ensemble.members, heads.weights, strict=True):
-        heads.metrics[member.name]["weight"] = weight
+    learned = member_weights(oof_logits, split.labels[labelled][keep])
+    n = len(ensemble.members)
+    heads.weights = learned if settings.member_weights == "learned" else [round(1.0 / n, 4)] * n
+    for member, weight, held_out in zip(ensemble.members, heads.weights, learned, strict=True):
+        heads.metrics[member.name].update(weight=weight, learned_weight=held_out)
     _pixel_stats(ensemble, cache, heads, settings, generator)
     return heads
 
