@@ -143,3 +143,25 @@ def test_members_vote_equally_unless_learned_weights_are_asked_for():
         served[rule] = (heads.weights, learned)
     assert served["equal"][0] == [pytest.approx(1 / 3, abs=1e-4)] * 3
     assert served["learned"][0] == served["learned"][1]
+
+
+def test_the_threshold_spends_the_budget_even_where_the_errors_are_sure_ones():
+    # Eight right images; two wrong ones on which every member is sure; the two most uncertain images are right.
+    # Flagging them lowers selective accuracy here (8/8 unflagged-right becomes 6/8), yet new images are flagged
+    # at the rate flagged here, so the budget is spent (a threshold of 1.0 flagged 3.5 % of new photographs).
+    imgs = [[RIGHT] * 3] * 8 + [[WRONG] * 3] * 2
+    ents = [[0.1, 0.1, 0.1]] * 6 + [[0.6, 0.7, 0.1], [0.65, 0.75, 0.1]] + [[0.05, 0.05, 0.05]] * 2
+    probs, entropy = members(imgs, ents)
+    labels = np.zeros(10)
+    threshold = calibrate_uncertainty_threshold(probs, entropy, labels, 0.2, 2, default=0.5)
+    assert 0.1 <= threshold < 0.6  # both uncertain right images flagged, no other
+
+
+def test_a_flagged_image_is_most_likely_what_most_members_say_not_what_the_surest_says():
+    from axx_backend.engine.uncertainty import decide
+
+    unsure_a, sure_b = np.array([0.6, 0.4]), np.array([0.01, 0.99])
+    flagged = decide([unsure_a, unsure_a, sure_b], [0.9, 0.9, 0.05], 0.5)
+    assert flagged.flagged and flagged.label == 0  # the mean (0.40 / 0.60) would say class 1
+    split = decide([np.array([0.6, 0.3, 0.1]), np.array([0.2, 0.5, 0.3]), np.array([0.1, 0.2, 0.7])], [0.9] * 3, 0.5)
+    assert split.flagged and split.label == 2  # one vote each: the tie goes to the ensemble mean (0.30 / 0.33 / 0.37)

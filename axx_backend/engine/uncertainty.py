@@ -78,7 +78,7 @@ def decide(
     ensemble_mean = np.average(probs, axis=0, weights=w) if w.sum() > 0 else np.mean(probs, axis=0)
     uncertain = [i for i, h in enumerate(member_entropy) if h > uncertainty_threshold]
     confident = [i for i in range(len(probs)) if i not in uncertain]
-    fallback = int(ensemble_mean.argmax())
+    fallback = _plain_vote(probs, w, ensemble_mean)
 
     if len(uncertain) >= min_uncertain_to_flag:
         names = ", ".join(str(i) for i in uncertain)
@@ -97,3 +97,14 @@ def decide(
     agreeing = [i for i in confident if int(probs[i].argmax()) == label]
     score = float(np.mean([probs[i][label] for i in agreeing]))
     return Decision(label, False, agreeing, score, f"{len(agreeing)} of {len(probs)} members agree")
+
+
+def _plain_vote(probs: Sequence[np.ndarray], weights: np.ndarray, ensemble_mean: np.ndarray) -> int:
+    """A flagged image's most likely class: every member's vote, sure or not, ties to the ensemble mean. Not
+    the mean's argmax: the mean follows its surest member, and on the photograph benchmark the flagged images'
+    class was right on 0.80 of them by vote, on 0.36 by the mean (a fine-tuned member sure of everything)."""
+    votes = np.zeros(len(ensemble_mean))
+    for p, wi in zip(probs, weights, strict=True):
+        votes[int(p.argmax())] += wi
+    tied = np.flatnonzero(votes >= votes.max() - 1e-12)
+    return int(tied[np.argmax(ensemble_mean[tied])])
