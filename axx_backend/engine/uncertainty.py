@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,14 +71,14 @@ def decide(
     """docs/METHOD.md "Prediction" 4: flag when >= k members are uncertain (every member counts, whatever its
     vote: letting only weighted members flag raised flagged positives from 15 to 26 of 100 on the photograph
     benchmark, at the same flag rate) or no class has a weighted majority of the confident members' votes;
-    else that class. `weights`: each member's vote (default 1 each, the paper's plain majority); training sets
-    them from held-out predictions."""
+    else that class. `weights`: each member's vote (default 1 each, the paper's plain majority; training sets
+    them from held-out predictions only with `member_weights=learned`)."""
     probs = [np.asarray(p, dtype=np.float64) for p in member_probs]
     w = np.ones(len(probs)) if weights is None else np.asarray(weights, dtype=np.float64)
     ensemble_mean = np.average(probs, axis=0, weights=w) if w.sum() > 0 else np.mean(probs, axis=0)
     uncertain = [i for i, h in enumerate(member_entropy) if h > uncertainty_threshold]
     confident = [i for i in range(len(probs)) if i not in uncertain]
-    fallback = _plain_vote(probs, w, ensemble_mean)
+    fallback = _vote(probs, w, range(len(probs)), ensemble_mean)[0]
 
     if len(uncertain) >= min_uncertain_to_flag:
         names = ", ".join(str(i) for i in uncertain)
@@ -88,10 +88,7 @@ def decide(
     if not confident:
         return Decision(fallback, True, [], float(ensemble_mean[fallback]), "no confident member")
 
-    votes: dict[int, float] = {}
-    for i in confident:
-        votes[int(probs[i].argmax())] = votes.get(int(probs[i].argmax()), 0.0) + float(w[i])
-    label, count = max(votes.items(), key=lambda kv: (kv[1], ensemble_mean[kv[0]]))
+    label, count = _vote(probs, w, confident, ensemble_mean)
     if count * 2 <= sum(float(w[i]) for i in confident) + 1e-12:
         return Decision(fallback, True, [], float(ensemble_mean[fallback]), "no majority among confident members")
     agreeing = [i for i in confident if int(probs[i].argmax()) == label]
@@ -99,12 +96,14 @@ def decide(
     return Decision(label, False, agreeing, score, f"{len(agreeing)} of {len(probs)} members agree")
 
 
-def _plain_vote(probs: Sequence[np.ndarray], weights: np.ndarray, ensemble_mean: np.ndarray) -> int:
-    """A flagged image's most likely class: every member's vote, sure or not, ties to the ensemble mean. Not
-    the mean's argmax: the mean follows its surest member, and on the photograph benchmark the flagged images'
-    class was right on 0.80 of them by vote, on 0.36 by the mean (a fine-tuned member sure of everything)."""
-    votes = np.zeros(len(ensemble_mean))
-    for p, wi in zip(probs, weights, strict=True):
-        votes[int(p.argmax())] += wi
-    tied = np.flatnonzero(votes >= votes.max() - 1e-12)
-    return int(tied[np.argmax(ensemble_mean[tied])])
+def _vote(
+    probs: Sequence[np.ndarray], weights: np.ndarray, voters: Iterable[int], ensemble_mean: np.ndarray
+) -> tuple[int, float]:
+    """The class with the most weight of `voters`' votes (each member votes its argmax), ties to the ensemble
+    mean, and that weight. A flagged image's most likely class is the vote of every member, sure or not: not
+    the mean's argmax, which follows its surest member (on the photograph benchmark the flagged images' class
+    was right on 0.80 of them by vote, on 0.36 by the mean, a fine-tuned member being sure of everything)."""
+    votes: dict[int, float] = {}
+    for i in voters:
+        votes[int(probs[i].argmax())] = votes.get(int(probs[i].argmax()), 0.0) + float(weights[i])
+    return max(votes.items(), key=lambda kv: (kv[1], ensemble_mean[kv[0]]))

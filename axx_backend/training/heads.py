@@ -197,7 +197,7 @@ def _simplex(n: int, units: int) -> Iterator[tuple[int, ...]]:
 
 def calibration_folds(cache: FeatureCache, rows: torch.Tensor, labels: np.ndarray, settings: Settings) -> np.ndarray:
     """The cross-fitting folds: by appearance (groups.py) when set and possible, else stratified random."""
-    if settings.calibration_groups == "appearance" and cache.groups is not None:
+    if cache.groups is not None:  # set by the trainer with calibration_groups=appearance
         folds = grouped_folds(cache.groups[rows.numpy()], labels, CV_FOLDS)
         if folds is not None:
             return folds

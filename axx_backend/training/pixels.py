@@ -230,7 +230,7 @@ def pixel_folds(data: PixelSet) -> tuple[list[list[int]], dict[int, int]]:
     positives = data.positives
     images = sorted(data.cache.pixels)
     groups = data.cache.groups
-    if data.settings.calibration_groups == "appearance" and groups is not None and len(positives) >= 2:
+    if groups is not None and len(positives) >= 2:  # set by the trainer with calibration_groups=appearance
         group_of = {i: int(groups[i]) for i in images}
         folds = grouped_folds(np.array([group_of[i] for i in positives]), np.zeros(len(positives), int), CV_FOLDS)
         if folds is not None:
