@@ -14,8 +14,6 @@ from typing import Any
 
 from ..core.settings import SELECT_STRATEGIES, model_dir_from
 
-STRATEGY_CHOICES = SELECT_STRATEGIES
-
 
 def register(subparsers: Any) -> None:
     """Add `select`, `label-check` and `views` to an argparse subparsers object."""
@@ -26,7 +24,7 @@ def register(subparsers: Any) -> None:
     sel.add_argument("-k", type=int, default=None, help="how many (default: $AXX_SELECT_K, else 10)")
     sel.add_argument(
         "--strategy",
-        choices=STRATEGY_CHOICES,
+        choices=SELECT_STRATEGIES,
         default=None,
         help="random | entropy | bald | diverse (default: $AXX_SELECT_STRATEGY, else diverse)",
     )
@@ -47,7 +45,7 @@ def register(subparsers: Any) -> None:
     views.add_argument("--project", required=True, help="the Label Studio project id")
     views.add_argument("--model-dir", type=Path, default=None, help="default: $MODEL_DIR")
     views.add_argument("-k", type=int, default=None, help="tasks in 'draw masks next' (default: $AXX_SELECT_K)")
-    views.add_argument("--strategy", choices=STRATEGY_CHOICES, default=None)
+    views.add_argument("--strategy", choices=SELECT_STRATEGIES, default=None)
     views.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     views.set_defaults(func=cmd_views)
 

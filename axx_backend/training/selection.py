@@ -23,8 +23,6 @@ import numpy as np
 
 from ..core.settings import SELECT_STRATEGIES
 
-STRATEGIES = SELECT_STRATEGIES
-DEFAULT_STRATEGY = "diverse"
 MAX_DISTANCE = 2.0  # between unit vectors: the distance of an image to an empty set of anchors
 MIN_WEIGHT = 1e-3  # an image with no uncertainty still competes on distance (ties broken by distance)
 
@@ -129,7 +127,7 @@ PICKERS: dict[str, Callable[[Scores, int, np.random.Generator], list[int]]] = {
 
 def check_strategy(strategy: str) -> str:
     if strategy not in PICKERS:
-        raise ValueError(f"unknown strategy {strategy!r}; choose {', '.join(STRATEGIES)}")
+        raise ValueError(f"unknown strategy {strategy!r}; choose {', '.join(SELECT_STRATEGIES)}")
     return strategy
 
 
