@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(2)
-    settings = Settings(
+    settings = Settings.from_env(  # AXX_* variables on top of the defaults, e.g. AXX_CALIBRATION=held-out
         preset="offline", input_size=args.input_size, model_dir=str(args.work), finetune=args.finetune, seed=args.seed
     )
     start = time.perf_counter()

@@ -114,6 +114,36 @@ def test_a_backbone_fine_tuned_on_the_train_split_is_calibrated_on_the_held_out_
     assert frozen.calibration.index == list(range(60)) and all(len(h) == 60 for h in frozen.calibration.entropy)
 
 
+def test_stages_fine_tuned_again_without_each_fold_calibrate_every_labelled_image():
+    """With `refits`, each fold's heads train and predict on the features of a stage that never saw that fold:
+    here the final features give the labels away (as a stage fine-tuned on them would) and the refitted ones are
+    noise, so out-of-fold accuracy must fall to chance, over every labelled image, not the held-out split."""
+    from types import SimpleNamespace
+
+    from axx_backend.core.settings import Settings
+    from axx_backend.engine.ensemble import MCDropoutHead
+    from axx_backend.training.features import FeatureCache
+    from axx_backend.training.heads import CrossFit, Split, train_member_heads
+
+    torch.manual_seed(0)
+    labels = torch.arange(90) % 2
+    leaked = torch.nn.functional.one_hot(labels, 2).float() * 5
+    member = SimpleNamespace(name="m", head=MCDropoutHead(2, 2, 0.3), temperature=torch.ones(()))
+    ensemble = SimpleNamespace(members=[member], classes=["a", "b"])
+    cache = FeatureCache(samples=[], pooled=[leaked])
+    split = Split(labels, train=torch.arange(70), val=torch.arange(70, 90))
+    settings = Settings(preset="offline", epochs=20)
+    folds = np.arange(90) % 3
+    refits = CrossFit(torch.arange(90), folds, {0: [torch.randn(90, 2) for _ in range(3)]})
+    heads = train_member_heads(ensemble, cache, split, settings, backbone_saw_train=True, refits=refits)
+    assert heads.calibration.index == list(range(90))
+    assert heads.metrics["m"]["oof_accuracy"] < 0.7
+    held_out = train_member_heads(ensemble, cache, split, settings, backbone_saw_train=True)
+    assert held_out.calibration.index == list(range(70, 90)) and held_out.metrics["m"]["oof_accuracy"] == 1.0
+    with pytest.raises(ValueError, match="other rows"):
+        train_member_heads(ensemble, cache, split, settings, True, CrossFit(torch.arange(80), folds[:80]))
+
+
 def test_members_vote_equally_unless_learned_weights_are_asked_for():
     """`member_weights=equal` (default) serves the paper's plain majority and records what the held-out log-loss
     would have chosen; `learned` serves that choice (a member of pure noise gets little say)."""

@@ -218,3 +218,7 @@ def test_finetune_last_stage_records_each_member_and_reloads(tmp_path, dataset_d
             assert torch.equal(tuned["layer3.5.conv3.weight"], reference["layer3.5.conv3.weight"])  # frozen stage 3
             assert not torch.equal(tuned["layer4.2.conv3.weight"], reference["layer4.2.conv3.weight"])  # trained
     Annotator.from_version(version, Settings(), explicit=set())  # the fingerprints of kept stages match
+    if any(spec.finetuned for spec in meta.members):  # calibrated out of fold on stages refitted without each fold
+        assert meta.metrics["calibration"].startswith("out of fold (")
+        assert meta.metrics["n_calibration"] == meta.training.n_labelled
+        assert all("cross_fit_seconds" in meta.metrics["members"][s.name] for s in meta.members if s.finetuned)

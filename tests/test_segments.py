@@ -351,6 +351,29 @@ def test_last_stage_fine_tuning_on_cached_inputs_is_kept_where_it_pays():
     assert torch.allclose(cache.pooled[0], fresh, atol=1e-4)
 
 
+def test_a_kept_stage_is_fine_tuned_again_without_each_fold_and_the_served_stage_stays_as_it_was():
+    """The refits replay the member's fine-tuning on two folds of three (for calibration): one feature tensor per
+    fold, each its own, and the stage that is served, with its cached features, is the one fine-tuned without
+    refits."""
+    from axx_backend.training.finetune import finetune_last_stages
+    from axx_backend.training.heads import CrossFit
+
+    labels = torch.arange(48) % 2
+    settings = Settings(finetune_epochs=4, finetune_seconds=300, epochs=1)
+    plain_ensemble, _, plain = _resnet18_cache(labels, labels.float())
+    finetune_last_stages(plain_ensemble, plain, labels, torch.arange(36), torch.arange(36, 48), settings)
+    ensemble, _, cache = _resnet18_cache(labels, labels.float())
+    refits = CrossFit(torch.arange(48), np.arange(48) % 3)
+    metrics = finetune_last_stages(ensemble, cache, labels, torch.arange(36), torch.arange(36, 48), settings, refits)
+    assert metrics["resnet18"]["kept"] and metrics["resnet18"]["cross_fit_seconds"] >= 0
+    assert len(refits.pooled[0]) == 3 and all(f.shape == cache.pooled[0].shape for f in refits.pooled[0])
+    assert not any(torch.allclose(f, cache.pooled[0], atol=1e-3) for f in refits.pooled[0])
+    assert not torch.allclose(refits.pooled[0][0], refits.pooled[0][1], atol=1e-3)
+    assert torch.allclose(cache.pooled[0], plain.pooled[0], atol=1e-5)
+    served, reference = ensemble.members[0].backbone.state_dict(), plain_ensemble.members[0].backbone.state_dict()
+    assert all(torch.allclose(served[k].float(), reference[k].float(), atol=1e-5) for k in served)
+
+
 def test_last_stage_fine_tuning_that_does_not_pay_leaves_the_backbone_as_it_was():
     from axx_backend.training.finetune import finetune_last_stages
 

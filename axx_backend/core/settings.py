@@ -85,6 +85,10 @@ class Settings:
     # "appearance": the held-out split and the calibration folds hold out whole clusters of look-alike images
     # (training/groups.py), so calibration sees new-looking images as serving will; "random": stratified only
     calibration_groups: str = "appearance"
+    # After last-stage fine-tuning, what calibrates (temperatures, review threshold): "cross-fitted": every labelled
+    # image, scored by a stage fine-tuned again without its fold (REFIT_FOLDS more fine-tunings of the kept
+    # epochs); "held-out": the held-out split alone (a quarter of the images, a few look-alike groups)
+    calibration: str = "cross-fitted"
     # "equal": every member votes 1 (the paper's plain majority); "learned": weights that minimise the held-out
     # log-loss (training/heads.py member_weights). The held-out split is a few look-alike groups, too few to rank
     # members by (README, "What the numbers say").
@@ -163,6 +167,7 @@ class Settings:
             "labels_only_masks": ("segments", "cam"),
             "mask_source": ("auto", "cam", "segments"),
             "calibration_groups": ("appearance", "random"),
+            "calibration": ("cross-fitted", "held-out"),
             "member_weights": ("equal", "learned"),
         }
         for name, allowed in choices.items():

@@ -13,6 +13,7 @@ frozen backbone's (with a head trained on the same images): a validation split s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -27,7 +28,7 @@ from torch import nn
 from ..core.settings import Settings
 from ..engine.ensemble import Ensemble, MCDropoutHead, Member
 from .features import FeatureCache
-from .heads import train_head
+from .heads import CrossFit, train_head
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def finetune_member(
         log.info(
             "finetune %s epoch %d/%d: held-out loss %.4f (frozen %.4f)", member.name, epoch + 1, epochs, loss, before
         )
-        if loss < best[0]:
+        if loss < best[0] or not len(val):  # without a held-out split: the last epoch (a fixed count)
             best = (loss, _state(member, tail), epoch)
         elapsed = time.monotonic() - start
         if elapsed * (epoch + 2) / (epoch + 1) > seconds:  # the next epoch would overrun the budget
@@ -186,10 +187,13 @@ def finetune_last_stages(
     train: torch.Tensor,
     val: torch.Tensor,
     settings: Settings,
+    cross_fit: CrossFit | None = None,
 ) -> dict[str, dict[str, Any]]:
     """`last-stage` for every member (see the module docstring), on `cache.stage_inputs`, from a head trained on
     the train split's frozen features (the baseline it must beat); the cached pooled features and pixel-set
-    maps are recomputed for the members that keep their fine-tuned stage."""
+    maps are recomputed for the members that keep their fine-tuned stage. With `cross_fit`, a member that keeps
+    its stage is fine-tuned again from the frozen backbone once per fold, on the other folds, for the kept
+    number of epochs, so that calibration can score every labelled image with a stage that never saw it."""
     metrics: dict[str, dict[str, Any]] = {}
     assert cache.stage_inputs is not None
     for m, member in enumerate(ensemble.members):
@@ -202,7 +206,9 @@ def finetune_last_stages(
         fresh = MCDropoutHead(member.head.fc.in_features, member.head.fc.out_features, member.head.p)
         member.head.load_state_dict(fresh.state_dict())
         pooled = cache.pooled[m]
-        train_head(member.head, pooled[train], labels[train], pooled[val], labels[val], len(ensemble.classes), settings)
+        info = train_head(
+            member.head, pooled[train], labels[train], pooled[val], labels[val], len(ensemble.classes), settings
+        )
         frozen = _state(member, tail)
         budget = settings.finetune_seconds / len(ensemble.members)
         epochs, seed = settings.finetune_epochs, settings.seed + m
@@ -215,6 +221,16 @@ def finetune_last_stages(
         if not result["kept"]:
             _load(member, tail, frozen)
         else:
+            if cross_fit is not None:
+                start, tuned = time.monotonic(), _state(member, tail)
+                epochs_kept = (int(info["best_epoch"]) + 1, result["finetune_best_epoch"] + 1)
+                replay = dataclasses.replace(settings, finetune_seconds=budget, seed=seed)
+                cross_fit.pooled[m] = [
+                    refit_without(member, tail, frozen, inputs, pooled, labels, rest, epochs_kept, replay)
+                    for rest in cross_fit.rests()
+                ]
+                _load(member, tail, tuned)
+                result["cross_fit_seconds"] = round(time.monotonic() - start, 1)
             maps = stage_features(tail, inputs)
             cache.pooled[m] = maps.mean(dim=(2, 3))
             for i, view in cache.pixels.items():
@@ -228,6 +244,32 @@ def finetune_last_stages(
         )
         metrics[member.name] = result
     return metrics
+
+
+def refit_without(
+    member: Member,
+    tail: Tail,
+    frozen: list[torch.Tensor],
+    inputs: torch.Tensor,
+    pooled: torch.Tensor,
+    labels: torch.Tensor,
+    rest: torch.Tensor,
+    epochs: tuple[int, int],
+    settings: Settings,
+) -> torch.Tensor:
+    """The member's fine-tuning replayed on `rest` alone, from the frozen stage and a head trained on the frozen
+    features, for the kept `epochs` (head, stage) and within `settings.finetune_seconds`: the pooled features
+    [N, K] its stage then makes of every cached sample."""
+    head_epochs, stage_epochs = epochs
+    _load(member, tail, frozen)
+    fresh = MCDropoutHead(member.head.fc.in_features, member.head.fc.out_features, member.head.p)
+    member.head.load_state_dict(fresh.state_dict())
+    n_classes = member.head.fc.out_features
+    fixed = dataclasses.replace(settings, epochs=head_epochs)
+    train_head(member.head, pooled[rest], labels[rest], pooled[rest][:0], labels[rest][:0], n_classes, fixed)
+    seconds = settings.finetune_seconds
+    finetune_member(member, tail, inputs, labels, rest, rest[:0], stage_epochs, seconds, settings.seed)
+    return stage_features(tail, inputs).mean(dim=(2, 3))
 
 
 @torch.no_grad()

@@ -4,7 +4,9 @@
 2. cross-fitting: k heads per member, each trained for that many epochs on the other folds of every labelled
    image, predict their own fold: out-of-fold probabilities for all of them, the calibration set of the
    temperatures, the review threshold and (with `member_weights=learned`) the member weights (four times the
-   images of a held-out split, and each scored by a head that never saw it, as a new image will be);
+   images of a held-out split, and each scored by a head that never saw it, as a new image will be); after
+   last-stage fine-tuning, each fold's heads read the features of a stage fine-tuned again without that fold
+   (`CrossFit`, finetune.py), else only the held-out split calibrates;
 3. the served head trained on every labelled image for the same number of epochs.
 """
 
@@ -54,6 +56,20 @@ class Split:
 
 
 @dataclass
+class CrossFit:
+    """The calibration folds of the labelled rows and, per member that kept its fine-tuned stage, the pooled
+    features [N, K] of every cached sample made by a stage fine-tuned without each fold (one tensor per fold)."""
+
+    rows: torch.Tensor  # the labelled sample indices, sorted
+    folds: np.ndarray  # fold per row
+    pooled: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+    def rests(self) -> list[torch.Tensor]:
+        """Per fold, the labelled rows outside it (what that fold's stage is fine-tuned on)."""
+        return [self.rows[torch.from_numpy(self.folds != k)] for k in range(int(self.folds.max()) + 1)]
+
+
+@dataclass
 class MemberStats:
     """Per member: MC mean probabilities and normalised entropies of some samples, in a fixed order."""
 
@@ -78,7 +94,12 @@ class Heads:
 
 
 def train_member_heads(
-    ensemble: Ensemble, cache: FeatureCache, split: Split, settings: Settings, backbone_saw_train: bool = False
+    ensemble: Ensemble,
+    cache: FeatureCache,
+    split: Split,
+    settings: Settings,
+    backbone_saw_train: bool = False,
+    refits: CrossFit | None = None,
 ) -> Heads:
     """Train and cross-fit every member's head (see the module docstring), fit its temperature on the
     out-of-fold logits, weigh the members, and sample the MC statistics of the pixel set.
@@ -86,10 +107,14 @@ def train_member_heads(
     `backbone_saw_train`: a backbone stage was fine-tuned on the train split, so its features of those images
     are fitted to their labels and out-of-fold heads look more certain there than on new images (measured:
     out-of-fold accuracy 1.000 on the train images against 0.905 on new ones, and a review threshold that
-    flagged 38 % of new images against a 20 % budget). Calibration then uses the held-out split only."""
+    flagged 38 % of new images against a 20 % budget). Calibration then uses the held-out split only, unless
+    `refits` holds, for every fine-tuned member, the features of stages fine-tuned without each fold: then each
+    fold's heads train on its own stage's features and every labelled image calibrates."""
     labelled = torch.cat([split.train, split.val]).sort().values
-    folds = calibration_folds(cache, labelled, split.labels[labelled].numpy(), settings)
-    unseen = split.val if backbone_saw_train and len(split.val) else labelled
+    if refits is not None and not torch.equal(refits.rows, labelled):
+        raise ValueError("the refitted folds cover other rows than the labelled images")
+    folds = refits.folds if refits else calibration_folds(cache, labelled, split.labels[labelled].numpy(), settings)
+    unseen = split.val if backbone_saw_train and refits is None and len(split.val) else labelled
     keep = torch.isin(labelled, unseen)  # the calibration rows of the out-of-fold arrays
     pixel_index = sorted(cache.pixels)
     heads = Heads([], [], {}, MemberStats(labelled[keep].tolist()), MemberStats(pixel_index))
@@ -108,7 +133,10 @@ def train_member_heads(
                 settings,
             )
             epochs = int(info["best_epoch"]) + 1
-            logits, samples = cross_fit(member, x[labelled], split.labels[labelled], folds, epochs, settings, generator)
+            fold_x = [f[labelled] for f in refits.pooled[m]] if refits and m in refits.pooled else None
+            logits, samples = cross_fit(
+                member, x[labelled], split.labels[labelled], folds, epochs, settings, generator, fold_x
+            )
             retrain(member, x[labelled], split.labels[labelled], epochs, settings)
         logits, samples = logits[keep], samples[:, keep]
         y = split.labels[labelled][keep]
@@ -145,8 +173,10 @@ def cross_fit(
     epochs: int,
     settings: Settings,
     generator: torch.Generator,
+    fold_x: Sequence[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Out-of-fold logits [N, C] and MC logit samples [T, N, C] of fresh heads like the member's."""
+    """Out-of-fold logits [N, C] and MC logit samples [T, N, C] of fresh heads like the member's; `fold_x`: per
+    fold, the features [N, K] of a backbone fine-tuned without that fold (instead of `x` for every fold)."""
     n_classes = member.head.fc.out_features
     logits = torch.zeros(len(y), n_classes)
     samples = torch.zeros(settings.mc_samples, len(y), n_classes)
@@ -155,10 +185,11 @@ def cross_fit(
         rest = torch.from_numpy(np.flatnonzero(folds != fold))
         head = MCDropoutHead(member.head.fc.in_features, n_classes, member.head.p)
         fixed_epochs = dataclasses.replace(settings, epochs=epochs)
-        train_head(head, x[rest], y[rest], x[rest][:0], y[rest][:0], n_classes, fixed_epochs)
+        xf = x if fold_x is None else fold_x[fold]
+        train_head(head, xf[rest], y[rest], xf[rest][:0], y[rest][:0], n_classes, fixed_epochs)
         with torch.no_grad():
-            logits[held] = head.fc(x[held])
-            samples[:, held] = head.sample(x[held], settings.mc_samples, generator)
+            logits[held] = head.fc(xf[held])
+            samples[:, held] = head.sample(xf[held], settings.mc_samples, generator)
     return logits, samples
 
 
@@ -195,14 +226,16 @@ def _simplex(n: int, units: int) -> Iterator[tuple[int, ...]]:
             yield (first, *rest)
 
 
-def calibration_folds(cache: FeatureCache, rows: torch.Tensor, labels: np.ndarray, settings: Settings) -> np.ndarray:
+def calibration_folds(
+    cache: FeatureCache, rows: torch.Tensor, labels: np.ndarray, settings: Settings, k: int = CV_FOLDS
+) -> np.ndarray:
     """The cross-fitting folds: by appearance (groups.py) when set and possible, else stratified random."""
     if cache.groups is not None:  # set by the trainer with calibration_groups=appearance
-        folds = grouped_folds(cache.groups[rows.numpy()], labels, CV_FOLDS)
+        folds = grouped_folds(cache.groups[rows.numpy()], labels, k)
         if folds is not None:
             return folds
         log.info("appearance folds would leave a class out of a fold's training part: stratified folds instead")
-    return stratified_folds(labels, CV_FOLDS, settings.seed)
+    return stratified_folds(labels, k, settings.seed)
 
 
 def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:

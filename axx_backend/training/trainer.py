@@ -5,7 +5,8 @@ seconds go into the version's `metrics.seconds`):
    forward: pooled features for every image, maps and image regions for the pixel set, and (for last-stage
    fine-tuning) what enters the last stage; `--finetune all` fine-tunes every layer before it instead;
 2. `finetune_step` (finetune.py): the last stage of each backbone on the cached inputs, kept where it pays;
-3. `train_member_heads` (heads.py): the MC-dropout heads, cross-fitted; temperatures and member weights;
+3. `train_member_heads` (heads.py): the MC-dropout heads, cross-fitted (after fine-tuning, on stages fine-tuned
+   again without each fold); temperatures and member weights;
 4. `calibrate_review`: the review threshold (calibration.py), on images no trained part has seen;
 5. `fit_pixels` (pixels.py): CAM thresholds, pseudo-masks, the segment head, and which makes the masks;
 6. `write`: an atomic write of the version, which becomes current.
@@ -38,10 +39,14 @@ from .calibration import calibrate_uncertainty_threshold, flag_rate, risk_covera
 from .features import FeatureCache, Progress, extract_features
 from .finetune import FINETUNE_MODES, finetune_ensemble, finetune_last_stages
 from .groups import cache_groups, grouped_folds
-from .heads import Heads, Split, train_member_heads
+from .heads import CrossFit, Heads, Split, calibration_folds, train_member_heads
 from .pixels import PixelResult, fit_pixels
 
 log = logging.getLogger(__name__)
+
+# Folds of the cross-fitted calibration after fine-tuning: each costs one more fine-tuning of every kept stage
+# for its kept epochs, so fewer than the heads' 5 (each refit then sees two thirds of the labelled images).
+REFIT_FOLDS = 3
 
 # Called once the heads and the pixel phase are done, before the version is written, with what training cached
 # (annotator, features, split, heads, calibrated uncertainty threshold): the label check reads it (jobs/review.py).
@@ -102,17 +107,25 @@ def train_on_samples(
         cache.groups = cache_groups(cache.pooled, settings.seed)
         val_keys = appearance_validation_keys(cache, classes, settings) or val_keys
     split = Split.of(cache, classes, val_keys)
+    refits = None
+    if mode == "last-stage" and settings.calibration == "cross-fitted":
+        refits = refit_folds(cache, split, settings)
     with timed("finetune (last stage)", seconds):
         if mode == "last-stage":
-            finetune_metrics = finetune_step(ensemble, cache, split, settings, progress)
+            finetune_metrics = finetune_step(ensemble, cache, split, settings, progress, refits)
     with timed("heads and calibration", seconds):
         tuned = any(m.get("kept") for m in finetune_metrics.values())
-        heads = train_member_heads(ensemble, cache, split, settings, backbone_saw_train=tuned)
+        refits = refits if tuned else None  # nothing fine-tuned: the heads' own 5 folds calibrate
+        heads = train_member_heads(ensemble, cache, split, settings, backbone_saw_train=tuned, refits=refits)
         thresholds, metrics = calibrate_review(heads, split, settings)
     for name, extra in finetune_metrics.items():
         heads.metrics[name].update(extra)
     metrics.update(
-        members=heads.metrics, n_train=len(split.train), n_val=len(split.val), calibration=calibration_set(tuned)
+        members=heads.metrics,
+        n_train=len(split.train),
+        n_val=len(split.val),
+        calibration=calibration_set(tuned, refits is not None),
+        n_calibration=len(heads.calibration.index),
     )
     if progress:
         progress("pixels", 0.0)
@@ -190,18 +203,29 @@ def pixel_keys(samples: Sequence[Sample], settings: Settings) -> set[str]:
     return {s.key for s in samples if s.has_mask} | pool
 
 
+def refit_folds(cache: FeatureCache, split: Split, settings: Settings) -> CrossFit:
+    """The folds over every labelled image that a kept stage is fine-tuned again without, one at a time."""
+    rows = torch.cat([split.train, split.val]).sort().values
+    return CrossFit(rows, calibration_folds(cache, rows, split.labels[rows].numpy(), settings, REFIT_FOLDS))
+
+
 def finetune_step(
-    ensemble: Ensemble, cache: FeatureCache, split: Split, settings: Settings, progress: Progress | None
+    ensemble: Ensemble,
+    cache: FeatureCache,
+    split: Split,
+    settings: Settings,
+    progress: Progress | None,
+    refits: CrossFit | None = None,
 ) -> dict[str, dict[str, Any]]:
     """`last-stage`: each member's stride-32 stage on the cached stage inputs of the train split, kept where
-    the held-out split says it pays (finetune.py)."""
+    the held-out split says it pays (finetune.py); with `refits`, a kept stage again once per fold."""
     if progress:
         progress("finetune", 0.0)
     log.info(
         "fine-tuning the last stages for up to %d epochs / %.0f s", settings.finetune_epochs, settings.finetune_seconds
     )
     with torch.enable_grad():
-        return finetune_last_stages(ensemble, cache, split.labels, split.train, split.val, settings)
+        return finetune_last_stages(ensemble, cache, split.labels, split.train, split.val, settings, refits)
 
 
 def finetune_all(
@@ -233,9 +257,13 @@ def finetune_all(
     return {name: {**m, "kept": True} for name, m in metrics.items()}
 
 
-def calibration_set(backbone_saw_train: bool) -> str:
+def calibration_set(backbone_saw_train: bool, refitted: bool) -> str:
     """Which images the temperatures, member weights and review threshold were calibrated on."""
-    return "held-out split (a backbone stage was fine-tuned on the rest)" if backbone_saw_train else "out of fold"
+    if not backbone_saw_train:
+        return "out of fold"
+    if refitted:
+        return "out of fold (each fold's fine-tuned stages fine-tuned again without it)"
+    return "held-out split (a backbone stage was fine-tuned on the rest)"
 
 
 def calibrate_review(heads: Heads, split: Split, settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
