@@ -51,6 +51,11 @@ class Split:
         train = [i for i in labelled if cache.samples[i].key not in val_keys]
         return cls(labels, torch.tensor(train, dtype=torch.long), torch.tensor(val, dtype=torch.long))
 
+    @property
+    def labelled(self) -> torch.Tensor:
+        """Every labelled sample index, train and held-out, sorted: the rows of cross-fitting and calibration."""
+        return torch.cat([self.train, self.val]).sort().values
+
     def label_of(self, i: int) -> int | None:
         return int(self.labels[i]) if self.labels[i] >= 0 else None
 
@@ -110,7 +115,7 @@ def train_member_heads(
     flagged 38 % of new images against a 20 % budget). Calibration then uses the held-out split only, unless
     `refits` holds, for every fine-tuned member, the features of stages fine-tuned without each fold: then each
     fold's heads train on its own stage's features and every labelled image calibrates."""
-    labelled = torch.cat([split.train, split.val]).sort().values
+    labelled = split.labelled
     if refits is not None and not torch.equal(refits.rows, labelled):
         raise ValueError("the refitted folds cover other rows than the labelled images")
     folds = refits.folds if refits else calibration_folds(cache, labelled, split.labels[labelled].numpy(), settings)

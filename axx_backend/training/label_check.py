@@ -239,7 +239,7 @@ def check_training_run(
     image, else (calibration kept the held-out split only: a fine-tuned backbone saw the rest) fresh out-of-fold
     heads on every labelled image's cached features; then its pixel set."""
     start = time.perf_counter()
-    labelled = torch.cat([split.train, split.val]).sort().values
+    labelled = split.labelled
     cal = heads.calibration
     if len(cal.index) == len(labelled):
         index, probs = list(cal.index), cal.probs

@@ -205,7 +205,7 @@ def pixel_keys(samples: Sequence[Sample], settings: Settings) -> set[str]:
 
 def refit_folds(cache: FeatureCache, split: Split, settings: Settings) -> CrossFit:
     """The folds over every labelled image that a kept stage is fine-tuned again without, one at a time."""
-    rows = torch.cat([split.train, split.val]).sort().values
+    rows = split.labelled
     return CrossFit(rows, calibration_folds(cache, rows, split.labels[rows].numpy(), settings, REFIT_FOLDS))
 
 
