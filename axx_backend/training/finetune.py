@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.settings import Settings
-from ..engine.ensemble import Ensemble, MCDropoutHead, Member
+from ..engine.ensemble import Ensemble, Member
 from .features import FeatureCache
 from .heads import CrossFit, train_head
 
@@ -203,9 +203,7 @@ def finetune_last_stages(
             log.warning("%s: no stage to fine-tune on cached inputs; its backbone stays frozen", member.name)
             metrics[member.name] = {"kept": False}
             continue
-        fresh = MCDropoutHead(member.head.fc.in_features, member.head.fc.out_features, member.head.p)
-        member.head.load_state_dict(fresh.state_dict())
-        pooled = cache.pooled[m]
+        pooled = cache.pooled[m]  # train_head starts the head from zero, seeded: nothing of it carries over
         info = train_head(
             member.head, pooled[train], labels[train], pooled[val], labels[val], len(ensemble.classes), settings
         )
@@ -261,9 +259,7 @@ def refit_without(
     features, for the kept `epochs` (head, stage) and within `settings.finetune_seconds`: the pooled features
     [N, K] its stage then makes of every cached sample."""
     head_epochs, stage_epochs = epochs
-    _load(member, tail, frozen)
-    fresh = MCDropoutHead(member.head.fc.in_features, member.head.fc.out_features, member.head.p)
-    member.head.load_state_dict(fresh.state_dict())
+    _load(member, tail, frozen)  # the frozen stage; train_head then starts the head from zero
     n_classes = member.head.fc.out_features
     fixed = dataclasses.replace(settings, epochs=head_epochs)
     train_head(member.head, pooled[rest], labels[rest], pooled[rest][:0], labels[rest][:0], n_classes, fixed)
