@@ -351,6 +351,26 @@ def test_last_stage_fine_tuning_on_cached_inputs_is_kept_where_it_pays():
     assert torch.allclose(cache.pooled[0], fresh, atol=1e-4)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_last_stage_fine_tuning_trains_under_the_precision_asked_and_keeps_fp32_features(precision):
+    """bf16 autocast in the training passes only (AXX_PRECISION): the stage's convolutions run in bf16 while
+    gradients flow, in fp32 for the held-out losses and the cached features; the fp32 weights still learn."""
+    from axx_backend.training.finetune import finetune_last_stages
+
+    labels = torch.arange(48) % 2
+    ensemble, _, cache = _resnet18_cache(labels, labels.float())
+    seen: dict[bool, set[torch.dtype]] = {True: set(), False: set()}
+    conv = ensemble.members[0].backbone.layer4[0].conv1
+    conv.register_forward_hook(lambda _m, _i, out: seen[torch.is_grad_enabled()].add(out.dtype))
+    settings = Settings(finetune_epochs=6, finetune_seconds=300, epochs=1, precision=precision)
+    result = finetune_last_stages(ensemble, cache, labels, torch.arange(36), torch.arange(36, 48), settings)["resnet18"]
+    training_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert seen == {True: {training_dtype}, False: {torch.float32}}
+    assert result["finetune_precision"] == precision and result["kept"]
+    assert result["finetune_val_loss"] < 0.9 * result["frozen_val_loss"]
+    assert conv.weight.dtype == torch.float32 and cache.pooled[0].dtype == torch.float32
+
+
 def test_a_kept_stage_is_fine_tuned_again_without_each_fold_and_the_served_stage_stays_as_it_was():
     """The refits replay the member's fine-tuning on two folds of three (for calibration): one feature tensor per
     fold, each its own, and the stage that is served, with its cached features, is the one fine-tuned without
