@@ -3,6 +3,7 @@
 import argparse
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -38,6 +39,12 @@ def test_accuracy_and_macro_f1_by_hand():
     assert metrics.macro_f1([0, 0, 1, 1, 2], [0, 1, 1, 1, 0]) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
     # A class never predicted and never true does not count: only classes 0 and 1 occur here.
     assert metrics.macro_f1([0, 1], [0, 1]) == 1.0
+
+
+def test_flags_counted_by_true_class_by_hand():
+    flags = metrics.flagged_by_class([0, 1, 1, 2, 1], [True, True, False, False, True], ["a", "b", "c", "d"])
+    assert flags == {"a": {"n": 1, "flagged": 1}, "b": {"n": 3, "flagged": 2}, "c": {"n": 1, "flagged": 0},
+                     "d": {"n": 0, "flagged": 0}}  # fmt: skip
 
 
 def test_binary_auroc_by_hand_with_ties_and_undefined():
@@ -185,6 +192,9 @@ def test_evaluate_json_reports_every_metric_and_rule(trained_model_dir, test_set
     assert report["flagged_accuracy"] is None or 0.0 <= report["flagged_accuracy"] <= 1.0
     n_flag = round(report["flagged_rate"] * 16)
     assert report["n_flagged"] == n_flag
+    assert report["flagged_by_class"].keys() == set(report["classes"])
+    assert [v["n"] for v in report["flagged_by_class"].values()] == [8, 8]  # the test set: 8 images per class
+    assert sum(v["flagged"] for v in report["flagged_by_class"].values()) == n_flag
     members = ["tf_efficientnet_lite0", "mobilenetv2_100", "resnet50"]
     rows = report["masks"]
     expected = {f"member {m}" for m in members} | {"mean", "intersection", "served", "centred box 25 %", "whole image"}
@@ -222,6 +232,7 @@ def test_evaluate_table_and_thresholds_calibrated_on_the_training_validation_spl
     )
     assert code == 0
     assert "| accuracy |" in stdout and "IoU end to end (as served)" in stdout
+    assert re.search(r"\| flagged, by true class \| \w+ \d+ of 8, \w+ \d+ of 8 \|", stdout)
     # the served row names what the version serves: its refined CAM rule or its segment head
     assert "| **served (cam:" in stdout or "| **served (segments)** |" in stdout
     assert "member resnet50" in stdout and "| intersection |" in stdout and "| centred box 25 % |" in stdout

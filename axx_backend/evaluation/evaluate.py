@@ -387,6 +387,7 @@ def _classification_report(
         "ece": _nan_to_none(metrics.expected_calibration_error(top_p, top_ok, n_bins)),
         "flagged_rate": float(f.mean()) if len(t) else None,
         "n_flagged": int(f.sum()),
+        "flagged_by_class": metrics.flagged_by_class(t, f, annotator.classes),
         "selective_accuracy": float(correct[~f].mean()) if (~f).any() else None,
         "flagged_accuracy": float(correct[f].mean()) if f.any() else None,
         "uncertainty_threshold": float(annotator.settings.uncertainty_threshold),
@@ -474,6 +475,7 @@ def format_table(report: dict[str, Any], title: str = "") -> str:
     lines = [title] if title else []
     n, nf = report["n_images"], report["n_flagged"]
     members = ", ".join(f"{k} {_fmt(v)}" for k, v in report["member_accuracy"].items())
+    by_class = ", ".join(f"{c} {v['flagged']} of {v['n']}" for c, v in report["flagged_by_class"].items())
     lines += [
         f"version {report['version']}   {n} images   classes: {', '.join(report['classes'])}",
         "",
@@ -485,6 +487,7 @@ def format_table(report: dict[str, Any], title: str = "") -> str:
         f"| AUROC | {_fmt(report['auroc'])} |",
         f"| ECE (15 bins) | {_fmt(report['ece'])} |",
         f"| flagged for review | {_fmt(report['flagged_rate'], True)} ({nf} of {n}) |",
+        f"| flagged, by true class | {by_class} |",
         f"| selective accuracy (unflagged) | {_fmt(report['selective_accuracy'])} ({n - nf} images) |",
         f"| accuracy on flagged | {_fmt(report['flagged_accuracy'])} ({nf} images) |",
         "",

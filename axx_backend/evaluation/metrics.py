@@ -20,6 +20,14 @@ def accuracy(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndar
     return float((t == p).mean()) if t.size else math.nan
 
 
+def flagged_by_class(
+    y_true: Sequence[int] | np.ndarray, flagged: Sequence[bool] | np.ndarray, classes: Sequence[str]
+) -> dict[str, dict[str, int]]:
+    """Per true class: its images (`n`) and how many of them were flagged for review (`flagged`)."""
+    t, f = np.asarray(y_true, dtype=int), np.asarray(flagged, dtype=bool)
+    return {c: {"n": int((t == i).sum()), "flagged": int(f[t == i].sum())} for i, c in enumerate(classes)}
+
+
 def macro_f1(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray) -> float:
     """Unweighted mean of per-class F1 = 2TP / (2TP + FP + FN) over the classes that occur in
     either the truth or the predictions (scikit-learn's default label set)."""
