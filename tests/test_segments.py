@@ -371,6 +371,15 @@ def test_last_stage_fine_tuning_trains_under_the_precision_asked_and_keeps_fp32_
     assert conv.weight.dtype == torch.float32 and cache.pooled[0].dtype == torch.float32
 
 
+def test_stages_with_depthwise_convolutions_train_in_fp32():
+    from axx_backend.training.finetune import stage_precision, tail_of
+
+    dense = Ensemble.build(["resnet18"], ["a", "b"], weights="random").members[0]
+    depthwise = Ensemble.build(["mobilenetv2_100"], ["a", "b"], weights="random").members[0]
+    assert stage_precision(tail_of(dense), "bf16") == "bf16" and stage_precision(tail_of(dense), "fp32") == "fp32"
+    assert stage_precision(tail_of(depthwise), "bf16") == "fp32"
+
+
 def test_a_kept_stage_is_fine_tuned_again_without_each_fold_and_the_served_stage_stays_as_it_was():
     """The refits replay the member's fine-tuning on two folds of three (for calibration): one feature tensor per
     fold, each its own, and the stage that is served, with its cached features, is the one fine-tuned without
