@@ -10,8 +10,8 @@ frozen backbone's (with a head trained on the same images): a validation split s
 
 The training passes run under bf16 autocast where `AXX_PRECISION` resolves to bf16 (fp32 weights and
 optimizer; held-out losses and the features kept for the heads stay fp32), for stages of dense convolutions
-only: on this CPU the ResNet-50 stage trained in 0.6x its fp32 time, the depthwise stages of the mobile members
-in 1.0-1.3x (`stage_precision`).
+only: on this CPU the ResNet-50 stage trained in 0.55-0.6x its fp32 time, the depthwise stages of the mobile
+members in 1.0-1.3x (`stage_precision`).
 
 `all` fine-tunes every layer on whole images (slow on a CPU; for a GPU), as before.
 """
@@ -81,7 +81,7 @@ def check_tail(tail: Tail, stage_input: torch.Tensor, pooled: torch.Tensor) -> b
 
 def stage_precision(tail: Tail, precision: str) -> str:
     """The precision the tail trains in: fp32 where it has grouped (depthwise) convolutions, which bf16 slowed
-    down on the CPU (measured: tf_efficientnet_lite0's stage 1.3x, mobilenetv2_100's 1.0x), else `precision`."""
+    down on the CPU (measured: tf_efficientnet_lite0's stage 1.1-1.3x, mobilenetv2_100's 1.0x), else `precision`."""
     grouped = any(isinstance(m, nn.Conv2d) and m.groups > 1 for module in tail.modules for m in module.modules())
     return "fp32" if grouped else precision
 
