@@ -240,7 +240,7 @@ def finetune_last_stages(
             if cross_fit is not None:
                 start, tuned = time.monotonic(), _state(member, tail)
                 epochs_kept = (int(info["best_epoch"]) + 1, result["finetune_best_epoch"] + 1)
-                replay = dataclasses.replace(settings, finetune_seconds=budget, seed=seed)
+                replay = dataclasses.replace(settings, finetune_seconds=budget, seed=seed, precision=precision)
                 cross_fit.pooled[m] = [
                     refit_without(member, tail, frozen, inputs, pooled, labels, rest, epochs_kept, replay)
                     for rest in cross_fit.rests()
@@ -274,15 +274,15 @@ def refit_without(
     settings: Settings,
 ) -> torch.Tensor:
     """The member's fine-tuning replayed on `rest` alone, from the frozen stage and a head trained on the frozen
-    features, for the kept `epochs` (head, stage) and within `settings.finetune_seconds`: the pooled features
-    [N, K] its stage then makes of every cached sample."""
+    features, for the kept `epochs` (head, stage), in the kept run's `settings.precision` (resolved: "fp32" or
+    "bf16") and within `settings.finetune_seconds`: the pooled features [N, K] its stage then makes of every
+    cached sample."""
     head_epochs, stage_epochs = epochs
     _load(member, tail, frozen)  # the frozen stage; train_head then starts the head from zero
     n_classes = member.head.fc.out_features
     fixed = dataclasses.replace(settings, epochs=head_epochs)
     train_head(member.head, pooled[rest], labels[rest], pooled[rest][:0], labels[rest][:0], n_classes, fixed)
-    seconds = settings.finetune_seconds
-    precision = stage_precision(tail, resolve_precision(settings.precision, inputs.device))
+    seconds, precision = settings.finetune_seconds, settings.precision
     finetune_member(member, tail, inputs, labels, rest, rest[:0], stage_epochs, seconds, settings.seed, precision)
     return stage_features(tail, inputs).mean(dim=(2, 3))
 
