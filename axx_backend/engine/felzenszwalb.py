@@ -1,0 +1,133 @@
+"""Felzenszwalb and Huttenlocher's graph segmentation at several scales from one sorted edge list.
+
+scikit-image's `felzenszwalb` smooths the image, weighs and sorts its 8-connected edges again for every
+scale, and its merge finds roots without compressing paths; only the merge depends on the scale. Here the
+smoothing, weighing and sorting run once (scikit-image's and NumPy's own calls, so the order of tied edges
+is the same), and the merge runs per scale in compiled code (numba) with path halving. The result is
+scikit-image's, label for label (tests/test_felzenszwalb.py compares them on photographs): three scales of
+a 320 x 320 photograph took 173 ms one after another and ~120 ms in three threads with scikit-image, and
+take ~25 ms here (README, "Speed").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from numba import njit
+
+
+def smoothed(image: np.ndarray, sigma: float) -> np.ndarray:
+    """The image as scikit-image's felzenszwalb smooths it: float64 in 0..1, Gaussian per channel."""
+    from skimage.filters import gaussian
+    from skimage.util import img_as_float64
+
+    image = np.atleast_3d(image)
+    return gaussian(img_as_float64(image), sigma=[sigma, sigma, 0], mode="reflect", channel_axis=-1)
+
+
+def edge_costs(image: np.ndarray) -> np.ndarray:
+    """Colour distances of the 8-connected edges of a smoothed image [H, W, C], in scikit-image's order:
+    right, down, down-right, up-right neighbours, each block row-major."""
+    height, width = image.shape[:2]
+
+    def distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.sqrt(np.sum((a - b) * (a - b), axis=-1))
+
+    right = distance(image[:, 1:], image[:, : width - 1])
+    down = distance(image[1:], image[: height - 1])
+    down_right = distance(image[1:, 1:], image[: height - 1, : width - 1])
+    up_right = distance(image[1:, : width - 1], image[: height - 1, 1:])
+    return np.hstack([right.ravel(), down.ravel(), down_right.ravel(), up_right.ravel()]).astype(np.float64)
+
+
+@njit(nogil=True, cache=True)
+def _endpoints(order: np.ndarray, height: int, width: int) -> np.ndarray:  # pragma: no cover - compiled
+    """The pixel pair [m, 2] of each edge index in `order` (the layout of `edge_costs`)."""
+    n_right = height * (width - 1)
+    n_down = (height - 1) * width
+    n_diagonal = (height - 1) * (width - 1)
+    pairs = np.empty((order.size, 2), dtype=np.int64)
+    for k in range(order.size):
+        i = order[k]
+        if i < n_right:
+            r, c = divmod(i, width - 1)
+            pairs[k, 0], pairs[k, 1] = r * width + c + 1, r * width + c
+        elif i < n_right + n_down:
+            r, c = divmod(i - n_right, width)
+            pairs[k, 0], pairs[k, 1] = (r + 1) * width + c, r * width + c
+        elif i < n_right + n_down + n_diagonal:
+            r, c = divmod(i - n_right - n_down, width - 1)
+            pairs[k, 0], pairs[k, 1] = (r + 1) * width + c + 1, r * width + c
+        else:
+            r, c = divmod(i - n_right - n_down - n_diagonal, width - 1)
+            pairs[k, 0], pairs[k, 1] = r * width + c + 1, (r + 1) * width + c
+    return pairs
+
+
+@njit(nogil=True, cache=True)
+def _root(parent: np.ndarray, node: int) -> int:  # pragma: no cover - compiled
+    while parent[node] != node:
+        parent[node] = parent[parent[node]]  # path halving: the partition is unchanged, the trees stay shallow
+        node = parent[node]
+    return node
+
+
+@njit(nogil=True, cache=True)
+def _merge(pairs: np.ndarray, costs: np.ndarray, n: int, scale: float, min_size: int) -> np.ndarray:  # pragma: no cover
+    """Labels 0..k-1 of the n pixels, numbered by each region's first pixel, as scikit-image numbers them.
+
+    A region's root is its smallest pixel (scikit-image's `join_trees`); its inner cost is compared in
+    float32, as scikit-image declares it."""
+    parent = np.arange(n)
+    size = np.ones(n, dtype=np.int64)
+    inner = np.zeros(n)
+    for e in range(costs.size):
+        a, b = _root(parent, pairs[e, 0]), _root(parent, pairs[e, 1])
+        if a == b:
+            continue
+        limit = min(np.float32(inner[a] + scale / size[a]), np.float32(inner[b] + scale / size[b]))
+        if costs[e] < limit:
+            low, high = min(a, b), max(a, b)
+            parent[high] = low
+            size[low] = size[a] + size[b]
+            inner[low] = costs[e]
+    for e in range(costs.size):  # regions under min_size join their neighbour across the cheapest edge left
+        a, b = _root(parent, pairs[e, 0]), _root(parent, pairs[e, 1])
+        if a != b and (size[a] < min_size or size[b] < min_size):
+            low, high = min(a, b), max(a, b)
+            parent[high] = low
+            size[low] = size[a] + size[b]
+    labels = np.empty(n, dtype=np.int64)
+    count = 0
+    for i in range(n):  # a root precedes every pixel of its region, so its label is set first
+        root = _root(parent, i)
+        if root == i:
+            labels[i] = count
+            count += 1
+        else:
+            labels[i] = labels[root]
+    return labels
+
+
+def felzenszwalb_scales(
+    image: np.ndarray, scales: Sequence[float], sigma: float = 0.8, min_size: int = 20
+) -> list[np.ndarray]:
+    """`skimage.segmentation.felzenszwalb(image, scale, sigma, min_size)` for every scale in `scales`: region
+    labels [H, W] (int64, 0..n-1) of an image [H, W] or [H, W, C]."""
+    if image.ndim not in (2, 3) or min(image.shape[:2]) < 2:
+        raise ValueError(f"expected an image [H, W] or [H, W, C] of at least 2 x 2 pixels, got {image.shape}")
+    height, width = image.shape[:2]
+    costs = edge_costs(smoothed(image, sigma))
+    order = np.argsort(costs)  # NumPy's default sort, as scikit-image calls it: ties fall in the same order
+    pairs, sorted_costs = _endpoints(order, height, width), np.ascontiguousarray(costs[order])
+
+    def cut(scale: float) -> np.ndarray:
+        return _merge(pairs, sorted_costs, height * width, float(scale) / 255.0, int(min_size)).reshape(height, width)
+
+    if len(scales) < 2:
+        return [cut(scale) for scale in scales]
+    # The merges release the GIL. A pool per call, so that a forked worker never inherits a dead one.
+    with ThreadPoolExecutor(len(scales)) as pool:
+        return list(pool.map(cut, scales))

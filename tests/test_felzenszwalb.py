@@ -1,0 +1,62 @@
+"""The multi-scale Felzenszwalb segmentation against scikit-image's `felzenszwalb`, the independent reference:
+the same labels, pixel for pixel, on photographs scikit-image ships (RGB and grey, odd sizes, the scales and
+minimum sizes the refinement uses and extreme ones) and on images full of tied edges."""
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+from skimage.segmentation import felzenszwalb
+
+from axx_backend.engine.felzenszwalb import felzenszwalb_scales
+from axx_backend.engine.refine import REFERENCE_SIDE, SuperpixelSpec, segment_image
+
+
+def _photo(name: str, size: tuple[int, int]) -> np.ndarray:
+    return np.asarray(Image.fromarray(getattr(data, name)()).resize(size, Image.BILINEAR))
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "sigma", "min_size"),
+    [
+        ("astronaut", (320, 320), 0.8, 30),
+        ("coffee", (241, 173), 0.8, 30),  # not square, odd sides
+        ("chelsea", (160, 96), 0.5, 4),
+        ("camera", (200, 150), 1.2, 50),  # grey [H, W]
+    ],
+)
+def test_every_scale_equals_scikit_image(name, size, sigma, min_size):
+    image = _photo(name, size)
+    scales = (1.0, 200.0, 400.0, 800.0, 5000.0)
+    ours = felzenszwalb_scales(image, scales, sigma, min_size)
+    for scale, labels in zip(scales, ours, strict=True):
+        expected = felzenszwalb(
+            image, scale=scale, sigma=sigma, min_size=min_size, channel_axis=-1 if image.ndim == 3 else None
+        )
+        assert labels.dtype == np.int64
+        np.testing.assert_array_equal(labels, expected, err_msg=f"{name} scale {scale}")
+    assert ours[0].max() > ours[-1].max()  # (a real test: the scales do cut differently)
+
+
+def test_ties_fall_as_in_scikit_image():
+    """Flat patches and a checkerboard: most edges cost exactly the same, so the order of tied edges decides."""
+    rng = np.random.default_rng(0)
+    image = np.repeat(np.repeat(rng.integers(0, 4, size=(12, 12, 3)) * 60, 5, 0), 5, 1).astype(np.uint8)
+    image[::2, ::2] = 255
+    for scale in (10.0, 300.0):
+        expected = felzenszwalb(image, scale=scale, sigma=0.0, min_size=3)
+        np.testing.assert_array_equal(felzenszwalb_scales(image, [scale], 0.0, 3)[0], expected)
+
+
+def test_the_refinement_cuts_what_scikit_image_cuts_at_its_scales():
+    image = _photo("astronaut", (REFERENCE_SIDE, REFERENCE_SIDE))
+    spec = SuperpixelSpec()
+    for scale, labels in zip(spec.scales, segment_image(image, spec), strict=True):
+        np.testing.assert_array_equal(
+            labels, felzenszwalb(image, scale=scale, sigma=spec.sigma, min_size=spec.min_size)
+        )
+
+
+def test_an_image_too_small_to_have_edges_is_refused():
+    with pytest.raises(ValueError, match="at least 2 x 2"):
+        felzenszwalb_scales(np.zeros((1, 9, 3), np.uint8), [100.0])
