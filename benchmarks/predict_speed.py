@@ -281,7 +281,7 @@ BREAKDOWN_PARTS = (
     ("cam", "Annotator._cam (fast XGrad-CAM, upsample, normalise)"),
     ("regions", "Annotator.segmentations (Felzenszwalb, 3 scales)"),
     ("refine", "pool (CAMs averaged in regions)"),
-    ("segments", "level_grid + region_features + SegmentHead.heat"),
+    ("segments", "region_features + SegmentHead.heat"),
     ("fuse", "rule_map"),
 )
 
@@ -301,7 +301,6 @@ def instrumented(totals: dict[str, float]) -> Iterator[list[str]]:
         ("cam", Annotator, ("_cam",)),
         ("regions", Annotator, ("segmentations",)),
         ("refine", annotator_mod, ("pool",)),
-        ("segments", annotator_mod, ("level_grid",)),
         ("segments", annotator_mod, ("region_features",)),
         ("segments", SegmentHead, ("heat",)),
         ("fuse", annotator_mod, ("rule_map",)),

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn import functional as F
 
 from axx_backend.core.data import Sample
 from axx_backend.core.settings import Settings
@@ -18,7 +19,7 @@ from axx_backend.core.versions import ModelStore
 from axx_backend.engine.annotator import Annotator
 from axx_backend.engine.ensemble import Ensemble, Member, level_names_of
 from axx_backend.engine.refine import SuperpixelSpec, pool, region_means, segment_image
-from axx_backend.engine.segments import fit_segment_head, level_grid, region_features
+from axx_backend.engine.segments import fit_segment_head, region_features, region_level_means
 from axx_backend.engine.weights import WeightInfo, create_backbone
 from axx_backend.evaluation.evaluate import version_thresholds
 from axx_backend.training.features import FeatureCache, PixelView
@@ -100,24 +101,58 @@ def test_felzenszwalb_regions_follow_the_image_and_grow_with_the_scale():
     assert small.max() > large.max()
 
 
-def test_region_features_against_a_plain_loop():
+def _reference_grid(levels, side):
+    """The maps resampled to the pooling grid with F.interpolate, one by one (the plain computation)."""
+    grid = side // 4
+    return torch.cat([F.interpolate(lv[None].float(), size=(grid, grid), mode="bilinear")[0] for lv in levels])
+
+
+def test_region_features_against_the_resampled_grid_and_a_plain_loop():
     rng = np.random.default_rng(1)
     side = 16
     labels = np.repeat(np.repeat(rng.integers(0, 3, size=(4, 4)), 4, 0), 4, 1)  # 4x4 blocks of 3 regions
     labels[:2, :2] = 3  # a region too small to own a grid cell (its centres are at 2, 6, 10, 14)
-    levels = [torch.from_numpy(rng.random((2, 8, 8))).float(), torch.from_numpy(rng.random((3, 4, 4))).float()]
+    levels = [
+        torch.from_numpy(rng.random((2, 8, 8))).float(),  # down to the 4 x 4 grid
+        torch.from_numpy(rng.random((3, 3, 3))).float(),  # up to it
+        torch.from_numpy(rng.random((1, 2, 3, 5))).float().to(memory_format=torch.channels_last)[0],  # not square
+    ]
     cam = rng.random((side, side)).astype(np.float32)
-    grid = level_grid(levels, side)  # [5, 4, 4]
-    features = region_features(grid, cam, labels)
-    assert features.shape == (4, 5 + 2)
+    grid = _reference_grid(levels, side)  # [7, 4, 4]
+    coarse = np.zeros_like(labels)  # a second scale: one region
+    features, whole = region_features(levels, side, cam, [labels, coarse])
+    assert features.shape == (4, 7 + 2) and whole.shape == (1, 7 + 2)
     centres = np.array([2, 6, 10, 14])
     for r in range(3):
         cells = [(i, j) for i, y in enumerate(centres) for j, x in enumerate(centres) if labels[y, x] == r]
         expected = np.mean([grid[:, i, j].numpy() for i, j in cells], axis=0)
-        assert np.allclose(features[r, :5], expected, atol=1e-6)
-        assert features[r, 5] == pytest.approx(cam[labels == r].mean(), abs=1e-6)
-        assert features[r, 6] == pytest.approx((labels == r).mean())
-    assert np.allclose(features[3, :5], grid[:, 0, 0].numpy())  # the cell its first pixel lies in
+        assert np.allclose(features[r, :7], expected, atol=1e-6)
+        assert features[r, 7] == pytest.approx(cam[labels == r].mean(), abs=1e-6)
+        assert features[r, 8] == pytest.approx((labels == r).mean())
+    assert np.allclose(features[3, :7], grid[:, 0, 0].numpy(), atol=1e-6)  # the cell its first pixel lies in
+    assert np.allclose(whole[0, :7], grid.mean(dim=(1, 2)).numpy(), atol=1e-6)
+    assert whole[0, 8] == pytest.approx(1.0)
+
+
+def test_region_level_means_of_real_maps_and_regions_match_the_resampled_grid():
+    """Shapes as served: a ResNet-50's stride-8 and -16 maps of a 512 px image, regions at 320 px, 80 x 80 grid."""
+    torch.manual_seed(0)
+    levels = [torch.randn(1, 64, 64, 64).to(memory_format=torch.channels_last)[0], torch.randn(96, 32, 32)]
+    image = np.asarray(Image.new("RGB", (320, 320), (20, 20, 20)))
+    image = image.copy()
+    image[40:200, 60:250] = (200, 120, 40)
+    segmentations = segment_image(image, SuperpixelSpec(scales=(50.0, 400.0)))
+    grid = _reference_grid(levels, 320).flatten(1)  # [160, 6400]
+    centres = ((np.arange(80) + 0.5) * 4).astype(int)
+    for (means, area), labels in zip(region_level_means(levels, 320, segmentations), segmentations, strict=True):
+        owner = torch.from_numpy(labels[np.ix_(centres, centres)].ravel())
+        n = labels.max() + 1
+        sums = torch.zeros(160, n).index_add_(1, owner, grid)
+        count = torch.bincount(owner, minlength=n)
+        owned = (count > 0).numpy()
+        assert owned.sum() >= 2
+        np.testing.assert_allclose(means[owned], (sums / count.clamp_min(1)).T.numpy()[owned], rtol=1e-4, atol=1e-5)
+        assert area.sum() == pytest.approx(1.0)
 
 
 def test_the_segment_head_solves_its_regularised_logistic_regression():

@@ -32,7 +32,7 @@ from ..core.versions import ModelStore
 from .ensemble import Ensemble, Member, MemberOutput, resolve_precision, select_device
 from .refine import SuperpixelSpec, pool, segment_image
 from .saliency import gradcam_maps, member_cam, normalize_maps, upsample
-from .segments import SegmentHead, level_grid, region_features
+from .segments import SegmentHead, region_features
 from .uncertainty import Decision, MCStats, confidence, decide, mc_statistics
 from .weights import load_backbone
 
@@ -257,8 +257,8 @@ class Annotator:
         """The segment head's input for image b, one array per superpixel scale."""
         if any(out.levels is None for out in fwd.outputs):
             raise ValueError("this forward kept no level maps: call forward(images, levels=True)")
-        grid = level_grid([level[b] for out in fwd.outputs for level in out.levels or []], self.map_side)
-        return [region_features(grid, cam, labels) for labels in self.segmentations(fwd, b)]
+        levels = [level[b] for out in fwd.outputs for level in out.levels or []]
+        return region_features(levels, self.map_side, cam, self.segmentations(fwd, b))
 
     def segment_score(self, fwd: Forward, b: int, label: int, members: Sequence[int]) -> np.ndarray:
         """The segment head's foreground probability [S, S] of image b (its class evidence: the mean CAM of

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..core.data import Sample, iter_readable
 from ..engine.annotator import Annotator, Forward
-from ..engine.segments import level_grid, region_levels
+from ..engine.segments import region_level_means
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,8 @@ def extract_features(
 def pixel_view(annotator: Annotator, fwd: Forward, b: int) -> PixelView:
     segmentations = annotator.segmentations(fwd, b)
     side = annotator.map_side
-    grid = level_grid([level[b] for out in fwd.outputs for level in out.levels or []], side)
-    levels, areas = zip(*[region_levels(grid, labels) for labels in segmentations], strict=True)
+    maps = [level[b] for out in fwd.outputs for level in out.levels or []]
+    levels, areas = zip(*region_level_means(maps, side, segmentations), strict=True)
     return PixelView(  # the CAM column is added once the heads exist (pixels.py, `with_cam`)
         last_maps=[out.features[b].half().cpu().clone() for out in fwd.outputs],
         segmentations=[labels.astype(np.int32) for labels in segmentations],
