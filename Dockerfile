@@ -12,7 +12,10 @@ ENV PYTHONUNBUFFERED=1 \
     MODEL_DIR=/data/models \
     AXX_WEIGHTS_DIR=/app/model_weights \
     WORKERS=1 \
-    THREADS=8
+    THREADS=8 \
+    NUMBA_CACHE_DIR=/tmp/numba-cache
+# (numba caches the compiled region merge there: site-packages is not writable, and a home may not exist for
+# an arbitrary --user)
 
 WORKDIR /app
 # The same installs as `make setup`; torch comes from the index chosen above (CPU by default).

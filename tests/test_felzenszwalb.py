@@ -2,6 +2,11 @@
 the same labels, pixel for pixel, on photographs scikit-image ships (RGB and grey, odd sizes, the scales and
 minimum sizes the refinement uses and extreme ones) and on images full of tied edges."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -60,3 +65,23 @@ def test_the_refinement_cuts_what_scikit_image_cuts_at_its_scales():
 def test_an_image_too_small_to_have_edges_is_refused():
     with pytest.raises(ValueError, match="at least 2 x 2"):
         felzenszwalb_scales(np.zeros((1, 9, 3), np.uint8), [100.0])
+
+
+def test_regions_work_where_numba_has_nowhere_to_cache(tmp_path):
+    """A read-only install without a home: numba cannot cache, so the merge compiles in the process instead of
+    failing on import (which would fail every refined prediction)."""
+    script = (
+        "import numba.core.caching as caching\n"
+        "caching.CacheImpl._locator_classes = []  # no writable cache location anywhere\n"
+        "import numpy as np\n"
+        "from skimage.segmentation import felzenszwalb\n"
+        "from axx_backend.engine.felzenszwalb import felzenszwalb_scales\n"
+        "image = (np.arange(24 * 24 * 3).reshape(24, 24, 3) % 97).astype(np.uint8)\n"
+        "ours = felzenszwalb_scales(image, [50.0], 0.5, 5)[0]\n"
+        "assert np.array_equal(ours, felzenszwalb(image, scale=50.0, sigma=0.5, min_size=5))\n"
+        "print('regions', ours.max() + 1)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("regions ")

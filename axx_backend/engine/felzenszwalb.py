@@ -11,11 +11,22 @@ take ~25 ms here (README, "Speed").
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 from numba import njit
+
+
+def compiled(function: Callable[..., Any]) -> Callable[..., Any]:
+    """numba's compiled `function`, releasing the GIL, cached on disk where numba finds a writable place (next to
+    this file, NUMBA_CACHE_DIR, the user's cache); without one (a read-only install, no home), compiled anew
+    in each process rather than failing on import."""
+    try:
+        return njit(nogil=True, cache=True)(function)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return njit(nogil=True)(function)
 
 
 def smoothed(image: np.ndarray, sigma: float) -> np.ndarray:
@@ -42,7 +53,7 @@ def edge_costs(image: np.ndarray) -> np.ndarray:
     return np.hstack([right.ravel(), down.ravel(), down_right.ravel(), up_right.ravel()]).astype(np.float64)
 
 
-@njit(nogil=True, cache=True)
+@compiled
 def _endpoints(order: np.ndarray, height: int, width: int) -> np.ndarray:  # pragma: no cover - compiled
     """The pixel pair [m, 2] of each edge index in `order` (the layout of `edge_costs`)."""
     n_right = height * (width - 1)
@@ -66,7 +77,7 @@ def _endpoints(order: np.ndarray, height: int, width: int) -> np.ndarray:  # pra
     return pairs
 
 
-@njit(nogil=True, cache=True)
+@compiled
 def _root(parent: np.ndarray, node: int) -> int:  # pragma: no cover - compiled
     while parent[node] != node:
         parent[node] = parent[parent[node]]  # path halving: the partition is unchanged, the trees stay shallow
@@ -74,7 +85,7 @@ def _root(parent: np.ndarray, node: int) -> int:  # pragma: no cover - compiled
     return node
 
 
-@njit(nogil=True, cache=True)
+@compiled
 def _merge(pairs: np.ndarray, costs: np.ndarray, n: int, scale: float, min_size: int) -> np.ndarray:  # pragma: no cover
     """Labels 0..k-1 of the n pixels, numbered by each region's first pixel, as scikit-image numbers them.
 
