@@ -116,22 +116,23 @@ def test_region_features_against_the_resampled_grid_and_a_plain_loop():
         torch.from_numpy(rng.random((2, 8, 8))).float(),  # down to the 4 x 4 grid
         torch.from_numpy(rng.random((3, 3, 3))).float(),  # up to it
         torch.from_numpy(rng.random((1, 2, 3, 5))).float().to(memory_format=torch.channels_last)[0],  # not square
+        torch.from_numpy(rng.random((1, 1, 4))).float(),  # one row: a single tap on that axis
     ]
     cam = rng.random((side, side)).astype(np.float32)
-    grid = _reference_grid(levels, side)  # [7, 4, 4]
+    grid = _reference_grid(levels, side)  # [8, 4, 4]
     coarse = np.zeros_like(labels)  # a second scale: one region
     features, whole = region_features(levels, side, cam, [labels, coarse])
-    assert features.shape == (4, 7 + 2) and whole.shape == (1, 7 + 2)
+    assert features.shape == (4, 8 + 2) and whole.shape == (1, 8 + 2)
     centres = np.array([2, 6, 10, 14])
     for r in range(3):
         cells = [(i, j) for i, y in enumerate(centres) for j, x in enumerate(centres) if labels[y, x] == r]
         expected = np.mean([grid[:, i, j].numpy() for i, j in cells], axis=0)
-        assert np.allclose(features[r, :7], expected, atol=1e-6)
-        assert features[r, 7] == pytest.approx(cam[labels == r].mean(), abs=1e-6)
-        assert features[r, 8] == pytest.approx((labels == r).mean())
-    assert np.allclose(features[3, :7], grid[:, 0, 0].numpy(), atol=1e-6)  # the cell its first pixel lies in
-    assert np.allclose(whole[0, :7], grid.mean(dim=(1, 2)).numpy(), atol=1e-6)
-    assert whole[0, 8] == pytest.approx(1.0)
+        assert np.allclose(features[r, :8], expected, atol=1e-6)
+        assert features[r, 8] == pytest.approx(cam[labels == r].mean(), abs=1e-6)
+        assert features[r, 9] == pytest.approx((labels == r).mean())
+    assert np.allclose(features[3, :8], grid[:, 0, 0].numpy(), atol=1e-6)  # the cell its first pixel lies in
+    assert np.allclose(whole[0, :8], grid.mean(dim=(1, 2)).numpy(), atol=1e-6)
+    assert whole[0, 9] == pytest.approx(1.0)
 
 
 def test_region_level_means_of_real_maps_and_regions_match_the_resampled_grid():
