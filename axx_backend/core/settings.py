@@ -70,7 +70,7 @@ class Settings:
     cam_threshold: float = 0.5
     refine: str = "superpixels"  # "superpixels": pool maps in image regions (engine/refine.py); "none"
     map_side: int = 320  # maps and regions are made at the input size, at most this (bounds refinement's cost)
-    superpixel_scales: tuple[float, ...] = (200.0, 400.0, 800.0)  # Felzenszwalb scales at 320 px
+    superpixel_scales: tuple[float, ...] = (100.0, 200.0, 400.0, 800.0)  # Felzenszwalb scales at 320 px (refine.py)
     negative_pattern: str = DEFAULT_NEGATIVE_PATTERN
     negative_classes: tuple[str, ...] = ()  # explicit list overrides the pattern
 
