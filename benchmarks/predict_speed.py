@@ -279,7 +279,7 @@ BREAKDOWN_PARTS = (
     ("mc_stats", "mc_statistics"),
     ("decide", "decide"),
     ("cam", "Annotator._cam (fast XGrad-CAM, upsample, normalise)"),
-    ("regions", "Annotator.segmentations (Felzenszwalb, 3 scales)"),
+    ("regions", "Annotator.segmentations (Felzenszwalb, every AXX_SUPERPIXEL_SCALES scale)"),
     ("refine", "pool (CAMs averaged in regions)"),
     ("segments", "region_features + SegmentHead.heat"),
     ("fuse", "rule_map"),
