@@ -4,9 +4,9 @@ scikit-image's `felzenszwalb` smooths the image, weighs and sorts its 8-connecte
 scale, and its merge finds roots without compressing paths; only the merge depends on the scale. Here the
 smoothing, weighing and sorting run once (scikit-image's and NumPy's own calls, so the order of tied edges
 is the same), and the merge runs per scale in compiled code (numba) with path halving. The result is
-scikit-image's, label for label (tests/test_felzenszwalb.py compares them on photographs): three scales of
-a 320 x 320 photograph took 173 ms one after another and ~120 ms in three threads with scikit-image, and
-take ~25 ms here (README, "Speed").
+scikit-image's, label for label (tests/test_felzenszwalb.py compares them on photographs; identical on all
+2,280 segmentations of the photograph benchmark): three scales of a 320 x 320 photograph took 184 ms one
+after another and ~120 ms in three threads with scikit-image, and take 33 ms here (README, "Speed").
 """
 
 from __future__ import annotations
