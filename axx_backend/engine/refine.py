@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..core.settings import Settings
+
 REFINE_METHODS = ("none", "superpixels")
 REFERENCE_SIDE = 320  # the image side the scales below are stated for; other sizes scale them by area
 
@@ -31,7 +33,7 @@ REFERENCE_SIDE = 320  # the image side the scales below are stated for; other si
 class SuperpixelSpec:
     """Felzenszwalb regions at several scales (`scale` and `min_size` as for a 320 x 320 image)."""
 
-    scales: tuple[float, ...] = (100.0, 200.0, 400.0, 800.0)
+    scales: tuple[float, ...] = Settings.superpixel_scales  # one default, AXX_SUPERPIXEL_SCALES's
     sigma: float = 0.8
     min_size: int = 30
 
