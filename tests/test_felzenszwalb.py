@@ -13,7 +13,7 @@ from PIL import Image
 from skimage import data
 from skimage.segmentation import felzenszwalb
 
-from axx_backend.engine.felzenszwalb import felzenszwalb_scales
+from axx_backend.engine.felzenszwalb import edge_costs, felzenszwalb_scales, smoothed
 from axx_backend.engine.refine import REFERENCE_SIDE, SuperpixelSpec, segment_image
 
 
@@ -60,6 +60,28 @@ def test_the_refinement_cuts_what_scikit_image_cuts_at_its_scales():
         np.testing.assert_array_equal(
             labels, felzenszwalb(image, scale=scale, sigma=spec.sigma, min_size=spec.min_size)
         )
+
+
+@pytest.mark.parametrize("shape", [(37, 23, 3), (2, 2, 3), (19, 31, 1)])
+def test_edge_costs_are_numpys_bit_for_bit(shape):
+    """The compiled edge costs against the NumPy formulation scikit-image uses: equal to the last bit, or tied
+    edges would sort differently."""
+    image = smoothed(np.random.default_rng(1).integers(0, 256, size=shape).astype(np.uint8), 0.8)
+    height, width = shape[:2]
+
+    def distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.sqrt(np.sum((a - b) * (a - b), axis=-1))
+
+    blocks = [
+        distance(image[:, 1:], image[:, : width - 1]),  # right
+        distance(image[1:], image[: height - 1]),  # down
+        distance(image[1:, 1:], image[: height - 1, : width - 1]),  # down-right
+        distance(image[1:, : width - 1], image[: height - 1, 1:]),  # up-right
+    ]
+    expected = np.hstack([block.ravel() for block in blocks])
+    ours = edge_costs(image)
+    assert ours.dtype == np.float64
+    assert np.array_equal(ours, expected)
 
 
 def test_an_image_too_small_to_have_edges_is_refused():

@@ -2,8 +2,9 @@
 
 scikit-image's `felzenszwalb` smooths the image, weighs and sorts its 8-connected edges again for every
 scale, and its merge finds roots without compressing paths; only the merge depends on the scale. Here the
-smoothing, weighing and sorting run once (scikit-image's and NumPy's own calls, so the order of tied edges
-is the same), and the merge runs per scale in compiled code (numba) with path halving. The result is
+smoothing, weighing and sorting run once (scikit-image's smoothing and NumPy's sort; the edge weights compiled,
+equal to NumPy's bit for bit, so tied edges fall in the same order), and the merge runs per scale in compiled
+code (numba) with path halving. The result is
 scikit-image's, label for label (tests/test_felzenszwalb.py compares them on photographs; identical on all
 2,280 segmentations of the photograph benchmark): three scales of a 320 x 320 photograph took 184 ms one
 after another and ~120 ms in three threads with scikit-image, and take 33 ms here (README, "Speed").
@@ -40,17 +41,28 @@ def smoothed(image: np.ndarray, sigma: float) -> np.ndarray:
 
 def edge_costs(image: np.ndarray) -> np.ndarray:
     """Colour distances of the 8-connected edges of a smoothed image [H, W, C], in scikit-image's order:
-    right, down, down-right, up-right neighbours, each block row-major."""
-    height, width = image.shape[:2]
+    right, down, down-right, up-right neighbours, each block row-major (the same float64 values, bit for bit:
+    the squares summed channel by channel, as NumPy sums them; one compiled pass instead of eight arrays)."""
+    return _edge_costs(np.ascontiguousarray(image, dtype=np.float64))
 
-    def distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return np.sqrt(np.sum((a - b) * (a - b), axis=-1))
 
-    right = distance(image[:, 1:], image[:, : width - 1])
-    down = distance(image[1:], image[: height - 1])
-    down_right = distance(image[1:, 1:], image[: height - 1, : width - 1])
-    up_right = distance(image[1:, : width - 1], image[: height - 1, 1:])
-    return np.hstack([right.ravel(), down.ravel(), down_right.ravel(), up_right.ravel()]).astype(np.float64)
+@compiled
+def _edge_costs(image: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    height, width, channels = image.shape
+    # per block: the other pixel's row and column step, and the columns [start, width - stop) of the first pixel
+    blocks = ((0, 1, 0, 1), (1, 0, 0, 0), (1, 1, 0, 1), (1, -1, 1, 0))
+    costs = np.empty(height * (width - 1) + (height - 1) * width + 2 * (height - 1) * (width - 1))
+    k = 0
+    for dr, dc, start, stop in blocks:
+        for r in range(height - dr):
+            for c in range(start, width - stop):
+                total = 0.0
+                for channel in range(channels):
+                    d = image[r + dr, c + dc, channel] - image[r, c, channel]
+                    total += d * d
+                costs[k] = np.sqrt(total)
+                k += 1
+    return costs
 
 
 @compiled
