@@ -195,3 +195,24 @@ def test_a_flagged_image_is_most_likely_what_most_members_say_not_what_the_sures
     assert flagged.flagged and flagged.label == 0  # the mean (0.40 / 0.60) would say class 1
     split = decide([np.array([0.6, 0.3, 0.1]), np.array([0.2, 0.5, 0.3]), np.array([0.1, 0.2, 0.7])], [0.9] * 3, 0.5)
     assert split.flagged and split.label == 2  # one vote each: the tie goes to the ensemble mean (0.30 / 0.33 / 0.37)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_the_refit_folds_follow_the_setting(k):
+    """`refit_folds` sets how many stages are fine-tuned again for calibration: k folds, each class in every
+    fold's training part; fewer than 2 is refused (no image would be out of fold)."""
+    from axx_backend.core.settings import Settings
+    from axx_backend.training.features import FeatureCache
+    from axx_backend.training.heads import Split
+    from axx_backend.training.trainer import refit_folds
+
+    labels = torch.arange(60) % 2
+    cache = FeatureCache(samples=[], pooled=[torch.randn(60, 4)])
+    split = Split(labels, train=torch.arange(45), val=torch.arange(45, 60))
+    cross_fit = refit_folds(cache, split, Settings(preset="offline", refit_folds=k))
+    assert sorted(set(cross_fit.folds.tolist())) == list(range(k))
+    assert len(list(cross_fit.rests())) == k
+    for rest in cross_fit.rests():
+        assert set(labels[rest].tolist()) == {0, 1} and len(rest) == 60 * (k - 1) // k
+    with pytest.raises(ValueError, match="refit_folds"):
+        Settings(refit_folds=1)

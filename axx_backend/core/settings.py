@@ -86,9 +86,10 @@ class Settings:
     # (training/groups.py), so calibration sees new-looking images as serving will; "random": stratified only
     calibration_groups: str = "appearance"
     # After last-stage fine-tuning, what calibrates (temperatures, review threshold): "cross-fitted": every labelled
-    # image, scored by a stage fine-tuned again without its fold (REFIT_FOLDS more fine-tunings of the kept
+    # image, scored by a stage fine-tuned again without its fold (`refit_folds` more fine-tunings of the kept
     # epochs); "held-out": the held-out split alone (a quarter of the images, a few look-alike groups)
     calibration: str = "cross-fitted"
+    refit_folds: int = 2  # k folds cost k - 1 fine-tunings' worth of passes (each refit sees (k - 1) / k)
     # "equal": every member votes 1 (the paper's plain majority); "learned": weights that minimise the held-out
     # log-loss (training/heads.py member_weights). The held-out split is a few look-alike groups, too few to rank
     # members by (README, "What the numbers say").
@@ -175,6 +176,8 @@ class Settings:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.image_max_pixels < 1:
             raise ValueError("image_max_pixels must be >= 1")
+        if self.refit_folds < 2:
+            raise ValueError("refit_folds must be >= 2")
         if self.map_side < 32:
             raise ValueError("map_side must be >= 32")
 

@@ -106,10 +106,8 @@ def finetune_member(
         p.requires_grad_(False)
     for p in [*stage_params, *member.head.parameters()]:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(
-        [{"params": stage_params, "lr": 1e-4}, {"params": list(member.head.parameters()), "lr": 1e-3}],
-        weight_decay=1e-4,
-    )
+    groups = [{"params": stage_params, "lr": 1e-4}, {"params": list(member.head.parameters()), "lr": 1e-3}]
+    optimizer = adamw(groups, weight_decay=1e-4)
     weights = class_weights(labels[train], member.head.fc.out_features)
     before = held_out_loss(member, tail, inputs, labels, val)
     best = (before, _state(member, tail), -1)
@@ -138,6 +136,13 @@ def finetune_member(
         "finetune_seconds": round(time.monotonic() - start, 1),
         "finetune_precision": precision,
     }
+
+
+def adamw(groups: list[dict[str, Any]], weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, fused where PyTorch has the fused kernel (CPU, CUDA): one pass over the parameters per step
+    instead of several (the ResNet-50 stage's 15 M parameters: 9 ms per step against 31 ms on this CPU)."""
+    device = groups[0]["params"][0].device.type
+    return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=device in ("cpu", "cuda") or None)
 
 
 def _epoch(
@@ -343,13 +348,11 @@ def finetune_ensemble(
     weights = class_weights(labels[train_t], len(ensemble.classes))
     device = next(ensemble.parameters()).device
     for m, member in enumerate(ensemble.members):
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": list(member.backbone.parameters()), "lr": 1e-4},
-                {"params": list(member.head.parameters()), "lr": 1e-3},
-            ],
-            weight_decay=1e-4,
-        )
+        groups = [
+            {"params": list(member.backbone.parameters()), "lr": 1e-4},
+            {"params": list(member.head.parameters()), "lr": 1e-3},
+        ]
+        optimizer = adamw(groups, weight_decay=1e-4)
         generator = torch.Generator().manual_seed(seed + m)
         best = (float("inf"), None, -1)
         for epoch in range(epochs):

@@ -44,10 +44,6 @@ from .pixels import PixelResult, fit_pixels
 
 log = logging.getLogger(__name__)
 
-# Folds of the cross-fitted calibration after fine-tuning: each costs one more fine-tuning of every kept stage
-# for its kept epochs, so fewer than the heads' 5 (each refit then sees two thirds of the labelled images).
-REFIT_FOLDS = 3
-
 # Called once the heads and the pixel phase are done, before the version is written, with what training cached
 # (annotator, features, split, heads, calibrated uncertainty threshold): the label check reads it (jobs/review.py).
 AfterFit = Callable[[Annotator, FeatureCache, Split, Heads, float], None]
@@ -206,7 +202,7 @@ def pixel_keys(samples: Sequence[Sample], settings: Settings) -> set[str]:
 def refit_folds(cache: FeatureCache, split: Split, settings: Settings) -> CrossFit:
     """The folds over every labelled image that a kept stage is fine-tuned again without, one at a time."""
     rows = split.labelled
-    return CrossFit(rows, calibration_folds(cache, rows, split.labels[rows].numpy(), settings, REFIT_FOLDS))
+    return CrossFit(rows, calibration_folds(cache, rows, split.labels[rows].numpy(), settings, settings.refit_folds))
 
 
 def finetune_step(
