@@ -12,6 +12,7 @@ after another and ~120 ms in three threads with scikit-image, and take 33 ms her
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -151,6 +152,7 @@ def felzenszwalb_scales(
 
     if len(scales) < 2:
         return [cut(scale) for scale in scales]
-    # The merges release the GIL. A pool per call, so that a forked worker never inherits a dead one.
-    with ThreadPoolExecutor(len(scales)) as pool:
+    # The merges release the GIL. A pool per call, so that a forked worker never inherits a dead one; no more
+    # threads than cores (4 threads on 2 cores took 17 ms for four merges, 2 threads 15 ms).
+    with ThreadPoolExecutor(min(len(scales), os.cpu_count() or 1)) as pool:
         return list(pool.map(cut, scales))
