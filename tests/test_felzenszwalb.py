@@ -13,7 +13,7 @@ from PIL import Image
 from skimage import data
 from skimage.segmentation import felzenszwalb
 
-from axx_backend.engine.felzenszwalb import edge_costs, felzenszwalb_scales, smoothed
+from axx_backend.engine.felzenszwalb import edges, felzenszwalb_scales, smoothed
 from axx_backend.engine.refine import REFERENCE_SIDE, SuperpixelSpec, segment_image
 
 
@@ -63,9 +63,9 @@ def test_the_refinement_cuts_what_scikit_image_cuts_at_its_scales():
 
 
 @pytest.mark.parametrize("shape", [(37, 23, 3), (2, 2, 3), (19, 31, 1)])
-def test_edge_costs_are_numpys_bit_for_bit(shape):
+def test_edges_are_numpys_bit_for_bit(shape):
     """The compiled edge costs against the NumPy formulation scikit-image uses: equal to the last bit, or tied
-    edges would sort differently."""
+    edges would sort differently; each edge's pixel pair is the two neighbours its cost measures."""
     image = smoothed(np.random.default_rng(1).integers(0, 256, size=shape).astype(np.uint8), 0.8)
     height, width = shape[:2]
 
@@ -79,9 +79,14 @@ def test_edge_costs_are_numpys_bit_for_bit(shape):
         distance(image[1:, : width - 1], image[: height - 1, 1:]),  # up-right
     ]
     expected = np.hstack([block.ravel() for block in blocks])
-    ours = edge_costs(image)
+    ours, pairs = edges(image)
     assert ours.dtype == np.float64
     assert np.array_equal(ours, expected)
+    pixels = image.reshape(height * width, -1)
+    assert pairs.shape == (len(expected), 2) and np.all(pairs >= 0) and np.all(pairs < height * width)
+    rows, cols = np.divmod(pairs, width)
+    assert np.all(np.abs(rows[:, 0] - rows[:, 1]) <= 1) and np.all(np.abs(cols[:, 0] - cols[:, 1]) <= 1)
+    assert np.array_equal(distance(pixels[pairs[:, 0]], pixels[pairs[:, 1]]), expected)
 
 
 def test_an_image_too_small_to_have_edges_is_refused():
