@@ -19,7 +19,7 @@ from axx_backend.core.versions import ModelStore
 from axx_backend.engine.annotator import Annotator
 from axx_backend.engine.ensemble import Ensemble, Member, level_names_of
 from axx_backend.engine.refine import SuperpixelSpec, pool, region_means, segment_image
-from axx_backend.engine.segments import fit_segment_head, region_features, region_level_means
+from axx_backend.engine.segments import first_pixels, fit_segment_head, region_features, region_level_means
 from axx_backend.engine.weights import WeightInfo, create_backbone
 from axx_backend.evaluation.evaluate import version_thresholds
 from axx_backend.training.features import FeatureCache, PixelView
@@ -99,6 +99,27 @@ def test_felzenszwalb_regions_follow_the_image_and_grow_with_the_scale():
             inside = block[labels == region]
             assert inside.all() or not inside.any()
     assert small.max() > large.max()
+
+
+def _first_by_loop(labels):
+    """Each label's first flat index, by scanning (the plain computation)."""
+    first = {}
+    for i, label in enumerate(labels.ravel().tolist()):
+        first.setdefault(label, i)
+    return np.array([first[k] for k in sorted(first)])
+
+
+def test_first_pixels_of_felzenszwalb_regions_and_of_labels_in_any_order():
+    from skimage import data
+
+    photo = np.asarray(Image.fromarray(data.astronaut()).resize((160, 160), Image.BILINEAR))
+    for labels in segment_image(photo, SuperpixelSpec(scales=(50.0, 800.0))):  # numbered by first appearance
+        assert np.array_equal(first_pixels(labels), _first_by_loop(labels))
+    rng = np.random.default_rng(0)
+    shuffled = rng.permutation(12)[rng.integers(0, 12, size=(9, 11))]  # any order, gaps too: the sort's answer
+    assert np.array_equal(first_pixels(shuffled), _first_by_loop(shuffled))
+    rising = np.array([[0, 2, 1], [1, 2, 3]])  # the running maximum skips a label
+    assert np.array_equal(first_pixels(rising), _first_by_loop(rising))
 
 
 def _reference_grid(levels, side):

@@ -70,7 +70,7 @@ def _cell_shares(segmentation: np.ndarray, grid: int) -> tuple[np.ndarray, np.nd
     centres = ((np.arange(grid) + 0.5) * side / grid).astype(int)
     owner = segmentation[np.ix_(centres, centres)].ravel()  # the region of each cell's centre
     count = np.bincount(owner, minlength=int(segmentation.max()) + 1)
-    first = np.unique(segmentation.ravel(), return_index=True)[1]
+    first = first_pixels(segmentation)
     lonely = np.flatnonzero(count == 0)
     fallback = (first[lonely] // side * grid // side) * grid + (first[lonely] % side) * grid // side
     return (
@@ -78,6 +78,20 @@ def _cell_shares(segmentation: np.ndarray, grid: int) -> tuple[np.ndarray, np.nd
         np.concatenate([np.arange(grid * grid), fallback]),
         np.concatenate([1.0 / count[owner], np.ones(len(lonely))]),
     )
+
+
+def first_pixels(segmentation: np.ndarray) -> np.ndarray:
+    """The flat index of each region's first pixel in raster order, [n_regions].
+
+    Felzenszwalb's labels (felzenszwalb.py, as scikit-image's) number the regions in the order their first pixels
+    appear, so a region starts where the running maximum of the labels rises by one: one pass instead of
+    `np.unique`'s sort (8 ms for four scales at 320 px). Labels in any other order take the sort."""
+    flat = segmentation.ravel()
+    running = np.maximum.accumulate(flat)
+    starts = np.flatnonzero(np.diff(running, prepend=-1))
+    if len(flat) and flat[0] == 0 and np.array_equal(running[starts], np.arange(len(starts))):
+        return starts
+    return np.unique(flat, return_index=True)[1]
 
 
 def _map_weights(
