@@ -25,26 +25,22 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from axx_backend.core.data import iter_readable, read_folder_dataset  # noqa: E402
+from axx_backend.core.data import read_folder_dataset  # noqa: E402
 from axx_backend.core.settings import Settings  # noqa: E402
 from axx_backend.core.version_meta import load_version  # noqa: E402
 from axx_backend.core.versions import ModelStore  # noqa: E402
 from axx_backend.engine.annotator import Annotator  # noqa: E402
 from axx_backend.engine.uncertainty import decide, mc_statistics  # noqa: E402
+from axx_backend.training.features import extract_features  # noqa: E402
 
 
 def pooled_features(annotator: Annotator, data: Path) -> tuple[list[torch.Tensor], np.ndarray]:
-    """Every member's pooled features [N, K] of the readable test images, and their class indices [N]."""
+    """Every member's pooled features [N, K] of the readable test images (training's feature pass), and their
+    class indices [N]."""
     samples, _ = read_folder_dataset(data)
-    pairs = [(s, img) for s, img in iter_readable(samples, []) if s.label in annotator.classes]
-    pooled: list[list[torch.Tensor]] = [[] for _ in annotator.ensemble.members]
-    batch = max(1, annotator.settings.batch_size)
-    for start in range(0, len(pairs), batch):
-        fwd = annotator.forward([img for _, img in pairs[start : start + batch]], levels=False)
-        for m, out in enumerate(fwd.outputs):
-            pooled[m].append(out.features.mean(dim=(2, 3)))
-    labels = np.array([annotator.classes.index(s.label) for s, _ in pairs])
-    return [torch.cat(p) for p in pooled], labels
+    cache = extract_features(annotator, [s for s in samples if s.label in annotator.classes])
+    labels = np.array([annotator.classes.index(s.label) for s in cache.samples])
+    return cache.pooled, labels
 
 
 @torch.no_grad()
@@ -56,8 +52,7 @@ def member_statistics(
     generator = torch.Generator().manual_seed(seed)
     probs, entropy = [], []
     for member, x in zip(annotator.ensemble.members, pooled, strict=True):
-        logits = member.head.sample(x, samples, generator) / member.temperature.clamp_min(1e-3)
-        stats = mc_statistics(logits.softmax(-1))
+        stats = mc_statistics(member.mc_probs(x, samples, generator))
         probs.append(stats.mean_probs.numpy())
         entropy.append(stats.entropy.numpy())
     return probs, entropy

@@ -98,6 +98,11 @@ class Member(nn.Module):
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean) / self.std
 
+    def mc_probs(self, pooled: torch.Tensor, samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Softmax probabilities [T, B, C] of T head-dropout samples of pooled features [B, K], after the
+        member's temperature: what the MC statistics of a head-only forward read."""
+        return (self.head.sample(pooled, samples, generator) / self.temperature.clamp_min(1e-3)).softmax(dim=-1)
+
     def features(self, normalized: torch.Tensor) -> torch.Tensor:
         """The feature map [B, K, h, w] that feeds the global average pool."""
         return self.feature_tap(self.backbone.forward_features(normalized))
@@ -208,10 +213,10 @@ class Ensemble(nn.Module):
             temperature = member.temperature.clamp_min(1e-3)
             logits = member.head.fc(pooled) / temperature
             if full_mc:
-                mc_logits = _full_mc_logits(member, x, samples, precision) / temperature
+                mc_probs = (_full_mc_logits(member, x, samples, precision) / temperature).softmax(dim=-1)
             else:
-                mc_logits = member.head.sample(pooled, samples, generator) / temperature
-            outputs.append(MemberOutput(feats, logits, mc_logits.softmax(dim=-1), level_maps))
+                mc_probs = member.mc_probs(pooled, samples, generator)
+            outputs.append(MemberOutput(feats, logits, mc_probs, level_maps))
         return outputs
 
 

@@ -89,7 +89,7 @@ def first_pixels(segmentation: np.ndarray) -> np.ndarray:
     flat = segmentation.ravel()
     running = np.maximum.accumulate(flat)
     starts = np.flatnonzero(np.diff(running, prepend=-1))
-    if len(flat) and flat[0] == 0 and np.array_equal(running[starts], np.arange(len(starts))):
+    if np.array_equal(running[starts], np.arange(len(starts))):  # rises by one from 0: first-appearance order
         return starts
     return np.unique(flat, return_index=True)[1]
 
