@@ -6,6 +6,8 @@ import torch
 
 from axx_backend.training.calibration import calibrate_uncertainty_threshold, fit_temperature, risk_coverage
 
+from .head_only import HeadOnlyMember
+
 RIGHT, WRONG = np.array([0.95, 0.05]), np.array([0.4, 0.6])
 
 
@@ -101,7 +103,7 @@ def test_a_backbone_fine_tuned_on_the_train_split_is_calibrated_on_the_held_out_
     labels = torch.arange(60) % 2
     pooled = torch.nn.functional.one_hot(labels, 2).float() * 2 + torch.randn(60, 2)
     members = [
-        SimpleNamespace(name=f"m{i}", head=MCDropoutHead(2, 2, 0.3), temperature=torch.ones(())) for i in range(2)
+        HeadOnlyMember(name=f"m{i}", head=MCDropoutHead(2, 2, 0.3), temperature=torch.ones(())) for i in range(2)
     ]
     ensemble = SimpleNamespace(members=members, classes=["a", "b"])
     cache = FeatureCache(samples=[], pooled=[pooled, pooled.clone()])
@@ -128,7 +130,7 @@ def test_stages_fine_tuned_again_without_each_fold_calibrate_every_labelled_imag
     torch.manual_seed(0)
     labels = torch.arange(90) % 2
     leaked = torch.nn.functional.one_hot(labels, 2).float() * 5
-    member = SimpleNamespace(name="m", head=MCDropoutHead(2, 2, 0.3), temperature=torch.ones(()))
+    member = HeadOnlyMember(name="m", head=MCDropoutHead(2, 2, 0.3), temperature=torch.ones(()))
     ensemble = SimpleNamespace(members=[member], classes=["a", "b"])
     cache = FeatureCache(samples=[], pooled=[leaked])
     split = Split(labels, train=torch.arange(70), val=torch.arange(70, 90))
@@ -162,7 +164,7 @@ def test_members_vote_equally_unless_learned_weights_are_asked_for():
     served = {}
     for rule in ("equal", "learned"):
         members = [
-            SimpleNamespace(name=f"m{i}", head=MCDropoutHead(2, 2, 0.3), temperature=torch.ones(())) for i in range(3)
+            HeadOnlyMember(name=f"m{i}", head=MCDropoutHead(2, 2, 0.3), temperature=torch.ones(())) for i in range(3)
         ]
         ensemble = SimpleNamespace(members=members, classes=["a", "b"])
         cache = FeatureCache(samples=[], pooled=[good, good.clone(), noise])

@@ -11,6 +11,8 @@ from axx_backend.training.features import FeatureCache
 from axx_backend.training.groups import appearance_groups, cache_groups, grouped_folds
 from axx_backend.training.heads import Split, train_member_heads
 
+from .head_only import HeadOnlyMember
+
 
 def blobs(centres: int, per: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
     """Well-separated clusters of features: `per` noisy copies of each of `centres` random directions."""
@@ -87,7 +89,7 @@ def look_alike_world(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 def weak_member_oof_accuracy(seed: int, groups_from_tuned: bool) -> float:
     weak, tuned, y = look_alike_world(seed)
     members = [
-        SimpleNamespace(name=n, head=MCDropoutHead(d, 2, 0.3), temperature=torch.ones(()))
+        HeadOnlyMember(name=n, head=MCDropoutHead(d, 2, 0.3), temperature=torch.ones(()))
         for n, d in (("tuned", 2), ("weak", 64))
     ]
     ensemble = SimpleNamespace(members=members, classes=["a", "b"])

@@ -258,10 +258,9 @@ def _pixel_stats(
     ensemble: Ensemble, cache: FeatureCache, heads: Heads, settings: Settings, generator: torch.Generator
 ) -> None:
     index = torch.tensor(heads.pixels.index, dtype=torch.long)
-    for m, member in enumerate(ensemble.members):
+    for m, member in enumerate(ensemble.members):  # `train_member_heads` set each member's temperature
         with torch.no_grad():
-            mc = member.head.sample(cache.pooled[m][index], settings.mc_samples, generator) / heads.temperatures[m]
-            stats = mc_statistics(mc.softmax(-1))
+            stats = mc_statistics(member.mc_probs(cache.pooled[m][index], settings.mc_samples, generator))
         heads.pixels.probs.append(stats.mean_probs.numpy())
         heads.pixels.entropy.append(stats.entropy.numpy())
 

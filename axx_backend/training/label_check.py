@@ -224,8 +224,7 @@ def served_pixel_stats(annotator: Annotator, cache: FeatureCache) -> MemberStats
     rows = torch.tensor(index, dtype=torch.long)
     for m, member in enumerate(annotator.ensemble.members):
         with torch.no_grad():
-            mc = member.head.sample(cache.pooled[m][rows], annotator.settings.mc_samples, generator)
-            st = mc_statistics((mc / float(member.temperature)).softmax(-1))
+            st = mc_statistics(member.mc_probs(cache.pooled[m][rows], annotator.settings.mc_samples, generator))
         stats.probs.append(st.mean_probs.numpy())
         stats.entropy.append(st.entropy.numpy())
     return stats
