@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference import reference_rows  # noqa: E402
 
 from axx_backend.core.data import Sample, read_folder_dataset  # noqa: E402
-from axx_backend.core.settings import Settings  # noqa: E402
+from axx_backend.core.settings import PRESETS, Settings  # noqa: E402
 from axx_backend.core.versions import ModelStore  # noqa: E402
 from axx_backend.engine.annotator import Annotator  # noqa: E402
 from axx_backend.evaluation.evaluate import evaluate, format_table, version_thresholds  # noqa: E402
@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env(  # AXX_* variables on top of the defaults, e.g. AXX_CALIBRATION=held-out
         preset="offline", input_size=args.input_size, model_dir=str(args.work), finetune=args.finetune, seed=args.seed
     )
+    members = settings.members or PRESETS[settings.preset]  # the reference freezes the members trained here
     start = time.perf_counter()
     summary: dict[str, Any] = {}
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
@@ -178,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"{args.data / variant} not found: run benchmarks/make_photo_dataset.py --out {args.data} first")
         runs = [run_one(args.data, variant, s.strip(), args.work, settings, args.docs)
                 for s in args.settings.split(",") if s.strip()]  # fmt: skip
-        ref = reference_rows(args.data / variant / "train", args.data / variant / "test", input_size=args.input_size,
-                             cache=args.work / "reference-cache")  # fmt: skip
+        ref = reference_rows(args.data / variant / "train", args.data / variant / "test", members,
+                             input_size=args.input_size, cache=args.work / "reference-cache")  # fmt: skip
         rows = summary_rows(runs, ref)
         text = format_summary(variant, rows)
         (args.work / variant / "summary.md").write_text(text + "\n")

@@ -51,10 +51,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from axx_backend.core.data import Sample, read_folder_dataset
+from axx_backend.core.settings import PRESETS
 from axx_backend.engine.saliency import fast_xgradcam, normalize_maps, upsample
 from axx_backend.engine.weights import load_backbone
 
-DEFAULT_MEMBERS = ("tf_efficientnet_lite0", "mobilenetv2_100", "resnet50")
+DEFAULT_MEMBERS = PRESETS["offline"]
 C_GRID = tuple(float(c) for c in np.logspace(-3, 2, 11))  # 1e-3 .. 1e2, half-decades
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.951, 0.05))
 N_FOLDS = 5

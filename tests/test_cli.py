@@ -24,7 +24,7 @@ def test_train_writes_a_calibrated_version(trained_model_dir):
     assert list(meta.classes) == ["Healthy", "Lesion"]
     assert list(meta.negative_classes) == ["Healthy"]
     assert meta.preset == "offline"
-    assert [m.name for m in meta.members] == ["tf_efficientnet_lite0", "mobilenetv2_100", "resnet50"]
+    assert [m.name for m in meta.members] == ["tf_efficientnet_lite0", "mobilenetv2_100", "tf_efficientnet_lite2"]
     assert all(m.source.startswith("pip:") and len(m.fingerprint) == 16 for m in meta.members)
     assert 0.0 <= meta.thresholds.uncertainty_threshold <= 1.0
     assert meta.metrics["n_val"] > 0 and meta.metrics["accuracy"] >= 0.75
@@ -200,6 +200,7 @@ def test_finetune_last_stage_records_each_member_and_reloads(tmp_path, dataset_d
     from safetensors.torch import load_file
 
     from axx_backend.engine.weights import load_backbone
+    from axx_backend.training.finetune import tail_of
 
     model_dir = tmp_path / "m"
     run_cli("train", dataset_dir, "--model-dir", model_dir, "--preset", "offline", "--input-size", "96",
@@ -208,16 +209,18 @@ def test_finetune_last_stage_records_each_member_and_reloads(tmp_path, dataset_d
     version = store.path(store.current())
     meta = store.metadata(store.current())
     assert meta.training.finetune == "last-stage"
-    for spec in meta.members:
+    annotator = Annotator.from_version(version, Settings(), explicit=set())  # the fingerprints of kept stages match
+    for spec, member in zip(meta.members, annotator.ensemble.members, strict=True):
         info = meta.metrics["members"][spec.name]
         assert "kept" in info and "frozen_val_loss" in info and spec.finetuned == info["kept"]
         assert (version / f"backbone-{spec.name}.safetensors").is_file() == spec.finetuned
-        if spec.finetuned and spec.name == "resnet50":
-            tuned = load_file(str(version / "backbone-resnet50.safetensors"))
-            reference = load_backbone("resnet50", "pip")[0].state_dict()
-            assert torch.equal(tuned["layer3.5.conv3.weight"], reference["layer3.5.conv3.weight"])  # frozen stage 3
-            assert not torch.equal(tuned["layer4.2.conv3.weight"], reference["layer4.2.conv3.weight"])  # trained
-    Annotator.from_version(version, Settings(), explicit=set())  # the fingerprints of kept stages match
+        if spec.finetuned:  # only the modules after the stride-16 stage moved
+            tuned = load_file(str(version / f"backbone-{spec.name}.safetensors"))
+            start = load_backbone(spec.name, "pip")[0].state_dict()
+            module_names = {id(m): name for name, m in member.backbone.named_modules()}
+            tail = tuple(module_names[id(m)] + "." for m in tail_of(member).modules)
+            moved = [k for k in start if not torch.equal(tuned[k], start[k])]
+            assert moved and all(k.startswith(tail) for k in moved), moved[:5]
     if any(spec.finetuned for spec in meta.members):  # calibrated out of fold on stages refitted without each fold
         assert meta.metrics["calibration"].startswith("out of fold (")
         assert meta.metrics["n_calibration"] == meta.training.n_labelled

@@ -195,7 +195,7 @@ def test_evaluate_json_reports_every_metric_and_rule(trained_model_dir, test_set
     assert report["flagged_by_class"].keys() == set(report["classes"])
     assert [v["n"] for v in report["flagged_by_class"].values()] == [8, 8]  # the test set: 8 images per class
     assert sum(v["flagged"] for v in report["flagged_by_class"].values()) == n_flag
-    members = ["tf_efficientnet_lite0", "mobilenetv2_100", "resnet50"]
+    members = ["tf_efficientnet_lite0", "mobilenetv2_100", "tf_efficientnet_lite2"]
     rows = report["masks"]
     expected = {f"member {m}" for m in members} | {"mean", "intersection", "served", "centred box 25 %", "whole image"}
     assert expected <= set(rows)
@@ -235,7 +235,8 @@ def test_evaluate_table_and_thresholds_calibrated_on_the_training_validation_spl
     assert re.search(r"\| flagged, by true class \| \w+ \d+ of 8, \w+ \d+ of 8 \|", stdout)
     # the served row names what the version serves: its refined CAM rule or its segment head
     assert "| **served (cam:" in stdout or "| **served (segments)** |" in stdout
-    assert "member resnet50" in stdout and "| intersection |" in stdout and "| centred box 25 % |" in stdout
+    assert "member tf_efficientnet_lite2" in stdout and "| intersection |" in stdout
+    assert "| centred box 25 % |" in stdout
     assert f"validation split of {dataset_dir}" in stdout
 
 

