@@ -30,8 +30,9 @@ from axx_backend.core.settings import Settings  # noqa: E402
 from axx_backend.core.version_meta import load_version  # noqa: E402
 from axx_backend.core.versions import ModelStore  # noqa: E402
 from axx_backend.engine.annotator import Annotator  # noqa: E402
-from axx_backend.engine.uncertainty import decide, mc_statistics  # noqa: E402
+from axx_backend.engine.uncertainty import decide  # noqa: E402
 from axx_backend.training.features import extract_features  # noqa: E402
+from axx_backend.training.heads import member_mc_stats  # noqa: E402
 
 
 def pooled_features(annotator: Annotator, data: Path) -> tuple[list[torch.Tensor], np.ndarray]:
@@ -50,12 +51,9 @@ def member_statistics(
     """Every member's mean probabilities [N, C] and normalised entropy [N] from T = `samples` masks drawn from
     `seed`, as `Annotator.forward` draws them."""
     generator = torch.Generator().manual_seed(seed)
-    probs, entropy = [], []
-    for member, x in zip(annotator.ensemble.members, pooled, strict=True):
-        stats = mc_statistics(member.mc_probs(x, samples, generator))
-        probs.append(stats.mean_probs.numpy())
-        entropy.append(stats.entropy.numpy())
-    return probs, entropy
+    every = list(range(len(pooled[0])))
+    stats = member_mc_stats(annotator.ensemble.members, pooled, every, samples, generator)
+    return stats.probs, stats.entropy
 
 
 def decisions(

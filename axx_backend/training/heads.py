@@ -166,7 +166,8 @@ def train_member_heads(
     heads.weights = learned if settings.member_weights == "learned" else [round(1.0 / n, 4)] * n
     for member, weight, held_out in zip(ensemble.members, heads.weights, learned, strict=True):
         heads.metrics[member.name].update(weight=weight, learned_weight=held_out)
-    _pixel_stats(ensemble, cache, heads, settings, generator)
+    # `heads.pixels` after the temperatures above: what the version's own heads say about the pixel set
+    heads.pixels = member_mc_stats(ensemble.members, cache.pooled, heads.pixels.index, settings.mc_samples, generator)
     return heads
 
 
@@ -254,15 +255,23 @@ def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
     return folds
 
 
-def _pixel_stats(
-    ensemble: Ensemble, cache: FeatureCache, heads: Heads, settings: Settings, generator: torch.Generator
-) -> None:
-    index = torch.tensor(heads.pixels.index, dtype=torch.long)
-    for m, member in enumerate(ensemble.members):  # `train_member_heads` set each member's temperature
+def member_mc_stats(
+    members: Sequence[Member],
+    pooled: Sequence[torch.Tensor],
+    index: list[int],
+    samples: int,
+    generator: torch.Generator,
+) -> MemberStats:
+    """Every member's MC statistics (T = `samples` head-dropout masks, after its temperature) of the rows `index`
+    of its pooled features."""
+    stats = MemberStats(index)
+    rows = torch.tensor(index, dtype=torch.long)
+    for member, x in zip(members, pooled, strict=True):
         with torch.no_grad():
-            stats = mc_statistics(member.mc_probs(cache.pooled[m][index], settings.mc_samples, generator))
-        heads.pixels.probs.append(stats.mean_probs.numpy())
-        heads.pixels.entropy.append(stats.entropy.numpy())
+            st = mc_statistics(member.mc_probs(x[rows], samples, generator))
+        stats.probs.append(st.mean_probs.numpy())
+        stats.entropy.append(st.entropy.numpy())
+    return stats
 
 
 def train_head(

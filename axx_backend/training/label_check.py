@@ -37,7 +37,7 @@ from ..engine.annotator import Annotator
 from ..engine.masks import iou
 from ..engine.uncertainty import mc_statistics
 from .features import FeatureCache, extract_features
-from .heads import CV_FOLDS, Heads, MemberStats, Split, cross_fit, stratified_folds
+from .heads import CV_FOLDS, Heads, MemberStats, Split, cross_fit, member_mc_stats, stratified_folds
 from .pixels import PixelSet, fit_head, kfold
 from .profiles import ProfileStore, profile_samples
 
@@ -218,16 +218,9 @@ def mask_check(data: PixelSet) -> list[MaskCheck]:
 
 def served_pixel_stats(annotator: Annotator, cache: FeatureCache) -> MemberStats:
     """The version's own heads' MC statistics of the pixel set (what `PixelSet` reads to know which members vote)."""
-    index = sorted(cache.pixels)
-    stats = MemberStats(index)
-    generator = torch.Generator().manual_seed(annotator.settings.seed)
-    rows = torch.tensor(index, dtype=torch.long)
-    for m, member in enumerate(annotator.ensemble.members):
-        with torch.no_grad():
-            st = mc_statistics(member.mc_probs(cache.pooled[m][rows], annotator.settings.mc_samples, generator))
-        stats.probs.append(st.mean_probs.numpy())
-        stats.entropy.append(st.entropy.numpy())
-    return stats
+    s = annotator.settings
+    generator = torch.Generator().manual_seed(s.seed)
+    return member_mc_stats(annotator.ensemble.members, cache.pooled, sorted(cache.pixels), s.mc_samples, generator)
 
 
 # --- the two ways in: right after training, and on a version with cached profiles -------------------------------------
