@@ -94,6 +94,7 @@ def run_one(
         "oracle_masks": meta.training.oracle_masks,
         "train_seconds": round(t_train, 1),
         "eval_seconds": round(t_eval, 1),
+        "members": [m.name for m in meta.members],
         "version_mask_source": meta.mask_source,
         "version_pixels": meta.metrics.get("pixels"),
         "train_step_seconds": meta.metrics.get("seconds"),
@@ -171,7 +172,6 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env(  # AXX_* variables on top of the defaults, e.g. AXX_CALIBRATION=held-out
         preset="offline", input_size=args.input_size, model_dir=str(args.work), finetune=args.finetune, seed=args.seed
     )
-    members = settings.members or PRESETS[settings.preset]  # the reference freezes the members trained here
     start = time.perf_counter()
     summary: dict[str, Any] = {}
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"{args.data / variant} not found: run benchmarks/make_photo_dataset.py --out {args.data} first")
         runs = [run_one(args.data, variant, s.strip(), args.work, settings, args.docs)
                 for s in args.settings.split(",") if s.strip()]  # fmt: skip
+        members = runs[0]["members"] if runs else list(settings.members or PRESETS["offline"])
+        # the reference freezes the members of the version trained here, whichever preset resolved them
         ref = reference_rows(args.data / variant / "train", args.data / variant / "test", members,
                              input_size=args.input_size, cache=args.work / "reference-cache")  # fmt: skip
         rows = summary_rows(runs, ref)
