@@ -110,6 +110,9 @@ def test_gradcam_path_gives_the_same_masks_as_the_fast_path(trained_model_dir, i
     general = Annotator.from_version(
         store.path(store.current()), Settings(cam_method="xgradcam", **cam), explicit=set()
     )
+    # The version records its heads' pooling (the default) and both paths serve with it.
+    assert store.metadata(store.current()).pooling == Settings().pooling
+    assert {m.pooling for m in [*fast.ensemble.members, *general.ensemble.members]} == {Settings().pooling}
     for a, b in zip(fast.annotate(images), general.annotate(images), strict=True):
         assert a.label == b.label and a.flagged == b.flagged
         if a.mask is not None:

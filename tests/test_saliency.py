@@ -25,11 +25,15 @@ def warm_up_batchnorm(member, images):
     member.eval()
 
 
-@pytest.mark.parametrize(("name", "mode"), [(n, m) for n in ("resnet50", "efficientnet_b0", "densenet121")
-                                             for m in ("class", "contrastive")])  # fmt: skip
-def test_fast_xgradcam_matches_gradcam_package(name, mode):
+@pytest.mark.parametrize(("name", "mode", "pooling"),
+                         [(n, m, "avg") for n in ("resnet50", "efficientnet_b0", "densenet121")
+                          for m in ("class", "contrastive")]
+                         + [(n, "contrastive", "top10") for n in ("resnet50", "efficientnet_b0")])  # fmt: skip
+def test_fast_xgradcam_matches_gradcam_package(name, mode, pooling):
+    """grad-cam differentiates the member's own forward (its pooling included); the fast map uses the pooling's
+    closed-form channel factor."""
     torch.manual_seed(0)
-    ensemble = Ensemble.build([name], ["a", "b", "c"], weights="random")
+    ensemble = Ensemble.build([name], ["a", "b", "c"], weights="random", pooling=pooling)
     member = ensemble.members[0]
     warm_up_batchnorm(member, torch.rand(8, 3, 224, 224))
     torch.nn.init.normal_(member.head.fc.weight, std=0.05)
@@ -37,7 +41,7 @@ def test_fast_xgradcam_matches_gradcam_package(name, mode):
     with torch.no_grad():
         target = member(x).argmax(dim=1)
         features = member.features(x)
-        fast = fast_xgradcam(features, cam_weights(member.head.fc.weight, mode), target)
+        fast = fast_xgradcam(features, cam_weights(member.head.fc.weight, mode), target, pooling)
         ours = normalize_maps(upsample(normalize_maps(fast), (224, 224))).numpy()
     reference = gradcam_maps(member, x, target, "xgradcam", mode)
     # The autograd path differentiates the activations only and leaves the model as it was.

@@ -374,24 +374,25 @@ def test_a_segment_head_that_does_not_fit_the_members_is_refused(trained_model_d
 # ---------------------------------------------------------------- last-stage fine-tuning on cached inputs
 
 
-def _resnet18_cache(labels, signal):
+def _resnet18_cache(labels, signal, pooling="avg"):
     torch.manual_seed(0)
-    ensemble = Ensemble.build(["resnet18"], ["dark", "bright"], weights="random")
+    ensemble = Ensemble.build(["resnet18"], ["dark", "bright"], weights="random", pooling=pooling)
     member = ensemble.members[0]
     images = torch.rand(len(labels), 3, 64, 64) * 0.3 + signal.view(-1, 1, 1, 1) * 0.4
     with torch.no_grad():
         last, levels = member.features_and_levels(member.normalize(images))
     samples = [Sample(str(i), "x") for i in range(len(labels))]
-    return ensemble, images, FeatureCache(samples, [last.mean(dim=(2, 3))], stage_inputs=[levels[-1]])
+    return ensemble, images, FeatureCache(samples, [member.pool(last)], stage_inputs=[levels[-1]])
 
 
-def test_last_stage_fine_tuning_on_cached_inputs_is_kept_where_it_pays():
+@pytest.mark.parametrize("pooling", ["avg", "top10"])
+def test_last_stage_fine_tuning_on_cached_inputs_is_kept_where_it_pays(pooling):
     """What enters layer4 is cached; the stem and the stages before it never change, nor BatchNorm statistics.
     A baseline head trained for one epoch leaves the held-out loss high: fine-tuning pays and is kept."""
     from axx_backend.training.finetune import finetune_last_stages, tail_of
 
     labels = torch.arange(48) % 2
-    ensemble, images, cache = _resnet18_cache(labels, labels.float())  # class 1: brighter images
+    ensemble, images, cache = _resnet18_cache(labels, labels.float(), pooling)  # class 1: brighter images
     member = ensemble.members[0]
     before = {k: v.clone() for k, v in member.backbone.state_dict().items()}
     assert [type(m).__name__ for m in tail_of(member).modules] == ["Sequential"]  # resnet: layer4 alone
@@ -404,7 +405,7 @@ def test_last_stage_fine_tuning_on_cached_inputs_is_kept_where_it_pays():
         changed = not torch.equal(after[key], value)
         assert changed == (key.startswith("layer4.") and "running" not in key and "num_batches" not in key), key
     with torch.no_grad():  # the cache now holds the fine-tuned stage's features
-        fresh = member.features(member.normalize(images)).mean(dim=(2, 3))
+        fresh = member.pool(member.features(member.normalize(images)))
     assert torch.allclose(cache.pooled[0], fresh, atol=1e-4)
 
 

@@ -83,11 +83,12 @@ def test_the_typed_format_round_trips_and_reads_a_format_1_version(tmp_path):
         classes=("Healthy", "Lesion"),
         members=(MemberSpec("resnet50", "pip:imgsim", "ab" * 8, mean=(0.1, 0.2, 0.3), std=(1.0, 1.0, 1.0)),),
         negative_classes=("Healthy",),
+        pooling="top10",
     )
     store = ModelStore(tmp_path)
     name = store.write_version(fill_with(meta), name="v1")
     loaded = store.metadata(name)
-    assert loaded.version == "v1" and loaded.created and loaded.format == 2
+    assert loaded.version == "v1" and loaded.created and loaded.format == 2 and loaded.pooling == "top10"
     assert loaded.members[0].mean == (0.1, 0.2, 0.3) and loaded.negative_classes == ("Healthy",)
     assert loaded == load_version(tmp_path / "v1")
     # The first releases wrote an untyped dict without format, val_keys or member weights.
@@ -105,6 +106,7 @@ def test_the_typed_format_round_trips_and_reads_a_format_1_version(tmp_path):
     assert legacy.thresholds.mask_fusion == "intersection" and legacy.thresholds.fusion_thresholds == {}
     assert legacy.training.skipped == ("x: unreadable",) and legacy.training.val_keys == ()
     assert legacy.negative_classes is None and not legacy.cam_calibrated
+    assert legacy.pooling == "avg"  # versions before the pooling setting: their heads read the global average
 
 
 def test_a_version_json_that_is_not_a_version_is_refused_with_its_path(tmp_path):

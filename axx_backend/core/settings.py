@@ -27,6 +27,10 @@ PRESETS: dict[str, tuple[str, ...]] = {
 # The annotation of a field -> the kind `core.env.parse_as` reads its AXX_<FIELD> variable as.
 _FIELD_KINDS: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool, "tuple": tuple}
 
+# How a member pools its last feature map for its head (axx_backend/engine/pooling.py): "avg", the global
+# average of the paper's members; "top10", per channel the mean of its 10 % most active cells.
+POOLINGS = ("avg", "top10")
+
 MASK_FUSION_RULES = ("mean", "intersection", "votes")
 # Which images get a mask next (training/selection.py); here so that the CLI and the Label Studio layer name
 # them without importing torch.
@@ -53,6 +57,9 @@ class Settings:
     # or AMX, a GPU with bf16), fp32 elsewhere; heads, MC statistics, temperatures and CAMs stay fp32.
     precision: str = "auto"
     channels_last: bool = True
+
+    # What a trained version's heads read (recorded in the version; serving uses the version's): POOLINGS
+    pooling: str = "top10"
 
     # Monte Carlo Dropout
     dropout: float = 0.3
@@ -172,6 +179,7 @@ class Settings:
             "calibration_groups": ("appearance", "random"),
             "calibration": ("cross-fitted", "held-out"),
             "member_weights": ("equal", "learned"),
+            "pooling": POOLINGS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

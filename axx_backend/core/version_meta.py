@@ -92,6 +92,7 @@ class VersionMeta:
     input_size: int = 320
     dropout: float = 0.3
     mc_samples: int = 30
+    pooling: str = "avg"  # what the heads read (engine/pooling.py); versions before 2026-12 pooled by average
     mask_source: str = "cam"  # "cam" or "segments" (the segment head); "seg_head" in versions before it
     masks: MaskConfig = field(default_factory=MaskConfig)
     thresholds: Thresholds = field(default_factory=Thresholds)

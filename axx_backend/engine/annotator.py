@@ -241,7 +241,7 @@ class Annotator:
         s = self.settings
         weight = member.head.fc.weight
         if s.cam_method == "fast":
-            return member_cam(output.features[b : b + 1], weight, label, size, s.cam_weights)
+            return member_cam(output.features[b : b + 1], weight, label, size, s.cam_weights, member.pooling)
         classes = torch.tensor([label], device=image.device)
         cam = torch.from_numpy(gradcam_maps(member, member.normalize(image), classes, s.cam_method, s.cam_weights))
         return normalize_maps(upsample(cam.float().cpu(), size))[0].numpy()
@@ -333,7 +333,7 @@ def _load_member(
             )
     if spec.mean is not None and spec.std is not None:
         info = type(info)(info.source, spec.mean, spec.std, info.fingerprint)
-    member = Member(name, backbone, len(meta.classes), meta.dropout, info)
+    member = Member(name, backbone, len(meta.classes), meta.dropout, info, meta.pooling)
     member.head.fc.weight.data.copy_(heads[f"{name}.weight"])
     member.head.fc.bias.data.copy_(heads[f"{name}.bias"])
     member.temperature.fill_(float(spec.temperature))

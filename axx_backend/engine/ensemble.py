@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .pooling import pool
 from .weights import WeightInfo, WeightsNotFoundError, load_backbone
 
 log = logging.getLogger(__name__)
@@ -72,11 +73,18 @@ class Member(nn.Module):
     """One backbone with its MC-dropout head; inputs are RGB tensors in [0, 1]."""
 
     def __init__(
-        self, name: str, backbone: nn.Module, num_classes: int, dropout: float, weight_info: WeightInfo
+        self,
+        name: str,
+        backbone: nn.Module,
+        num_classes: int,
+        dropout: float,
+        weight_info: WeightInfo,
+        pooling: str = "avg",
     ) -> None:
         super().__init__()
         self.name = name
         self.backbone = backbone
+        self.pooling = pooling  # how the last feature map becomes the head's input (pooling.py)
         # Identity tap on the tensor that feeds the global pool: the CAM target layer for grad-cam.
         self.feature_tap = nn.Identity()
         self.head = MCDropoutHead(backbone.num_features, num_classes, dropout)
@@ -103,8 +111,12 @@ class Member(nn.Module):
         member's temperature: what the MC statistics of a head-only forward read."""
         return (self.head.sample(pooled, samples, generator) / self.temperature.clamp_min(1e-3)).softmax(dim=-1)
 
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        """The head's input [B, K] from the last feature map [B, K, h, w]."""
+        return pool(features, self.pooling)
+
     def features(self, normalized: torch.Tensor) -> torch.Tensor:
-        """The feature map [B, K, h, w] that feeds the global average pool."""
+        """The feature map [B, K, h, w] that feeds the pooling."""
         return self.feature_tap(self.backbone.forward_features(normalized))
 
     def features_and_levels(self, normalized: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -129,7 +141,7 @@ class Member(nn.Module):
 
     def forward(self, normalized: torch.Tensor) -> torch.Tensor:
         """Deterministic logits (dropout is off in eval mode); what grad-cam differentiates."""
-        return self.head(self.features(normalized).mean(dim=(2, 3)))
+        return self.head(self.pool(self.features(normalized)))
 
 
 @dataclass
@@ -170,12 +182,13 @@ class Ensemble(nn.Module):
         weights: str = "auto",
         weights_dir: str | None = None,
         create_kwargs: dict | None = None,
+        pooling: str = "avg",
     ) -> Ensemble:
         members = []
         for name in names:
             backbone, info = load_backbone(name, weights, weights_dir, **(create_kwargs or {}))
             log.info("member %s: weights from %s", name, info.source)
-            members.append(Member(name, backbone, len(classes), dropout, info))
+            members.append(Member(name, backbone, len(classes), dropout, info, pooling))
         return cls(members, classes).eval()
 
     def prepare(self, device: torch.device, channels_last: bool = True) -> Ensemble:
@@ -209,7 +222,7 @@ class Ensemble(nn.Module):
                     feats = member.features(x)
             feats = feats.float()
             level_maps = None if level_maps is None else [t.float() for t in level_maps]
-            pooled = feats.mean(dim=(2, 3))
+            pooled = member.pool(feats)
             temperature = member.temperature.clamp_min(1e-3)
             logits = member.head.fc(pooled) / temperature
             if full_mc:
@@ -280,19 +293,27 @@ def select_device(requested: str = "auto") -> torch.device:
 
 
 def build_members_for_preset(
-    preset: str, classes: Sequence[str], dropout: float, weights_dir: str | None, explicit: Sequence[str] = ()
+    preset: str,
+    classes: Sequence[str],
+    dropout: float,
+    weights_dir: str | None,
+    explicit: Sequence[str] = (),
+    pooling: str = "avg",
 ) -> tuple[Ensemble, str]:
     """Resolve `auto`: the paper's members when all their weights resolve, else `offline`."""
     from ..core.settings import PRESETS
 
+    def build(names: Sequence[str]) -> Ensemble:
+        return Ensemble.build(names, classes, dropout, "auto", weights_dir, pooling=pooling)
+
     if explicit:
-        return Ensemble.build(explicit, classes, dropout, "auto", weights_dir), "custom"
+        return build(explicit), "custom"
     if preset != "auto":
-        return Ensemble.build(PRESETS[preset], classes, dropout, "auto", weights_dir), preset
+        return build(PRESETS[preset]), preset
     try:
-        ensemble = Ensemble.build(PRESETS["paper"], classes, dropout, "auto", weights_dir)
+        ensemble = build(PRESETS["paper"])
         log.info("preset auto -> paper (all weights resolved)")
         return ensemble, "paper"
     except WeightsNotFoundError as exc:
         log.warning("preset auto -> offline, because the paper preset's weights did not resolve: %s", exc)
-        return Ensemble.build(PRESETS["offline"], classes, dropout, "auto", weights_dir), "offline"
+        return build(PRESETS["offline"]), "offline"

@@ -2,7 +2,8 @@
 
 For a `GAP -> (dropout) -> linear` head, XGrad-CAM's channel weight is
 `sum_ij (A_kij / sum_ij A_kij) * dY_c/dA_kij = w_ck / (h*w)`, so the map is
-`ReLU(sum_k w_ck A_k) / (h*w)`: computed from the forward's feature map, no backward.
+`ReLU(sum_k w_ck A_k) / (h*w)`: computed from the forward's feature map, no backward. With the `top10`
+pooling the weight is `w_ck` times a per-image channel factor (pooling.py `channel_scale`).
 The general path goes through the `grad-cam` package (any of its CAM methods) for
 heads that are not linear; a test checks that both agree.
 """
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .ensemble import Member
+from .pooling import channel_scale
 
 EPS = 1e-7  # the same guard grad-cam uses when it scales maps to [0, 1]
 
@@ -35,24 +37,31 @@ def cam_weights(weight: torch.Tensor, mode: str = "class") -> torch.Tensor:
 
 
 def member_cam(
-    features: torch.Tensor, weight: torch.Tensor, label: int, size: tuple[int, int], mode: str = "class"
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    label: int,
+    size: tuple[int, int],
+    mode: str = "class",
+    pooling: str = "avg",
 ) -> np.ndarray:
     """A member's normalised fast XGrad-CAM of class `label` at `size` = (H, W) from its last feature map
     [1, K, h, w] and head weight [C, K]: what serving fuses, and what training calibrates thresholds on.
     Normalise, upsample, normalise again: the order of grad-cam's XGradCAM output."""
     with torch.no_grad():
         classes = torch.tensor([label], device=features.device)
-        cam = normalize_maps(fast_xgradcam(features.float(), cam_weights(weight.detach().float(), mode), classes))
+        weights = cam_weights(weight.detach().float(), mode)
+        cam = normalize_maps(fast_xgradcam(features.float(), weights, classes, pooling))
         return normalize_maps(upsample(cam.cpu(), size))[0].numpy()
 
 
-def fast_xgradcam(features: torch.Tensor, weight: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+def fast_xgradcam(
+    features: torch.Tensor, weight: torch.Tensor, classes: torch.Tensor, pooling: str = "avg"
+) -> torch.Tensor:
     """Unnormalised XGrad-CAM [B, h, w] for class `classes[b]` of image b.
 
-    `features`: [B, K, h, w] (the tensor that feeds the global pool); `weight`: [C, K].
+    `features`: [B, K, h, w] (the tensor that feeds the pooling); `weight`: [C, K].
     """
-    h, w = features.shape[-2:]
-    class_weights = weight[classes].to(features.dtype) / (h * w)  # [B, K]
+    class_weights = weight[classes].to(features.dtype) * channel_scale(features, pooling)  # [B, K]
     return torch.einsum("bk,bkhw->bhw", class_weights, features).clamp_min(0.0)
 
 

@@ -40,7 +40,9 @@ class PixelView:
 @dataclass
 class FeatureCache:
     samples: list[Sample]  # the samples that could be read, in order
-    pooled: list[torch.Tensor]  # per member [N, K]
+    pooled: list[torch.Tensor]  # per member [N, K]: what the member's head reads (its pooling)
+    averaged: list[torch.Tensor] = field(default_factory=list)  # per member [N, K]: the global average, which
+    # describes the whole image (its background too): what the appearance groups cluster (groups.py)
     pixels: dict[int, PixelView] = field(default_factory=dict)  # sample index -> its pixel view
     skipped: list[str] = field(default_factory=list)  # "key: reason" of unreadable images
     stage_inputs: list[torch.Tensor] | None = None  # per member [N, C, h, w] float16: the stride-16 maps
@@ -62,6 +64,7 @@ def extract_features(
     pixel_keys = pixel_keys or set()
     cache = FeatureCache([], [torch.empty(0) for _ in annotator.ensemble.members])
     pooled: list[list[torch.Tensor]] = [[] for _ in annotator.ensemble.members]
+    averaged: list[list[torch.Tensor]] = [[] for _ in annotator.ensemble.members]
     stages: list[list[torch.Tensor]] = [[] for _ in annotator.ensemble.members]
     batch = max(1, annotator.settings.batch_size)
     with tqdm(total=len(samples), desc="features", unit="img", disable=None) as bar:
@@ -73,8 +76,9 @@ def extract_features(
                 cache.samples.extend(readable)
                 wanted = [b for b, s in enumerate(readable) if s.key in pixel_keys]
                 fwd = annotator.forward(images, levels=bool(wanted) or stage_inputs)
-                for m, out in enumerate(fwd.outputs):
-                    pooled[m].append(out.features.mean(dim=(2, 3)).cpu())
+                for m, (member, out) in enumerate(zip(annotator.ensemble.members, fwd.outputs, strict=True)):
+                    pooled[m].append(member.pool(out.features).cpu())
+                    averaged[m].append(out.features.mean(dim=(2, 3)).cpu())
                     if stage_inputs and out.levels:
                         stages[m].append(out.levels[-1].half().cpu())
                 for b in wanted:
@@ -85,6 +89,7 @@ def extract_features(
     if not cache.samples:
         raise ValueError("no readable training image: " + "; ".join(cache.skipped[:5]))
     cache.pooled = [torch.cat(p) for p in pooled]
+    cache.averaged = [torch.cat(a) for a in averaged]
     if stage_inputs and all(stages):
         cache.stage_inputs = [torch.cat(s) for s in stages]
     return cache

@@ -70,11 +70,11 @@ def tail_of(member: Member) -> Tail | None:
     return Tail(modules)
 
 
-def check_tail(tail: Tail, stage_input: torch.Tensor, pooled: torch.Tensor) -> bool:
+def check_tail(member: Member, tail: Tail, stage_input: torch.Tensor, pooled: torch.Tensor) -> bool:
     """Does the tail reproduce the member's pooled features from cached stage inputs? (Not for a backbone whose
     `forward_features` is more than its modules in order.)"""
     with torch.no_grad():
-        again = tail(stage_input.float()).mean(dim=(2, 3))
+        again = member.pool(tail(stage_input.float()))
     scale = pooled.abs().max().clamp_min(1e-6)
     return again.shape == pooled.shape and bool(((again - pooled).abs().max() / scale) < 1e-2)
 
@@ -166,7 +166,7 @@ def _epoch(
         batch = order[start : start + batch_size]
         x = torch.stack([inputs[int(i)].flip(-1) if v else inputs[int(i)] for v, i in batch]).float()
         with autocast_for(x.device, precision):
-            logits = member.head(tail(x).mean(dim=(2, 3)))
+            logits = member.head(member.pool(tail(x)))
         loss = F.cross_entropy(logits.float(), labels[batch[:, 1]], weight=weights)
         optimizer.zero_grad()
         loss.backward()
@@ -182,7 +182,7 @@ def held_out_loss(member: Member, tail: Tail, inputs: torch.Tensor, labels: torc
     total = 0.0
     for start in range(0, len(index), 32):
         batch = index[start : start + 32]
-        logits = member.head.fc(tail(inputs[batch].float()).mean(dim=(2, 3)))
+        logits = member.head.fc(member.pool(tail(inputs[batch].float())))
         total += float(F.cross_entropy(logits, labels[batch], reduction="sum"))
     return total / len(index)
 
@@ -221,7 +221,7 @@ def finetune_last_stages(
     for m, member in enumerate(ensemble.members):
         inputs = cache.stage_inputs[m]
         tail = tail_of(member)
-        if tail is None or not check_tail(tail, inputs[:2], cache.pooled[m][:2]):
+        if tail is None or not check_tail(member, tail, inputs[:2], cache.pooled[m][:2]):
             log.warning("%s: no stage to fine-tune on cached inputs; its backbone stays frozen", member.name)
             metrics[member.name] = {"kept": False}
             continue
@@ -253,7 +253,7 @@ def finetune_last_stages(
                 _load(member, tail, tuned)
                 result["cross_fit_seconds"] = round(time.monotonic() - start, 1)
             maps = stage_features(tail, inputs)
-            cache.pooled[m] = maps.mean(dim=(2, 3))
+            cache.pooled[m] = member.pool(maps)
             for i, view in cache.pixels.items():
                 view.last_maps[m] = maps[i].half().clone()
         log.info(
@@ -289,7 +289,7 @@ def refit_without(
     train_head(member.head, pooled[rest], labels[rest], pooled[rest][:0], labels[rest][:0], n_classes, fixed)
     seconds, precision = settings.finetune_seconds, settings.precision
     finetune_member(member, tail, inputs, labels, rest, rest[:0], stage_epochs, seconds, settings.seed, precision)
-    return stage_features(tail, inputs).mean(dim=(2, 3))
+    return member.pool(stage_features(tail, inputs))
 
 
 @torch.no_grad()

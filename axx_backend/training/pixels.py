@@ -123,12 +123,14 @@ class PixelSet:
         key = (i, m)
         if key not in self._cams:
             view = self.cache.pixels[i]
+            member = self.annotator.ensemble.members[m]
             cam = member_cam(
                 view.last_maps[m][None].float(),
-                self.annotator.ensemble.members[m].head.fc.weight,
+                member.head.fc.weight,
                 self.classes[i],
                 (self.size, self.size),
                 self.settings.cam_weights,
+                member.pooling,
             )
             self._raw[key] = cam
             self._cams[key] = pool(cam, view.segmentations) if self.annotator.refines else cam

@@ -42,7 +42,7 @@ class Profile:
     confidence: float  # 1 - normalised entropy of the ensemble mean
     entropy: float  # mask uncertainty: mean binary entropy of the served score map (0 without a class)
     bald: float  # disagreement between the members' maps of the class (0 without a class)
-    pooled: list[np.ndarray]  # per member [K_m] float32: the pooled last feature map
+    pooled: list[np.ndarray]  # per member [K_m] float32: what its head reads (the version's pooling)
 
 
 def review_dir(version_dir: str | os.PathLike[str]) -> Path:
@@ -198,7 +198,10 @@ def profile_one(annotator: Annotator, fwd: Forward, b: int, sample: Sample, stam
         confidence=confidence(mean),
         entropy=entropy,
         bald=bald,
-        pooled=[out.features[b].float().mean(dim=(1, 2)).cpu().numpy() for out in fwd.outputs],
+        pooled=[
+            member.pool(out.features[b : b + 1].float())[0].cpu().numpy()
+            for member, out in zip(annotator.ensemble.members, fwd.outputs, strict=True)
+        ],
     )
 
 

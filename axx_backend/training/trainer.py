@@ -84,7 +84,7 @@ def train_on_samples(
     labelled = _labelled(samples, classes)
     torch.manual_seed(settings.seed)  # the heads' initialisation: the same data gives the same version
     ensemble, preset = build_members_for_preset(
-        settings.preset, classes, settings.dropout, settings.weights_dir, settings.members
+        settings.preset, classes, settings.dropout, settings.weights_dir, settings.members, settings.pooling
     )
     negative = [c for c in classes if settings.is_negative(c)]
     # Features for training in fp32: heads, temperatures and thresholds are fitted on full-precision features
@@ -100,7 +100,7 @@ def train_on_samples(
         keys = pixel_keys(samples, settings)
         cache = extract_features(annotator, list(samples), keys, progress, mode == "last-stage")
     if mode != "all" and settings.calibration_groups == "appearance":  # "all": these features saw the labels
-        cache.groups = cache_groups(cache.pooled, settings.seed)
+        cache.groups = cache_groups(cache.averaged or cache.pooled, settings.seed)
         val_keys = appearance_validation_keys(cache, classes, settings) or val_keys
     split = Split.of(cache, classes, val_keys)
     refits = None
@@ -140,6 +140,7 @@ def train_on_samples(
         input_size=settings.input_size,
         dropout=settings.dropout,
         mc_samples=settings.mc_samples,
+        pooling=settings.pooling,
         mask_source=pixels.mask_source,
         masks=MaskConfig(settings.cam_weights, settings.refine, tuple(settings.superpixel_scales)),
         thresholds=Thresholds(**thresholds),

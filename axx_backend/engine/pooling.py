@@ -1,0 +1,51 @@
+"""How a member turns its last feature map into the vector its head reads (docs/METHOD.md "Pooling").
+
+- `avg`: the global average (the paper's ResNet/EfficientNet/DenseNet heads; versions before 2026-12).
+- `top10`: per channel, the mean of its highest 10 % of cells (at least one): a bag of cells whose label is
+  the image's, pooled towards its most active cells as multiple-instance learning and WILDCAT (Durand et al.
+  2017) do. An object of 3-30 % of the image fills a few of the 10x10 cells at 320 px; the global average dilutes
+  it with the background, so a linear head on it learns the backgrounds of the training images, which new
+  photographs do not share (frozen probes on the photograph benchmark: METHOD "Pooling").
+
+XGrad-CAM of a linear head on either pooling needs no backward pass. Its channel weight is
+`sum_ij A_kij / S_k * dY_c/dA_kij` with `S_k = sum_ij A_kij`. With `top10`, `dY_c/dA_kij = w_ck / n` on the
+channel's n top cells and 0 elsewhere, so the weight is `w_ck * T_k / (n S_k)`, with `T_k` the sum of those top
+cells. With `avg` it is `w_ck / (h w)`. `channel_scale` gives the factor that multiplies `w_ck`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.settings import POOLINGS
+
+TOP_SHARE = 0.1
+EPS = 1e-7  # grad-cam's guard in XGradCAM's `activations / (sum + eps)`
+
+
+def top_count(cells: int) -> int:
+    """How many cells of a map `top10` averages: 10 % of them, at least one."""
+    return max(1, round(TOP_SHARE * cells))
+
+
+def pool(features: torch.Tensor, kind: str) -> torch.Tensor:
+    """[B, K, h, w] -> [B, K]."""
+    if kind == "avg":
+        return features.mean(dim=(2, 3))
+    if kind == "top10":
+        flat = features.flatten(2)
+        return flat.topk(top_count(flat.shape[2]), dim=2).values.mean(dim=2)
+    raise ValueError(f"pooling must be one of {POOLINGS}, got {kind!r}")
+
+
+def channel_scale(features: torch.Tensor, kind: str) -> torch.Tensor:
+    """[B, K]: XGrad-CAM's channel weight of a linear head on `pool(features, kind)`, per unit head weight."""
+    h, w = features.shape[-2:]
+    if kind == "avg":
+        return torch.full(features.shape[:2], 1.0 / (h * w), dtype=features.dtype, device=features.device)
+    if kind == "top10":
+        flat = features.flatten(2)
+        n = top_count(flat.shape[2])
+        top_sum = flat.topk(n, dim=2).values.sum(dim=2)
+        return top_sum / (n * (flat.sum(dim=2) + EPS))
+    raise ValueError(f"pooling must be one of {POOLINGS}, got {kind!r}")
