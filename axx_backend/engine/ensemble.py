@@ -85,7 +85,7 @@ class Member(nn.Module):
         self.name = name
         self.backbone = backbone
         self.pooling = pooling  # how the last feature map becomes the head's input (pooling.py)
-        # Identity tap on the tensor that feeds the global pool: the CAM target layer for grad-cam.
+        # Identity tap on the tensor that feeds the pooling: the CAM target layer for grad-cam.
         self.feature_tap = nn.Identity()
         self.head = MCDropoutHead(backbone.num_features, num_classes, dropout)
         self.weight_info = weight_info
