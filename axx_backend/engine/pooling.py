@@ -43,9 +43,6 @@ def channel_scale(features: torch.Tensor, kind: str) -> torch.Tensor:
     h, w = features.shape[-2:]
     if kind == "avg":
         return torch.full(features.shape[:2], 1.0 / (h * w), dtype=features.dtype, device=features.device)
-    if kind == "top10":
-        flat = features.flatten(2)
-        n = top_count(flat.shape[2])
-        top_sum = flat.topk(n, dim=2).values.sum(dim=2)
-        return top_sum / (n * (flat.sum(dim=2) + EPS))
+    if kind == "top10":  # T_k / n is the pooled value itself
+        return pool(features, kind) / (features.sum(dim=(2, 3)) + EPS)
     raise ValueError(f"pooling must be one of {POOLINGS}, got {kind!r}")

@@ -100,7 +100,7 @@ def train_on_samples(
         keys = pixel_keys(samples, settings)
         cache = extract_features(annotator, list(samples), keys, progress, mode == "last-stage")
     if mode != "all" and settings.calibration_groups == "appearance":  # "all": these features saw the labels
-        cache.groups = cache_groups(cache.averaged or cache.pooled, settings.seed)
+        cache.groups = cache_groups(cache.averaged, settings.seed)
         val_keys = appearance_validation_keys(cache, classes, settings) or val_keys
     split = Split.of(cache, classes, val_keys)
     refits = None
