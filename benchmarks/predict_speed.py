@@ -6,7 +6,7 @@ attempt to reach the network fails loudly). Images: random RGB noise of `size`x`
 with a fixed seed. For each input size and batch size three things are timed, in ms per image:
 
 (a) limit    the least any pipeline must do: per member one plain inference forward
-             (normalise -> backbone -> global average pool -> linear) on the already preprocessed
+             (normalise -> backbone -> the head's pooling -> linear) on the already preprocessed
              batch, eval mode, `torch.inference_mode`, on the same prepared (channels_last) modules;
 (b) predict  `Annotator.annotate` on the PIL images: preprocessing, one backbone pass per member,
              T head-only dropout samples, MC statistics, decision, fast XGrad-CAM from the same
@@ -88,7 +88,7 @@ from PIL import Image  # noqa: E402
 
 import axx_backend.engine.annotator as annotator_mod  # noqa: E402
 from axx_backend.core.annotation import Annotation  # noqa: E402
-from axx_backend.core.settings import PRESETS, Settings  # noqa: E402
+from axx_backend.core.settings import POOLINGS, PRESETS, Settings  # noqa: E402
 from axx_backend.engine.annotator import Annotator  # noqa: E402
 from axx_backend.engine.ensemble import Ensemble, MCDropoutHead, Member, autocast_for, native_bf16  # noqa: E402
 from axx_backend.engine.masks import fuse_maps, iou  # noqa: E402
@@ -142,9 +142,9 @@ def peak_rss_mb() -> float:
 # setup
 
 
-def build_ensemble(names: Sequence[str]) -> Ensemble:
+def build_ensemble(names: Sequence[str], pooling: str) -> Ensemble:
     torch.manual_seed(0)  # the same random weights every run, so that mask IoUs compare between runs
-    ensemble = Ensemble.build(names, CLASSES, dropout=0.3, weights="random")
+    ensemble = Ensemble.build(names, CLASSES, dropout=0.3, weights="random", pooling=pooling)
     with torch.no_grad():
         for member in ensemble.members:
             fc = member.head.fc
@@ -661,6 +661,7 @@ def fresh_process_peaks(args: argparse.Namespace, configs: Sequence[tuple[int, i
         for precision in ("fp32", "bf16") if args.bf16 else ("fp32",):
             cmd = [sys.executable, __file__, "--rss-probe", str(size), str(batch), precision]
             cmd += ["--samples", str(args.samples), "--mask-source", args.mask_source, "--seed", str(args.seed)]
+            cmd += ["--pooling", args.pooling]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             peaks.setdefault((size, batch), {})[precision] = json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
     return peaks
@@ -669,7 +670,7 @@ def fresh_process_peaks(args: argparse.Namespace, configs: Sequence[tuple[int, i
 def rss_probe(args: argparse.Namespace) -> int:
     """`--rss-probe SIZE BATCH PRECISION`: build, predict once, print the process's peak RSS as JSON."""
     size, batch, precision = int(args.rss_probe[0]), int(args.rss_probe[1]), args.rss_probe[2]
-    annotator = make_annotator(build_ensemble(PRESETS["paper"]), size, batch, args, precision)
+    annotator = make_annotator(build_ensemble(PRESETS["paper"], args.pooling), size, batch, args, precision)
     annotator.annotate(make_images(batch, size, args.seed + size * 1000 + batch))
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork and exec
     print(json.dumps({"peak_rss_mb": (_vm_hwm_kb() or 0) / 1024}))
@@ -750,6 +751,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=True,
         help="peak RSS of predict per configuration and precision, each in a fresh process (default on)",
     )
+    parser.add_argument(
+        "--pooling",
+        choices=POOLINGS,
+        default=Settings().pooling,
+        help="the heads' pooling (default: what training gives a version now, AXX_POOLING's default)",
+    )
     parser.add_argument("--rss-probe", nargs=3, metavar=("SIZE", "BATCH", "PRECISION"), help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke run: 224^2, batch 1, 1 run of each stage")
@@ -775,10 +782,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"torch {torch.__version__}, torch threads {threads} (interop {torch.get_num_interop_threads()}), "
         f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, python {platform.python_version()}"
     )
-    print(f"members {', '.join(names)} (random weights), T={args.samples}, classes {CLASSES}, fp32, channels_last")
+    print(
+        f"members {', '.join(names)} (random weights, {args.pooling} pooling), T={args.samples}, classes {CLASSES}, "
+        "fp32, channels_last"
+    )
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in load_start)}")
 
-    ensemble = build_ensemble(names)
+    ensemble = build_ensemble(names, args.pooling)
     configs = [(size, batch) for size in args.sizes for batch in args.batches]
     target = (512, 8) if (512, 8) in configs else max(configs)
     budget = Budget(wall_start + args.budget, SCRIPT_START + args.max_wall, args.samples + 6.0)
