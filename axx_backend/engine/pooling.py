@@ -11,6 +11,15 @@ XGrad-CAM of a linear head on either pooling needs no backward pass. Its channel
 `sum_ij A_kij / S_k * dY_c/dA_kij` with `S_k = sum_ij A_kij`. With `top10`, `dY_c/dA_kij = w_ck / n` on the
 channel's n top cells and 0 elsewhere, so the weight is `w_ck * T_k / (n S_k)`, with `T_k` the sum of those top
 cells. With `avg` it is `w_ck / (h w)`. `channel_scale` gives the factor that multiplies `w_ck`.
+
+`S_k` is the channel's sum, which XGrad-CAM takes for its mass: right for ReLU maps (ResNet, DenseNet,
+MobileNetV2, the EfficientNet-Lites), not for SiLU maps (EfficientNet-B0), whose cells go down to -0.28. A
+channel that fires on a small object and is slightly negative elsewhere then sums to nearly zero, and its weight
+grows without bound: on EfficientNet-B0 (random weights, BatchNorm statistics of the inputs, 320 px) the largest
+channel weight was 77x the median, and bf16's rounding changed some weights' sign (the benchmark's bf16 mask: IoU
+0.29 against fp32's). So the factor here divides by the channel's L1 mass
+`sum_ij |A_kij|`: equal to `S_k` on ReLU maps (XGrad-CAM exactly; tests compare with grad-cam), and on SiLU maps
+the factor stays within the top cells' own gradient, `1 / n`.
 """
 
 from __future__ import annotations
@@ -43,6 +52,6 @@ def channel_scale(features: torch.Tensor, kind: str) -> torch.Tensor:
     h, w = features.shape[-2:]
     if kind == "avg":
         return torch.full(features.shape[:2], 1.0 / (h * w), dtype=features.dtype, device=features.device)
-    if kind == "top10":  # T_k / n is the pooled value itself
-        return pool(features, kind) / (features.sum(dim=(2, 3)) + EPS)
+    if kind == "top10":  # T_k / n is the pooled value itself; the L1 mass is S_k on ReLU maps (module docstring)
+        return pool(features, kind) / (features.abs().sum(dim=(2, 3)) + EPS)
     raise ValueError(f"pooling must be one of {POOLINGS}, got {kind!r}")
