@@ -352,8 +352,10 @@ def make_annotator(
     ensemble: Ensemble, size: int, batch: int, args: argparse.Namespace, precision: str, plain_cam: bool = False
 ) -> Annotator:
     """(b)'s annotator; `plain_cam`: without the refinement to image regions, what the naive pipeline's masks
-    must equal. CAMs from the class's own weights: class-contrastive ones (the same cost) are zero for the rigged
-    heads, which would make every mask empty and every mask comparison void."""
+    must equal (with top10 pooling only for ReLU maps: EfficientNet-B0's channel factor divides by the L1 mass
+    where grad-cam's divides by the sum, engine/pooling.py). CAMs from the class's own weights: class-contrastive
+    ones (the same cost) are zero for the rigged heads, which would make every mask empty and every mask
+    comparison void."""
     settings = Settings(
         refine="none" if plain_cam else "superpixels",
         cam_weights="class",
