@@ -73,3 +73,8 @@ def test_top10_factor_stays_bounded_where_a_channel_sums_to_nearly_zero():
     shifted[0, 0, 1:, :] *= 1.01
     assert float(xgradcam_factor(shifted, "top10", "sum")) > 50 * float(plain)
     assert float(channel_scale(shifted, "top10")) == pytest.approx(float(channel_scale(features, "top10")), rel=0.01)
+
+
+def test_unknown_pooling_is_refused():
+    with pytest.raises(ValueError, match="pooling"):
+        pool(torch.zeros(1, 1, 2, 2), "max")
