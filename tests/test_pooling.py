@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from axx_backend.engine.ensemble import Ensemble
 from axx_backend.engine.pooling import channel_scale, pool, top_count
 
 
@@ -78,3 +79,14 @@ def test_top10_factor_stays_bounded_where_a_channel_sums_to_nearly_zero():
 def test_unknown_pooling_is_refused():
     with pytest.raises(ValueError, match="pooling"):
         pool(torch.zeros(1, 1, 2, 2), "max")
+
+
+def test_the_forward_keeps_the_pooling_its_head_read():
+    """`MemberOutput.pooled` is what the CAM's channel factor, the feature cache and the review profiles reuse
+    instead of sorting the map again."""
+    torch.manual_seed(0)
+    ensemble = Ensemble.build(["mobilenetv2_100"], ["a", "b"], weights="random", pooling="top10")
+    out = ensemble.forward_mc(torch.rand(2, 3, 96, 96), 4)[0]
+    assert torch.equal(out.pooled, ensemble.members[0].pool(out.features))
+    assert torch.equal(out.select(torch.tensor([1])).pooled, out.pooled[1:])
+    assert torch.equal(channel_scale(out.features, "top10", out.pooled), channel_scale(out.features, "top10"))

@@ -241,7 +241,8 @@ class Annotator:
         s = self.settings
         weight = member.head.fc.weight
         if s.cam_method == "fast":
-            return member_cam(output.features[b : b + 1], weight, label, size, s.cam_weights, member.pooling)
+            features, pooled = output.features[b : b + 1], output.pooled[b : b + 1]
+            return member_cam(features, weight, label, size, s.cam_weights, member.pooling, pooled)
         classes = torch.tensor([label], device=image.device)
         cam = torch.from_numpy(gradcam_maps(member, member.normalize(image), classes, s.cam_method, s.cam_weights))
         return normalize_maps(upsample(cam.float().cpu(), size))[0].numpy()

@@ -149,6 +149,7 @@ class MemberOutput:
     """One member's forward on a batch."""
 
     features: torch.Tensor  # [B, K, h, w], float32: the last feature map (the CAM's)
+    pooled: torch.Tensor  # [B, K]: what the head read (the member's pooling of `features`)
     logits: torch.Tensor  # [B, C] deterministic, temperature-scaled
     mc_probs: torch.Tensor  # [T, B, C] softmax of temperature-scaled MC logits
     levels: list[torch.Tensor] | None = None  # the `level_names` maps [B, K_l, h_l, w_l]; only when asked for
@@ -156,7 +157,9 @@ class MemberOutput:
     def select(self, index: torch.Tensor) -> MemberOutput:
         """The images `index` of this batch."""
         levels = None if self.levels is None else [t[index] for t in self.levels]
-        return MemberOutput(self.features[index], self.logits[index], self.mc_probs[:, index], levels)
+        return MemberOutput(
+            self.features[index], self.pooled[index], self.logits[index], self.mc_probs[:, index], levels
+        )
 
 
 class Ensemble(nn.Module):
@@ -229,7 +232,7 @@ class Ensemble(nn.Module):
                 mc_probs = (_full_mc_logits(member, x, samples, precision) / temperature).softmax(dim=-1)
             else:
                 mc_probs = member.mc_probs(pooled, samples, generator)
-            outputs.append(MemberOutput(feats, logits, mc_probs, level_maps))
+            outputs.append(MemberOutput(feats, pooled, logits, mc_probs, level_maps))
         return outputs
 
 

@@ -47,11 +47,13 @@ def pool(features: torch.Tensor, kind: str) -> torch.Tensor:
     raise ValueError(f"pooling must be one of {POOLINGS}, got {kind!r}")
 
 
-def channel_scale(features: torch.Tensor, kind: str) -> torch.Tensor:
-    """[B, K]: XGrad-CAM's channel weight of a linear head on `pool(features, kind)`, per unit head weight."""
+def channel_scale(features: torch.Tensor, kind: str, pooled: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, K]: XGrad-CAM's channel weight of a linear head on `pool(features, kind)`, per unit head weight;
+    `pooled`: that pooling, where the caller has it already (the forward's), so that top10 sorts only once."""
     h, w = features.shape[-2:]
     if kind == "avg":
         return torch.full(features.shape[:2], 1.0 / (h * w), dtype=features.dtype, device=features.device)
     if kind == "top10":  # T_k / n is the pooled value itself; the L1 mass is S_k on ReLU maps (module docstring)
-        return pool(features, kind) / (features.abs().sum(dim=(2, 3)) + EPS)
+        pooled = pool(features, kind) if pooled is None else pooled.to(features.dtype)
+        return pooled / (features.abs().sum(dim=(2, 3)) + EPS)
     raise ValueError(f"pooling must be one of {POOLINGS}, got {kind!r}")

@@ -43,25 +43,32 @@ def member_cam(
     size: tuple[int, int],
     mode: str = "class",
     pooling: str = "avg",
+    pooled: torch.Tensor | None = None,
 ) -> np.ndarray:
     """A member's normalised fast XGrad-CAM of class `label` at `size` = (H, W) from its last feature map
     [1, K, h, w] and head weight [C, K]: what serving fuses, and what training calibrates thresholds on.
-    Normalise, upsample, normalise again: the order of grad-cam's XGradCAM output."""
+    `pooled` [1, K]: the map's pooling, where the forward made it. Normalise, upsample, normalise again: the
+    order of grad-cam's XGradCAM output."""
     with torch.no_grad():
         classes = torch.tensor([label], device=features.device)
         weights = cam_weights(weight.detach().float(), mode)
-        cam = normalize_maps(fast_xgradcam(features.float(), weights, classes, pooling))
+        cam = normalize_maps(fast_xgradcam(features.float(), weights, classes, pooling, pooled))
         return normalize_maps(upsample(cam.cpu(), size))[0].numpy()
 
 
 def fast_xgradcam(
-    features: torch.Tensor, weight: torch.Tensor, classes: torch.Tensor, pooling: str = "avg"
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    classes: torch.Tensor,
+    pooling: str = "avg",
+    pooled: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Unnormalised XGrad-CAM [B, h, w] for class `classes[b]` of image b.
 
-    `features`: [B, K, h, w] (the tensor that feeds the pooling); `weight`: [C, K].
+    `features`: [B, K, h, w] (the tensor that feeds the pooling); `weight`: [C, K]; `pooled`: [B, K], the
+    pooling of `features` where the caller has it.
     """
-    class_weights = weight[classes].to(features.dtype) * channel_scale(features, pooling)  # [B, K]
+    class_weights = weight[classes].to(features.dtype) * channel_scale(features, pooling, pooled)  # [B, K]
     return torch.einsum("bk,bkhw->bhw", class_weights, features).clamp_min(0.0)
 
 

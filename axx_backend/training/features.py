@@ -76,8 +76,8 @@ def extract_features(
                 cache.samples.extend(readable)
                 wanted = [b for b, s in enumerate(readable) if s.key in pixel_keys]
                 fwd = annotator.forward(images, levels=bool(wanted) or stage_inputs)
-                for m, (member, out) in enumerate(zip(annotator.ensemble.members, fwd.outputs, strict=True)):
-                    pooled[m].append(member.pool(out.features).cpu())
+                for m, out in enumerate(fwd.outputs):
+                    pooled[m].append(out.pooled.cpu())
                     averaged[m].append(out.features.mean(dim=(2, 3)).cpu())
                     if stage_inputs and out.levels:
                         stages[m].append(out.levels[-1].half().cpu())

@@ -198,10 +198,7 @@ def profile_one(annotator: Annotator, fwd: Forward, b: int, sample: Sample, stam
         confidence=confidence(mean),
         entropy=entropy,
         bald=bald,
-        pooled=[
-            member.pool(out.features[b : b + 1].float())[0].cpu().numpy()
-            for member, out in zip(annotator.ensemble.members, fwd.outputs, strict=True)
-        ],
+        pooled=[out.pooled[b].cpu().numpy() for out in fwd.outputs],
     )
 
 
