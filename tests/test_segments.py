@@ -400,6 +400,8 @@ def test_last_stage_fine_tuning_on_cached_inputs_is_kept_where_it_pays(pooling):
     metrics = finetune_last_stages(ensemble, cache, labels, torch.arange(36), torch.arange(36, 48), settings)
     result = metrics["resnet18"]
     assert result["kept"] and result["finetune_val_loss"] < 0.9 * result["frozen_val_loss"]
+    ran, best = result["finetune_epochs_run"], result["finetune_best_epoch"]
+    assert best + 1 <= ran <= min(6, best + 1 + settings.finetune_patience)
     after = member.backbone.state_dict()
     for key, value in before.items():
         changed = not torch.equal(after[key], value)
@@ -470,8 +472,33 @@ def test_last_stage_fine_tuning_that_does_not_pay_leaves_the_backbone_as_it_was(
     member = ensemble.members[0]
     before = {k: v.clone() for k, v in member.backbone.state_dict().items()}
     pooled = cache.pooled[0].clone()
-    settings = Settings(finetune_epochs=3, finetune_seconds=300)
+    settings = Settings(finetune_epochs=6, finetune_seconds=300, finetune_patience=2)
     result = finetune_last_stages(ensemble, cache, labels, torch.arange(36), torch.arange(36, 48), settings)
-    assert not result["resnet18"]["kept"]
+    assert not result["resnet18"]["kept"] and result["resnet18"]["finetune_epochs_run"] == 2  # early stopping
     assert all(torch.equal(member.backbone.state_dict()[k], v) for k, v in before.items())
     assert torch.equal(cache.pooled[0], pooled)
+
+
+def test_stage_fine_tuning_stops_after_patience_epochs_without_a_better_held_out_loss(monkeypatch):
+    """The stopping rule on a scripted held-out loss: the epochs that improve reset the count."""
+    from axx_backend.training import finetune
+
+    labels = torch.arange(48) % 2
+    ensemble, _, cache = _resnet18_cache(labels, labels.float())
+    member = ensemble.members[0]
+    tail = finetune.tail_of(member)
+    args = (member, tail, cache.stage_inputs[0], labels, torch.arange(36), torch.arange(36, 48))
+
+    def scripted(losses):
+        sequence = iter(losses)
+        monkeypatch.setattr(finetune, "held_out_loss", lambda *_: next(sequence))
+
+    scripted([1.0, 0.9, 0.95, 0.8, 0.85, 0.86, 0.7, 0.6])  # frozen, then epochs 0-6
+    result = finetune.finetune_member(*args, epochs=7, seconds=300, patience=2)
+    assert (result["finetune_epochs_run"], result["finetune_best_epoch"], result["finetune_val_loss"]) == (5, 2, 0.8)
+    scripted([1.0, 0.9, 0.95, 0.8, 0.85, 0.86, 0.7, 0.6])
+    result = finetune.finetune_member(*args, epochs=7, seconds=300, patience=None)
+    assert (result["finetune_epochs_run"], result["finetune_best_epoch"], result["finetune_val_loss"]) == (7, 6, 0.6)
+    scripted([1.0, 1.1, 1.2, 0.5])  # nothing beats the frozen stage within the patience: it stays frozen
+    result = finetune.finetune_member(*args, epochs=3, seconds=300, patience=2)
+    assert (result["finetune_epochs_run"], result["finetune_best_epoch"]) == (2, -1)

@@ -5,8 +5,10 @@
 map the segment head reads) is computed once per image and view (the image and its mirror) and cached, so an
 epoch runs only the stage. BatchNorm statistics stay frozen (batches are small; ImageNet's are better), the
 head's dropout is on, the loss is class-balanced cross-entropy, AdamW; the epoch with the best held-out loss is
-kept, within `finetune_seconds`. A member keeps its fine-tuned stage only when its held-out loss beats the
-frozen backbone's (with a head trained on the same images): a validation split says whether it pays.
+kept, within `finetune_seconds`, and a member stops after `finetune_patience` epochs without a better one (a
+stage that does not pay costs two epochs instead of five). A member keeps its fine-tuned stage only when its
+held-out loss beats the frozen backbone's (with a head trained on the same images): a validation split says
+whether it pays.
 
 The training passes run under bf16 autocast where `AXX_PRECISION` resolves to bf16 (fp32 weights and
 optimizer; held-out losses and the features kept for the heads stay fp32), for stages of dense convolutions
@@ -97,10 +99,12 @@ def finetune_member(
     seconds: float,
     seed: int = 0,
     precision: str = "fp32",
+    patience: int | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the tail and the head in place on cached stage inputs [N, C, h, w] (and their mirrors) and
     keep the epoch with the best held-out loss (the frozen state when none beats it); returns what happened.
-    `precision` ("fp32" or "bf16"): the training passes' autocast."""
+    `precision` ("fp32" or "bf16"): the training passes' autocast. `patience`: stop after that many epochs
+    without a better held-out loss (None: run every epoch; without a held-out split every epoch runs)."""
     stage_params = tail.parameters()
     for p in member.parameters():
         p.requires_grad_(False)
@@ -112,15 +116,19 @@ def finetune_member(
     before = held_out_loss(member, tail, inputs, labels, val)
     best = (before, _state(member, tail), -1)
     generator = torch.Generator().manual_seed(seed)
-    start = time.monotonic()
+    start, ran = time.monotonic(), 0
     for epoch in range(epochs):
         _epoch(member, tail, inputs, labels, train, weights, optimizer, generator, precision)
+        ran = epoch + 1
         loss = held_out_loss(member, tail, inputs, labels, val)
         log.info(
             "finetune %s epoch %d/%d: held-out loss %.4f (frozen %.4f)", member.name, epoch + 1, epochs, loss, before
         )
         if loss < best[0] or not len(val):  # without a held-out split: the last epoch (a fixed count)
             best = (loss, _state(member, tail), epoch)
+        if patience is not None and len(val) and epoch - best[2] >= patience:
+            log.info("finetune %s: stopping after %d epochs without a better held-out loss", member.name, epoch + 1)
+            break
         elapsed = time.monotonic() - start
         if elapsed * (epoch + 2) / (epoch + 1) > seconds:  # the next epoch would overrun the budget
             log.info("finetune %s: stopping after %d epochs (AXX_FINETUNE_SECONDS)", member.name, epoch + 1)
@@ -133,6 +141,7 @@ def finetune_member(
         "finetune_val_loss": best[0],
         "frozen_val_loss": before,
         "finetune_best_epoch": best[2],
+        "finetune_epochs_run": ran,
         "finetune_seconds": round(time.monotonic() - start, 1),
         "finetune_precision": precision,
     }
@@ -233,7 +242,8 @@ def finetune_last_stages(
         budget = settings.finetune_seconds / len(ensemble.members)
         epochs, seed = settings.finetune_epochs, settings.seed + m
         precision = stage_precision(tail, resolve_precision(settings.precision, inputs.device))
-        result = finetune_member(member, tail, inputs, labels, train, val, epochs, budget, seed, precision)
+        patience = settings.finetune_patience
+        result = finetune_member(member, tail, inputs, labels, train, val, epochs, budget, seed, precision, patience)
         # Kept when an epoch beat the frozen backbone's held-out loss. A margin on top (1e-3 and 2 %, tried first)
         # decided by noise: held-out splits from the training images' photographs are near-saturated (frozen losses
         # 5e-4 to 4e-2 on the photograph benchmark), and it rejected stages that raised new-object accuracy
