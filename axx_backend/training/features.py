@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from ..core.data import Sample, iter_readable
 from ..engine.annotator import Annotator, Forward
+from ..engine.pooling import pool
 from ..engine.segments import region_level_means
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def extract_features(
                 fwd = annotator.forward(images, levels=bool(wanted) or stage_inputs)
                 for m, out in enumerate(fwd.outputs):
                     pooled[m].append(out.pooled.cpu())
-                    averaged[m].append(out.features.mean(dim=(2, 3)).cpu())
+                    averaged[m].append(pool(out.features, "avg").cpu())
                     if stage_inputs and out.levels:
                         stages[m].append(out.levels[-1].half().cpu())
                 for b in wanted:
