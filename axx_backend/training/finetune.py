@@ -5,10 +5,9 @@
 map the segment head reads) is computed once per image and view (the image and its mirror) and cached, so an
 epoch runs only the stage. BatchNorm statistics stay frozen (batches are small; ImageNet's are better), the
 head's dropout is on, the loss is class-balanced cross-entropy, AdamW; the epoch with the best held-out loss is
-kept, within `finetune_seconds`, and a member stops after `finetune_patience` epochs without a better one (a
-stage that does not pay costs two epochs instead of five). A member keeps its fine-tuned stage only when its
-held-out loss beats the frozen backbone's (with a head trained on the same images): a validation split says
-whether it pays.
+kept, within `finetune_seconds` (and, with `finetune_patience` > 0, a member stops after that many epochs
+without a better one). A member keeps its fine-tuned stage only when its held-out loss beats the frozen
+backbone's (with a head trained on the same images): a validation split says whether it pays.
 
 The training passes run under bf16 autocast where `AXX_PRECISION` resolves to bf16 (fp32 weights and
 optimizer; held-out losses and the features kept for the heads stay fp32), for stages of dense convolutions
@@ -242,7 +241,7 @@ def finetune_last_stages(
         budget = settings.finetune_seconds / len(ensemble.members)
         epochs, seed = settings.finetune_epochs, settings.seed + m
         precision = stage_precision(tail, resolve_precision(settings.precision, inputs.device))
-        patience = settings.finetune_patience
+        patience = settings.finetune_patience or None
         result = finetune_member(member, tail, inputs, labels, train, val, epochs, budget, seed, precision, patience)
         # Kept when an epoch beat the frozen backbone's held-out loss. A margin on top (1e-3 and 2 %, tried first)
         # decided by noise: held-out splits from the training images' photographs are near-saturated (frozen losses
