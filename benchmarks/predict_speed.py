@@ -91,6 +91,7 @@ from axx_backend.core.annotation import Annotation  # noqa: E402
 from axx_backend.core.settings import POOLINGS, PRESETS, Settings  # noqa: E402
 from axx_backend.engine.annotator import Annotator  # noqa: E402
 from axx_backend.engine.ensemble import Ensemble, MCDropoutHead, Member, autocast_for, native_bf16  # noqa: E402
+from axx_backend.engine.fold import fold_batchnorm  # noqa: E402
 from axx_backend.engine.masks import fuse_maps, iou  # noqa: E402
 from axx_backend.engine.saliency import gradcam_maps, normalize_maps, upsample  # noqa: E402
 from axx_backend.engine.segments import SegmentHead  # noqa: E402
@@ -145,6 +146,8 @@ def peak_rss_mb() -> float:
 def build_ensemble(names: Sequence[str], pooling: str) -> Ensemble:
     torch.manual_seed(0)  # the same random weights every run, so that mask IoUs compare between runs
     ensemble = Ensemble.build(names, CLASSES, dropout=0.3, weights="random", pooling=pooling)
+    for member in ensemble.members:  # as a served version's are (engine/fold.py): (a), (b) and (c) alike
+        fold_batchnorm(member.backbone.eval())
     with torch.no_grad():
         for member in ensemble.members:
             fc = member.head.fc

@@ -30,6 +30,7 @@ from ..core.thresholds import rule_map
 from ..core.version_meta import MemberSpec, VersionError, VersionMeta, load_version
 from ..core.versions import ModelStore
 from .ensemble import Ensemble, Member, MemberOutput, resolve_precision, select_device
+from .fold import fold_batchnorm
 from .refine import SuperpixelSpec, pool, segment_image
 from .saliency import gradcam_maps, member_cam, normalize_maps, upsample
 from .segments import SegmentHead, region_features
@@ -334,6 +335,7 @@ def _load_member(
             )
     if spec.mean is not None and spec.std is not None:
         info = type(info)(info.source, spec.mean, spec.std, info.fingerprint)
+    fold_batchnorm(backbone.eval())  # served only: one pass per convolution (engine/fold.py)
     member = Member(name, backbone, len(meta.classes), meta.dropout, info, meta.pooling)
     member.head.fc.weight.data.copy_(heads[f"{name}.weight"])
     member.head.fc.bias.data.copy_(heads[f"{name}.bias"])
