@@ -33,11 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     options = argparse.Namespace(samples=30, seed=0, mask_source=args.mask_source)
     folded = ps.build_ensemble(MEMBERS, "top10")
-    fold, ps.fold_batchnorm = ps.fold_batchnorm, lambda backbone: 0  # the same members, BatchNorm kept
-    try:
-        plain = ps.build_ensemble(MEMBERS, "top10")
-    finally:
-        ps.fold_batchnorm = fold
+    plain = ps.build_ensemble(MEMBERS, "top10", fold=False)  # the same members, BatchNorm kept
     images = ps.make_images(1, args.size, 0)
     annotators = {
         (kind, precision): ps.make_annotator(ensemble, args.size, 1, options, precision)

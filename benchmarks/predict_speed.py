@@ -143,10 +143,12 @@ def peak_rss_mb() -> float:
 # setup
 
 
-def build_ensemble(names: Sequence[str], pooling: str) -> Ensemble:
+def build_ensemble(names: Sequence[str], pooling: str, fold: bool = True) -> Ensemble:
+    """The members with random weights and rigged heads; `fold`: BatchNorm folded as a served version's are
+    (engine/fold.py), for (a), (b) and (c) alike."""
     torch.manual_seed(0)  # the same random weights every run, so that mask IoUs compare between runs
     ensemble = Ensemble.build(names, CLASSES, dropout=0.3, weights="random", pooling=pooling)
-    for member in ensemble.members:  # as a served version's are (engine/fold.py): (a), (b) and (c) alike
+    for member in ensemble.members if fold else []:
         fold_batchnorm(member.backbone.eval())
     with torch.no_grad():
         for member in ensemble.members:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from timm.layers import BatchNormAct2d
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def foldable_pairs(backbone: nn.Module) -> list[tuple[nn.Module, str, str]]:
 
 def _is_plain_batchnorm(module: nn.Module) -> bool:
     """nn.BatchNorm2d, or timm's BatchNormAct2d (BatchNorm, then dropout and activation), with running stats."""
-    plain = type(module) is nn.BatchNorm2d or type(module).__name__ == "BatchNormAct2d"
+    plain = type(module) in (nn.BatchNorm2d, BatchNormAct2d)  # exact types: a subclass may run otherwise
     return plain and module.track_running_stats and module.running_var is not None  # type: ignore[union-attr]
 
 
