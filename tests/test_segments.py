@@ -430,13 +430,34 @@ def test_last_stage_fine_tuning_trains_under_the_precision_asked_and_keeps_fp32_
     assert conv.weight.dtype == torch.float32 and cache.pooled[0].dtype == torch.float32
 
 
-def test_stages_with_depthwise_convolutions_train_in_fp32():
-    from axx_backend.training.finetune import stage_precision, tail_of
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_depthwise_stage_learns_with_its_depthwise_kernels_frozen(precision):
+    """MobileNetV2's last stage: pointwise convolutions, BatchNorm affines and the head learn, in the asked
+    precision; the depthwise kernels (the slow weight gradient on the CPU) and everything before the stage stay."""
+    from torch import nn
 
-    dense = Ensemble.build(["resnet18"], ["a", "b"], weights="random").members[0]
-    depthwise = Ensemble.build(["mobilenetv2_100"], ["a", "b"], weights="random").members[0]
-    assert stage_precision(tail_of(dense), "bf16") == "bf16" and stage_precision(tail_of(dense), "fp32") == "fp32"
-    assert stage_precision(tail_of(depthwise), "bf16") == "fp32"
+    from axx_backend.training.finetune import finetune_member, tail_of
+
+    torch.manual_seed(0)
+    member = Ensemble.build(["mobilenetv2_100"], ["dark", "bright"], weights="random").members[0]
+    tail = tail_of(member)
+    convs = [m for module in tail.modules for m in module.modules() if isinstance(m, nn.Conv2d)]
+    depthwise = [c for c in convs if c.groups == c.in_channels > 1]
+    pointwise = [c for c in convs if c.groups == 1]
+    assert depthwise and pointwise
+    trainable = {id(p) for p in tail.parameters()}
+    assert not any(id(c.weight) in trainable for c in depthwise) and all(id(c.weight) in trainable for c in pointwise)
+    before = {k: v.clone() for k, v in member.backbone.state_dict().items()}
+    labels = torch.arange(24) % 2
+    inputs = torch.randn(24, member.level_channels()[-1], 8, 8) + labels.view(-1, 1, 1, 1).float()
+    train, val = torch.arange(16), torch.arange(16, 24)
+    finetune_member(member, tail, inputs, labels, train, val, 2, 300, precision=precision)
+    after = member.backbone.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert {f"{n}.weight" for n, m in member.backbone.named_modules() if m in pointwise} <= changed
+    assert not {f"{n}.weight" for n, m in member.backbone.named_modules() if m in depthwise} & changed
+    assert not {k for k in changed if "running" in k}
+    assert not {k for k in changed if k.startswith(("conv_stem", "bn1", "blocks.0."))}
 
 
 def test_a_kept_stage_is_fine_tuned_again_without_each_fold_and_the_served_stage_stays_as_it_was():

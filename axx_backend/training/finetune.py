@@ -9,10 +9,12 @@ kept, within `finetune_seconds` (and, with `finetune_patience` > 0, a member sto
 without a better one). A member keeps its fine-tuned stage only when its held-out loss beats the frozen
 backbone's (with a head trained on the same images): a validation split says whether it pays.
 
-The training passes run under bf16 autocast where `AXX_PRECISION` resolves to bf16 (fp32 weights and
-optimizer; held-out losses and the features kept for the heads stay fp32), for stages of dense convolutions
-only: on this CPU the ResNet-50 stage trained in 0.55-0.6x its fp32 time, the depthwise stages of the mobile
-members in 1.0-1.3x (`stage_precision`).
+The depthwise convolution kernels of the stage stay frozen (`Tail.parameters`): they are 2-4 % of a mobile
+stage's parameters, and their weight gradient is the slow kernel on the CPU (oneDNN: in bf16 it made the
+EfficientNet-Lite stages 1.4-1.55x slower than fp32). Without it every stage trains under bf16 autocast where
+`AXX_PRECISION` resolves to bf16 (fp32 weights and optimizer; held-out losses and the features kept for the heads
+stay fp32): the Lite0 and Lite2 stages in 0.5-0.65x the time of training every weight in fp32 (one epoch of 320
+cached samples at 320 px), MobileNetV2's in about the same time, the ResNet-50 stage in 0.55-0.6x.
 
 `all` fine-tunes every layer on whole images (slow on a CPU; for a GPU), as before.
 """
@@ -54,7 +56,18 @@ class Tail:
         return x
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for m in self.modules for p in m.parameters()]
+        """What fine-tuning trains: every parameter but the depthwise convolution kernels (module docstring)."""
+        return [
+            p
+            for m in self.modules
+            for module in m.modules()
+            for name, p in module.named_parameters(recurse=False)
+            if not (name == "weight" and is_depthwise(module))
+        ]
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
 
 
 def tail_of(member: Member) -> Tail | None:
@@ -78,13 +91,6 @@ def check_tail(member: Member, tail: Tail, stage_input: torch.Tensor, pooled: to
         again = member.pool(tail(stage_input.float()))
     scale = pooled.abs().max().clamp_min(1e-6)
     return again.shape == pooled.shape and bool(((again - pooled).abs().max() / scale) < 1e-2)
-
-
-def stage_precision(tail: Tail, precision: str) -> str:
-    """The precision the tail trains in: fp32 where it has grouped (depthwise) convolutions, which bf16 slowed
-    down on the CPU (measured: tf_efficientnet_lite0's stage 1.1-1.3x, mobilenetv2_100's 1.0x), else `precision`."""
-    grouped = any(isinstance(m, nn.Conv2d) and m.groups > 1 for module in tail.modules for m in module.modules())
-    return "fp32" if grouped else precision
 
 
 def finetune_member(
@@ -240,7 +246,7 @@ def finetune_last_stages(
         frozen = _state(member, tail)
         budget = settings.finetune_seconds / len(ensemble.members)
         epochs, seed = settings.finetune_epochs, settings.seed + m
-        precision = stage_precision(tail, resolve_precision(settings.precision, inputs.device))
+        precision = resolve_precision(settings.precision, inputs.device)
         patience = settings.finetune_patience or None
         result = finetune_member(member, tail, inputs, labels, train, val, epochs, budget, seed, precision, patience)
         # Kept when an epoch beat the frozen backbone's held-out loss. A margin on top (1e-3 and 2 %, tried first)
@@ -305,18 +311,6 @@ def refit_without(
 def stage_features(tail: Tail, inputs: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
     """The last feature maps [N, K, h, w] the tail makes of cached stage inputs."""
     return torch.cat([tail(inputs[i : i + batch_size].float()) for i in range(0, len(inputs), batch_size)])
-
-
-def trainable_backbone_parameters(member: Member, mode: str) -> list[nn.Parameter]:
-    """The backbone parameters `mode` unfreezes, in model order."""
-    if mode == "head":
-        return []
-    if mode == "all":
-        return list(member.backbone.parameters())
-    tail = tail_of(member)
-    if mode != "last-stage" or tail is None:
-        raise ValueError(f"finetune must be one of {FINETUNE_MODES}, got {mode!r} (or {member.name} has no stages)")
-    return tail.parameters()
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
