@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import predict_speed as ps  # noqa: E402
 
-MEMBERS = ["resnet50", "efficientnet_b0", "densenet121"]
+MEMBERS = ps.PRESETS["paper"]  # predict_speed.py's members
 
 
 def main(argv: list[str] | None = None) -> int:
