@@ -9,12 +9,14 @@ import pytest
 from PIL import Image
 
 from axx_backend.core.annotation import Annotation
+from axx_backend.core.data import Sample, iter_readable, read_folder_dataset, with_usable_mask
 from axx_backend.core.images import (
     MAX_PIXELS,
     WORK_SIDE,
     ImageError,
     decode_image,
     load_image,
+    load_mask,
     restore_full_size,
     scale_mask,
 )
@@ -170,3 +172,75 @@ def test_a_10000px_png_decodes_in_bounded_memory(tmp_path):
     grown_mb = int(proc.stdout.split()[-1])
     assert "(1111, 1111) (10000, 10000)" in proc.stdout, proc.stdout + proc.stderr
     assert grown_mb < 250, f"decoding grew the peak RSS by {grown_mb} MB"
+
+
+# ---------------------------------------------------------------- masks of a dataset folder
+
+
+def folder_with_masks(root, masks):
+    """A two-class dataset folder, 40x30 images; `masks`: name -> bytes of the file at masks/Lesion/<name>.png."""
+    for cls, names in {"Lesion": list(masks), "Healthy": ["h"]}.items():
+        (root / "images" / cls).mkdir(parents=True)
+        for name in names:
+            Image.new("RGB", (40, 30), (120, 80, 60)).save(root / "images" / cls / f"{name}.png")
+    (root / "masks" / "Lesion").mkdir(parents=True)
+    for name, data in masks.items():
+        (root / "masks" / "Lesion" / f"{name}.png").write_bytes(data)
+    return root
+
+
+def test_a_mask_that_cannot_be_used_costs_only_itself(tmp_path):
+    """An unreadable mask, one of another size and a file that is no image are left out with a reason each; their
+    images still come with their labels, and a good mask stays (a bad mask used to abort training late)."""
+    good = np.zeros((30, 40), np.uint8)
+    good[5:15, 10:30] = 255
+    root = folder_with_masks(
+        tmp_path,
+        {
+            "good": encode(Image.fromarray(good)),
+            "broken": b"\x89PNG\r\n\x1a\n not a mask",
+            "small": encode(Image.new("L", (20, 15), 255)),
+            "text": b"<svg xmlns='http://www.w3.org/2000/svg'/>",
+        },
+    )
+    (root / "images" / "Lesion" / "._good.png").write_bytes(b"\x00\x05\x16\x07")  # a macOS AppleDouble copy
+    (root / "images" / "Lesion" / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (40, 30)).save(root / "images" / "Lesion" / ".ipynb_checkpoints" / "good.png")
+    samples, _ = read_folder_dataset(root)
+    assert len(samples) == 5 and sum(s.has_mask for s in samples) == 4  # hidden files and folders are not samples
+    skipped = []
+    read = {s.key: s for s, _ in iter_readable(samples, skipped)}
+    assert sorted(read) == [
+        "Healthy/h.png",
+        "Lesion/broken.png",
+        "Lesion/good.png",
+        "Lesion/small.png",
+        "Lesion/text.png",
+    ]
+    assert all(s.label == ("Healthy" if k.startswith("Healthy") else "Lesion") for k, s in read.items())
+    assert [k for k, s in read.items() if s.has_mask] == ["Lesion/good.png"]
+    assert (read["Lesion/good.png"].load_mask() == (good > 0)).all()
+    reasons = {line.split(":")[0]: line for line in skipped}
+    assert sorted(reasons) == ["Lesion/broken.png", "Lesion/small.png", "Lesion/text.png"]
+    assert "mask is 20x15, its image 40x30" in reasons["Lesion/small.png"]
+    assert "cannot read image" in reasons["Lesion/broken.png"]
+
+
+def test_a_mask_is_read_under_the_pixel_limit_and_against_the_upright_image(tmp_path):
+    path = tmp_path / "m.png"
+    Image.new("L", (40, 30), 1).save(path)
+    assert load_mask(path).shape == (30, 40) and load_mask(path).all()  # nonzero = foreground
+    with pytest.raises(ImageError, match="over the 1000 pixel limit"):
+        load_mask(path, max_pixels=1000)
+    # An image stored 40x30 with EXIF "rotate 90": upright it is 30x40, and so must its mask be.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = tmp_path / "rotated.jpg"
+    Image.new("RGB", (40, 30)).save(stored, exif=exif)
+    upright = load_image(stored)
+    assert upright.size == (30, 40)
+    for size, kept in [((30, 40), True), ((40, 30), False)]:
+        Image.new("L", size, 255).save(path)
+        skipped = []
+        sample = with_usable_mask(Sample("x", "Lesion", stored, path), upright.size, skipped)
+        assert sample.has_mask is kept and len(skipped) == (0 if kept else 1)

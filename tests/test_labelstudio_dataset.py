@@ -63,6 +63,12 @@ def test_review_choice_is_not_a_class_and_empty_tasks_are_candidates():
         {"id": 2, "data": {"image": "/b.png"}, "annotations": []},
         {"id": 3, "data": {"image": "/c.png", "truth": "Healthy"}, "annotations": []},
         {"id": 4, "data": {}, "annotations": []},  # no image: skipped
+        {"id": 5, "data": {"image": "/e.png"}, "annotations": [annotation(5, "t", ["not a region"])]},  # skipped
+        {
+            "id": 6,
+            "data": {"image": "/f.png"},
+            "annotations": [annotation(6, 3, [choice("Lesion")]), annotation(7, "t", [choice("Healthy")])],
+        },  # skipped: unorderable
     ]
     samples = tasks_to_samples(tasks, cfg, fetcher, label_field="truth")
     assert [(s.key, s.label, s.has_mask) for s in samples] == [
@@ -124,3 +130,40 @@ def test_training_reads_the_labeling_config_with_the_settings_serving_uses(monke
     assert [(s.key, s.label, s.has_mask) for s in trained["samples"]] == [("1", "Severe", True), ("2", "Mild", False)]
     assert (trained["samples"][0].mask == severe).all()
     assert trained["source"] == "http://127.0.0.1:1 project 5"
+
+
+def test_a_brush_region_that_cannot_be_decoded_costs_only_its_own_pixels(caplog):
+    """Annotations come in with imported tasks. A region that declares more RLE values than its size (the SDK's
+    decoder would allocate what the header says: up to 4 GiB), one without a size, a truncated one, one over the
+    pixel limit and one of another size than the first are each left out with a warning; the task keeps its
+    label and its good region, and nothing large is allocated."""
+    import tracemalloc
+
+    cfg = parse_config(CONFIG)
+    good = np.zeros((6, 8), bool)
+    good[1:4, 2:6] = True
+    other = np.ones((6, 8), bool)
+    huge = brush(other)
+    huge["value"] = {**huge["value"], "rle": [255, 255, 255, 255, *huge["value"]["rle"][4:]]}  # 2^32 - 1 values
+    sizeless = {k: v for k, v in brush(other).items() if k != "original_height"}
+    truncated = brush(other)
+    truncated["value"] = {**truncated["value"], "rle": truncated["value"]["rle"][:6]}
+    too_large = {**brush(other), "original_width": 100_000, "original_height": 100_000}
+    not_bytes = brush(other)
+    not_bytes["value"] = {**not_bytes["value"], "rle": "not a list"}
+    wider = brush(np.ones((6, 9), bool))  # a valid region, but not of the first region's size
+    results = [choice("Lesion"), brush(good), huge, sizeless, truncated, too_large, not_bytes, wider]
+    task = {"id": 7, "data": {"image": "/x.png"}, "annotations": [annotation(1, "t", results)]}
+    tracemalloc.start()
+    try:
+        label, mask = annotation_label_and_mask(task, cfg, max_pixels=10**8)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert label == "Lesion"
+    assert mask.shape == (6, 8) and (mask == good).all()
+    assert peak < 10 * 2**20
+    warned = [r.getMessage() for r in caplog.records if "brush region not used" in r.getMessage()]
+    assert len(warned) == 6 and all(w.startswith("task 7: ") for w in warned)
+    assert any("holds 4294967295 values, a 8x6 RGBA mask 192" in w for w in warned)
+    assert any("a 9x6 region beside 8x6" in w for w in warned)

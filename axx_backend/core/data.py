@@ -6,6 +6,7 @@ and optionally `DATASET_DIR/masks/<class>/<name>.png` (nonzero = foreground).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .images import IMAGE_SUFFIXES, ImageError, load_image
+from .images import IMAGE_SUFFIXES, ImageError, load_image, load_mask
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,7 @@ class Sample:
         if self.mask is not None:
             return np.asarray(self.mask) > 0
         if self.mask_path is not None:
-            with Image.open(self.mask_path) as m:
-                return np.asarray(m.convert("L")) > 0
+            return load_mask(self.mask_path)
         return None
 
 
@@ -68,9 +68,11 @@ def read_folder_dataset(root: str | os.PathLike[str]) -> tuple[list[Sample], lis
     samples = []
     for cls in classes:
         for path in sorted((images_dir / cls).rglob("*")):
-            if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
             rel = path.relative_to(images_dir)
+            # Hidden files and folders (macOS's `._name.png` copies, `.ipynb_checkpoints`) are not samples.
+            hidden = any(part.startswith(".") for part in rel.parts)
+            if hidden or not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
             mask = root / "masks" / rel.with_suffix(".png")
             samples.append(Sample(str(rel), cls, path, mask if mask.is_file() else None))
     empty = [c for c in classes if not any(s.label == c for s in samples)]
@@ -99,7 +101,8 @@ def stratified_split(labels: Sequence[str], val_fraction: float, seed: int = 0) 
 
 def iter_readable(samples: Iterable[Sample], skipped: list[str] | None = None) -> Iterator[tuple[Sample, Image.Image]]:
     """Each sample whose image loads, with the image; a failure is logged, noted in `skipped` as
-    "key: reason", and skipped."""
+    "key: reason", and skipped. A mask that cannot be read or is not its image's size goes the same way, alone:
+    the sample comes without it and still counts by its label (`with_usable_mask`)."""
     for sample in samples:
         try:
             image = sample.load()
@@ -108,4 +111,22 @@ def iter_readable(samples: Iterable[Sample], skipped: list[str] | None = None) -
             if skipped is not None:
                 skipped.append(f"{sample.key}: {exc}")
             continue
-        yield sample, image
+        yield with_usable_mask(sample, image.size, skipped), image
+
+
+def with_usable_mask(sample: Sample, size: tuple[int, int], skipped: list[str] | None = None) -> Sample:
+    """`sample`, or a copy without its mask when the mask cannot be read or its size is not `size` = (W, H) of
+    the upright image: a mask drawn for another image, or for the stored orientation of an EXIF-rotated one,
+    would teach the wrong pixels (resized to fit, silently)."""
+    if not sample.has_mask:
+        return sample
+    try:
+        mask = sample.load_mask()
+        if mask is not None and mask.shape != (size[1], size[0]):
+            raise ImageError(f"mask is {mask.shape[1]}x{mask.shape[0]}, its image {size[0]}x{size[1]}")
+    except (ImageError, OSError) as exc:
+        log.warning("%s: mask not used: %s", sample.key, exc)
+        if skipped is not None:
+            skipped.append(f"{sample.key}: mask not used: {exc}")
+        return dataclasses.replace(sample, mask=None, mask_path=None)
+    return sample

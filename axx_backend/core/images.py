@@ -12,11 +12,13 @@ the colour conversion; the annotation's mask is scaled back to the full size (`r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +85,22 @@ def decode_image(
     """Decode a path or raw bytes; with `work_side`, an image of at least twice that many pixels a side comes
     back reduced by an integer factor (at least `work_side` a side), decoded at the smaller scale where it can."""
     label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
+    with _opened(source, label, max_pixels) as img:
+        return _decode(img, label, work_side)
+
+
+def load_mask(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """A mask file as bool [H, W] (nonzero = foreground), read under the images' rules: the format by content,
+    the pixel count from the header before decoding, a failure as `ImageError` with the reason. As stored (no
+    EXIF rotation): a mask is compared with its upright image's size (`data.iter_readable`)."""
+    with _opened(path, str(path), max_pixels) as img:
+        return np.asarray(img.convert("L")) > 0
+
+
+@contextlib.contextmanager
+def _opened(source: str | os.PathLike[str] | bytes, label: str, max_pixels: int) -> Iterator[Image.Image]:
+    """The opened, not yet decoded image (of an allowed format, at most `max_pixels`); anything that goes wrong
+    while it is open, decoding included, comes out as `ImageError` naming `label`."""
     try:
         if isinstance(source, bytes):
             if len(source) > MAX_BYTES:
@@ -91,7 +109,12 @@ def decode_image(
         else:
             handle = Path(source)
         with Image.open(handle, formats=FORMATS) as img:
-            return _decode(img, label, max_pixels, work_side)
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"{label}: {width}x{height} is over the {max_pixels} pixel limit (AXX_IMAGE_MAX_PIXELS)"
+                )
+            yield img
     except ImageError:
         raise
     except UnidentifiedImageError as exc:
@@ -102,10 +125,8 @@ def decode_image(
         raise ImageError(f"{label}: cannot read image ({type(exc).__name__}: {_first_line(exc)})") from exc
 
 
-def _decode(img: Image.Image, label: str, max_pixels: int, work_side: int | None) -> Decoded:
+def _decode(img: Image.Image, label: str, work_side: int | None) -> Decoded:
     width, height = img.size
-    if width * height > max_pixels:
-        raise ImageError(f"{label}: {width}x{height} is over the {max_pixels} pixel limit (AXX_IMAGE_MAX_PIXELS)")
     orientation = _orientation(img)
     factor = max(width, height) // work_side if work_side else 1
     if factor >= 2 and img.format in ("JPEG", "MPO"):

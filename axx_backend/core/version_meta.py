@@ -73,7 +73,7 @@ class TrainingInfo:
     n_images: int = 0
     n_labelled: int = 0
     oracle_masks: int = 0
-    skipped: tuple[str, ...] = ()  # "key: reason" of unreadable images
+    skipped: tuple[str, ...] = ()  # "key: reason" of unreadable images, "key: mask not used: reason" of masks
     per_class: dict[str, int] = field(default_factory=dict)
     finetune: str = "head"
     finetune_epochs: int = 0

@@ -17,6 +17,7 @@ from label_studio_sdk.converter.brush import decode_rle
 
 from ..core.data import Sample
 from ..core.images import ImageError
+from ..core.settings import DEFAULT_IMAGE_MAX_PIXELS
 from .config import ProjectConfig, parse_config
 from .images import ImageFetcher, ImageFetchError
 from .settings import LabelStudioSettings
@@ -51,7 +52,12 @@ def tasks_to_samples(
         if not ref:
             counts["skipped"] += 1
             continue
-        label, mask = annotation_label_and_mask(task, cfg)
+        try:
+            label, mask = annotation_label_and_mask(task, cfg, fetcher.limits.max_pixels)
+        except (AttributeError, TypeError, KeyError, ValueError) as exc:  # a result that is not Label Studio's form
+            log.warning("task %s: annotation not read, task skipped (%s: %s)", task.get("id"), type(exc).__name__, exc)
+            counts["skipped"] += 1
+            continue
         if label is None and label_field and task["data"].get(label_field) in cfg.classes:
             label = task["data"][label_field]
             counts["from_field"] += 1
@@ -65,8 +71,12 @@ def tasks_to_samples(
     return samples
 
 
-def annotation_label_and_mask(task: dict[str, Any], cfg: ProjectConfig) -> tuple[str | None, np.ndarray | None]:
-    """The class and the brush mask of the task's latest valid annotation."""
+def annotation_label_and_mask(
+    task: dict[str, Any], cfg: ProjectConfig, max_pixels: int = DEFAULT_IMAGE_MAX_PIXELS
+) -> tuple[str | None, np.ndarray | None]:
+    """The class and the brush mask of the task's latest valid annotation. A brush region that cannot be decoded
+    (`brush_layer`), or whose size differs from the mask's first region, is left out with a warning: it costs
+    its own pixels, never the task's label or the training run."""
     annotations = [
         a
         for a in task.get("annotations") or []
@@ -83,10 +93,46 @@ def annotation_label_and_mask(task: dict[str, Any], cfg: ProjectConfig) -> tuple
             chosen = [c for c in value.get("choices", []) if c in cfg.classes]
             label = chosen[0] if chosen else label
         elif region.get("from_name") == cfg.brush and region.get("type") == "brushlabels" and value.get("rle"):
-            h, w = int(region["original_height"]), int(region["original_width"])
-            layer = decode_rle(value["rle"]).reshape(h, w, 4)[:, :, 3] > 0
+            try:
+                layer = brush_layer(region, max_pixels)
+                if mask is not None and layer.shape != mask.shape:
+                    raise BrushError(
+                        f"a {layer.shape[1]}x{layer.shape[0]} region beside {mask.shape[1]}x{mask.shape[0]}"
+                    )
+            except BrushError as exc:
+                log.warning("task %s: brush region not used: %s", task.get("id"), exc)
+                continue
             mask = layer if mask is None else (mask | layer)
     return label, mask
+
+
+class BrushError(ValueError):
+    """A BrushLabels region that cannot be decoded into a mask; the message says why."""
+
+
+def brush_layer(region: dict[str, Any], max_pixels: int = DEFAULT_IMAGE_MAX_PIXELS) -> np.ndarray:
+    """One BrushLabels region as bool [H, W] (its RGBA RLE's alpha). Annotations come in with imported tasks, so
+    the region is checked before anything is allocated: the size within `max_pixels` (AXX_IMAGE_MAX_PIXELS), and
+    the value count the RLE declares equal to H x W x 4 (the SDK's decoder allocates whatever count the first 32
+    bits say, up to 4 GiB)."""
+    try:
+        h, w = int(region["original_height"]), int(region["original_width"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BrushError("no integer original_width and original_height") from exc
+    if h < 1 or w < 1 or h * w > max_pixels:
+        raise BrushError(f"{w}x{h} is not a size within the {max_pixels} pixel limit (AXX_IMAGE_MAX_PIXELS)")
+    rle = region["value"]["rle"]
+    try:
+        declared = int.from_bytes(bytes(rle[:4]), "big")  # the RLE's header: its value count, 32 bits, MSB first
+    except (TypeError, ValueError) as exc:
+        raise BrushError("the RLE is not a list of bytes") from exc
+    if declared != h * w * 4:
+        raise BrushError(f"the RLE holds {declared} values, a {w}x{h} RGBA mask {h * w * 4}")
+    try:
+        values = decode_rle(rle)
+    except (TypeError, ValueError, IndexError) as exc:  # a truncated stream ends in int("", 2)
+        raise BrushError(f"the RLE cannot be decoded ({type(exc).__name__})") from exc
+    return values.reshape(h, w, 4)[:, :, 3] > 0
 
 
 def _loader(fetcher: ImageFetcher, ref: str) -> Callable[[], Any]:
