@@ -93,7 +93,7 @@ def read_split(folder: Path, classes: Sequence[str]) -> SplitData:
 
 def load_pixels(samples: Sequence[Sample], input_size: int) -> torch.Tensor:
     """uint8 [N, 3, S, S]: every image resized (bilinear) to the members' input size; kept as bytes (4x less RAM)."""
-    arrays = [np.asarray(s.load().resize((input_size, input_size), Image.BILINEAR)) for s in samples]
+    arrays = [np.asarray(s.load().image.resize((input_size, input_size), Image.BILINEAR)) for s in samples]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 

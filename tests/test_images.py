@@ -244,3 +244,20 @@ def test_a_mask_is_read_under_the_pixel_limit_and_against_the_upright_image(tmp_
         skipped = []
         sample = with_usable_mask(Sample("x", "Lesion", stored, path), upright.size, skipped)
         assert sample.has_mask is kept and len(skipped) == (0 if kept else 1)
+
+
+def test_training_reads_a_large_image_reduced_and_its_mask_at_full_size(tmp_path):
+    """Training holds a batch of images at once: a large one comes as inference decodes it (reduced), and its mask
+    is checked against the image's full size."""
+    side = 2 * WORK_SIDE + 52
+    mask = np.zeros((side, side), np.uint8)
+    mask[: side // 2] = 255
+    root = folder_with_masks(
+        tmp_path, {"big": encode(Image.fromarray(mask)), "small": encode(Image.new("L", (40, 30)))}
+    )
+    Image.new("RGB", (side, side), (10, 200, 30)).save(root / "images" / "Lesion" / "big.png")
+    skipped = []
+    read = {s.key: (s, img) for s, img in iter_readable(read_folder_dataset(root)[0], skipped)}
+    big, image = read["Lesion/big.png"]
+    assert image.size == (side // 2, side // 2) and big.has_mask and big.load_mask().shape == (side, side)
+    assert read["Lesion/small.png"][0].has_mask and not skipped  # an image under the work side: as it is

@@ -158,9 +158,9 @@ def test_key_kind_is_told_by_shape() -> None:
 
 def test_legacy_token_reads_uploads_and_local_files(ls: FakeLabelStudio) -> None:
     fetcher = ImageFetcher(ls.url, ApiKeyAuth(ls.url, LEGACY))
-    assert fetcher.load("/data/upload/1/a.png").size == (30, 20)
-    assert fetcher.load("/data/local-files/?d=dir/b.png").mode == "RGB"
-    assert fetcher.load(f"{ls.url}/data/upload/1/a.png").size == (30, 20)  # absolute URL to LS: key too
+    assert fetcher.decode("/data/upload/1/a.png").image.size == (30, 20)
+    assert fetcher.decode("/data/local-files/?d=dir/b.png").image.mode == "RGB"
+    assert fetcher.decode(f"{ls.url}/data/upload/1/a.png").image.size == (30, 20)  # absolute URL to LS: key too
     assert {auth for _, auth in ls.seen_auth} == {f"Token {LEGACY}"}
     assert ls.refreshes == 0
 
@@ -171,53 +171,53 @@ def test_pat_is_refreshed_once_and_cached_until_near_expiry(ls: FakeLabelStudio)
     ls.access_ttl = 300
     fetcher = ImageFetcher(ls.url, auth)
     for _ in range(3):
-        fetcher.load("/data/upload/1/a.png")
+        fetcher.decode("/data/upload/1/a.png")
     assert ls.refreshes == 1
     assert all(a is not None and a.startswith("Bearer ") for _, a in ls.seen_auth)
     exp = float(jwt_claims(auth.access_token())["exp"])
     now[0] = exp - 10  # inside the refresh margin: a new access token
-    fetcher.load("/data/upload/1/a.png")
+    fetcher.decode("/data/upload/1/a.png")
     assert ls.refreshes == 2
 
 
 def test_pat_refreshes_again_when_the_access_token_is_refused(ls: FakeLabelStudio) -> None:
     auth = ApiKeyAuth(ls.url, PAT)
     fetcher = ImageFetcher(ls.url, auth)
-    fetcher.load("/data/upload/1/a.png")
+    fetcher.decode("/data/upload/1/a.png")
     ls.valid_access.clear()  # revoked (or LS restarted): one 401, one refresh, one retry
-    assert fetcher.load("/data/upload/1/a.png").size == (30, 20)
+    assert fetcher.decode("/data/upload/1/a.png").image.size == (30, 20)
     assert ls.refreshes == 2
 
 
 def test_bad_keys_are_transient_errors_with_a_hint(ls: FakeLabelStudio) -> None:
     with pytest.raises(ImageFetchError, match="LABEL_STUDIO_API_KEY") as e:
-        ImageFetcher(ls.url, ApiKeyAuth(ls.url, "wrong")).load("/data/upload/1/a.png")
+        ImageFetcher(ls.url, ApiKeyAuth(ls.url, "wrong")).decode("/data/upload/1/a.png")
     assert e.value.transient
     bad_pat = make_jwt({"token_type": "refresh", "exp": 9_999_999_999})
     with pytest.raises(ImageFetchError, match="refused the Personal Access Token") as e:
-        ImageFetcher(ls.url, ApiKeyAuth(ls.url, bad_pat)).load("/data/upload/1/a.png")
+        ImageFetcher(ls.url, ApiKeyAuth(ls.url, bad_pat)).decode("/data/upload/1/a.png")
     assert e.value.transient
     with pytest.raises(ImageFetchError, match="set LABEL_STUDIO_URL") as e:
-        ImageFetcher(None, None).load("/data/upload/1/a.png")
+        ImageFetcher(None, None).decode("/data/upload/1/a.png")
     assert e.value.transient
     with pytest.raises(ImageFetchError, match="set LABEL_STUDIO_API_KEY"):
-        ImageFetcher(ls.url, None).load("/data/upload/1/a.png")
+        ImageFetcher(ls.url, None).decode("/data/upload/1/a.png")
 
 
 def test_allow_list(ls: FakeLabelStudio, other: FakeLabelStudio) -> None:
     default = ImageFetcher(ls.url, ApiKeyAuth(ls.url, LEGACY))
     # Issue 12: Label Studio is read only under /data/upload/ and /data/local-files/ (it was: any path)
     with pytest.raises(ImageFetchError, match="only /data/upload/ and /data/local-files/"):
-        default.load(f"{ls.url}/public/c.png")
+        default.decode(f"{ls.url}/public/c.png")
     with pytest.raises(ImageFetchError, match="host not allowed") as e:
-        default.load(f"{other.url}/public/x.png")
+        default.decode(f"{other.url}/public/x.png")
     assert not e.value.transient and other.seen_auth == []  # refused before any request; issue 12: not transient
 
     allowed = ImageFetcher(ls.url, ApiKeyAuth(ls.url, LEGACY), [f"127.0.0.1:{other.port}"])
-    assert allowed.load(f"{other.url}/public/x.png").size == (5, 5)
+    assert allowed.decode(f"{other.url}/public/x.png").image.size == (5, 5)
     assert other.seen_auth == [("/public/x.png", None)]  # the key never leaves Label Studio
     with pytest.raises(ImageFetchError, match="host not allowed"):
-        allowed.load(f"{ls.url}/public/c.png".replace("127.0.0.1", "localhost"))
+        allowed.decode(f"{ls.url}/public/c.png".replace("127.0.0.1", "localhost"))
 
 
 def test_redirects_are_checked_hop_by_hop(ls: FakeLabelStudio, other: FakeLabelStudio) -> None:
@@ -228,19 +228,19 @@ def test_redirects_are_checked_hop_by_hop(ls: FakeLabelStudio, other: FakeLabelS
     other.redirects["/public/to-api.png"] = f"{ls.url}/api/projects/1"
     ls.redirects["/data/upload/1/moved.png"] = f"{other.url}/public/x.png"
     fetcher = ImageFetcher(ls.url, ApiKeyAuth(ls.url, LEGACY), [f"127.0.0.1:{other.port}"])
-    assert fetcher.load(f"{other.url}/public/here.png").size == (5, 5)
+    assert fetcher.decode(f"{other.url}/public/here.png").image.size == (5, 5)
     with pytest.raises(ImageFetchError, match="host not allowed"):
-        fetcher.load(f"{other.url}/public/away.png")
+        fetcher.decode(f"{other.url}/public/away.png")
     with pytest.raises(ImageFetchError, match="redirect back to Label Studio"):
-        fetcher.load(f"{other.url}/public/to-ls.png")
+        fetcher.decode(f"{other.url}/public/to-ls.png")
     with pytest.raises(ImageFetchError, match="only /data/upload/"):
-        fetcher.load(f"{other.url}/public/to-api.png")
+        fetcher.decode(f"{other.url}/public/to-api.png")
     assert [p for p, _ in ls.seen_auth] == []  # none of those reached Label Studio
-    assert fetcher.load("/data/upload/1/moved.png").size == (5, 5)  # LS -> allowed host: without the key
+    assert fetcher.decode("/data/upload/1/moved.png").image.size == (5, 5)  # LS -> allowed host: without the key
     assert other.seen_auth and all(auth is None for _, auth in other.seen_auth)
     other.redirects["/public/loop.png"] = "/public/loop.png"
     with pytest.raises(ImageFetchError, match="redirects"):
-        fetcher.load(f"{other.url}/public/loop.png")
+        fetcher.decode(f"{other.url}/public/loop.png")
 
 
 def test_host_allow_list_entries() -> None:
@@ -257,7 +257,7 @@ def test_unsupported_and_missing_references() -> None:
     fetcher = ImageFetcher("http://127.0.0.1:1", None)
     for ref, needle in [("s3://bucket/a.png", "s3:// URLs"), ("file:///etc/passwd", "file://"), ("", "no image")]:
         with pytest.raises(ImageFetchError, match=needle) as e:
-            fetcher.load(ref)
+            fetcher.decode(ref)
         assert not e.value.transient
 
 
@@ -266,20 +266,20 @@ def test_limits_and_status_codes(ls: FakeLabelStudio, other: FakeLabelStudio) ->
     hosts = [f"127.0.0.1:{other.port}"]
     small = ImageFetcher(ls.url, auth, limits=FetchLimits(max_bytes=100))
     with pytest.raises(ImageFetchError, match="byte limit") as e:
-        small.load("/data/upload/1/a.png")  # Content-Length over the limit
+        small.decode("/data/upload/1/a.png")  # Content-Length over the limit
     assert not e.value.transient
     with pytest.raises(ImageFetchError, match="byte limit"):
-        ImageFetcher(ls.url, auth, hosts, limits=FetchLimits(max_bytes=1000)).load(f"{other.url}/public/chunked.png")
+        ImageFetcher(ls.url, auth, hosts, limits=FetchLimits(max_bytes=1000)).decode(f"{other.url}/public/chunked.png")
     with pytest.raises(ImageFetchError, match="pixel limit"):
-        ImageFetcher(ls.url, auth, limits=FetchLimits(max_pixels=100)).load("/data/upload/1/a.png")
+        ImageFetcher(ls.url, auth, limits=FetchLimits(max_pixels=100)).decode("/data/upload/1/a.png")
     with pytest.raises(ImageFetchError, match="HTTP 404") as e:
-        ImageFetcher(ls.url, auth).load("/data/upload/1/missing.png")
+        ImageFetcher(ls.url, auth).decode("/data/upload/1/missing.png")
     assert not e.value.transient
     with pytest.raises(ImageFetchError, match="timed out") as e:
-        ImageFetcher(ls.url, auth, hosts, limits=FetchLimits(read_timeout=0.5)).load(f"{other.url}/slow.png")
+        ImageFetcher(ls.url, auth, hosts, limits=FetchLimits(read_timeout=0.5)).decode(f"{other.url}/slow.png")
     assert e.value.transient
     with pytest.raises(ImageFetchError, match="cannot connect") as e:
-        ImageFetcher("http://127.0.0.1:1", auth).load("/data/upload/1/a.png")
+        ImageFetcher("http://127.0.0.1:1", auth).decode("/data/upload/1/a.png")
     assert e.value.transient
 
 
@@ -299,13 +299,13 @@ def test_decoding_exif_16bit_gray_rgba_cmyk(ls: FakeLabelStudio) -> None:
     ls.files["/data/upload/1/cmyk.jpg"] = cmyk.getvalue()
     ls.files["/data/upload/1/bad.png"] = b"\x89PNG broken"
 
-    assert fetcher.load("/data/upload/1/exif.jpg").size == (20, 40)
-    g16 = fetcher.load("/data/upload/1/g16.png")
+    assert fetcher.decode("/data/upload/1/exif.jpg").image.size == (20, 40)
+    g16 = fetcher.decode("/data/upload/1/g16.png").image
     assert g16.mode == "RGB" and np.asarray(g16).max() == 255  # 16-bit scaled to the full 8-bit range
-    assert np.asarray(fetcher.load("/data/upload/1/gray.png"))[0, 0].tolist() == [77, 77, 77]
-    assert np.asarray(fetcher.load("/data/upload/1/rgba.png"))[0, 0].tolist() == [255, 255, 255]  # on white
-    red = np.asarray(fetcher.load("/data/upload/1/cmyk.jpg"))[10, 15]
+    assert np.asarray(fetcher.decode("/data/upload/1/gray.png").image)[0, 0].tolist() == [77, 77, 77]
+    assert np.asarray(fetcher.decode("/data/upload/1/rgba.png").image)[0, 0].tolist() == [255, 255, 255]  # on white
+    red = np.asarray(fetcher.decode("/data/upload/1/cmyk.jpg").image)[10, 15]
     assert red[0] > 200 and red[1] < 60 and red[2] < 60
     with pytest.raises(ImageFetchError, match="cannot read image") as e:
-        fetcher.load("/data/upload/1/bad.png")
+        fetcher.decode("/data/upload/1/bad.png")
     assert not e.value.transient

@@ -320,7 +320,7 @@ def test_a_wildcard_never_connects_to_internal_addresses(no_outside_connections:
         "http://mixed.test/x.png",
     ):
         with pytest.raises(ImageFetchError) as e:
-            fetcher.load(ref)
+            fetcher.decode(ref)
         assert not e.value.transient, ref
     assert no_outside_connections == []
 
@@ -332,7 +332,7 @@ def test_the_connection_goes_to_the_checked_address(
     NAMES["images.test"] = ["127.0.0.1"]
     try:
         fetcher = ImageFetcher(LS, None, [f"images.test:{server.port}", "127.0.0.1"], resolver=stub)
-        assert fetcher.load(f"http://images.test:{server.port}/a/./b/../x.png").size == (9, 6)
+        assert fetcher.decode(f"http://images.test:{server.port}/a/./b/../x.png").image.size == (9, 6)
     finally:
         del NAMES["images.test"]
     assert server.seen == [("/a/x.png", f"images.test:{server.port}", None)]  # normalised path, the host's name
@@ -352,8 +352,8 @@ def test_no_keyed_request_leaves_data(server: Recorder, no_outside_connections: 
         "/data/upload/1/up.png",
     ):
         with pytest.raises(ImageFetchError):
-            fetcher.load(ref)
-    assert fetcher.load("/data/upload/1/next.png").size == (9, 6)  # a redirect within /data/ keeps the key
+            fetcher.decode(ref)
+    assert fetcher.decode("/data/upload/1/next.png").image.size == (9, 6)  # a redirect within /data/ keeps the key
     keyed = [path for path, _, auth in server.seen if auth is not None]
     assert keyed and all(path.startswith("/data/upload/") for path in keyed)
     assert all(path.startswith("/data/") for path, _, _ in server.seen)
@@ -368,14 +368,14 @@ def test_redirects_to_internal_addresses_and_too_many_hops_are_refused(
     server.redirects["/to-user"] = "http://user:hunter2@public.test/x.png"
     for path, needle in (("/to-metadata", "link-local"), ("/to-redis", "loopback"), ("/to-user", "user name")):
         with pytest.raises(ImageFetchError, match=needle) as e:
-            fetcher.load(server.url + path)
+            fetcher.decode(server.url + path)
         assert "hunter2" not in str(e.value)
     for i in range(4):
         server.redirects[f"/hop{i}"] = f"/hop{i + 1}"
-    assert fetcher.load(f"{server.url}/hop1.png").size == (9, 6)
-    assert fetcher.load(f"{server.url}/hop1").size == (9, 6)  # hop1 -> hop2 -> hop3 -> hop4: 3 redirects
+    assert fetcher.decode(f"{server.url}/hop1.png").image.size == (9, 6)
+    assert fetcher.decode(f"{server.url}/hop1").image.size == (9, 6)  # hop1 -> hop2 -> hop3 -> hop4: 3 redirects
     with pytest.raises(ImageFetchError, match="more than 3 redirects"):
-        fetcher.load(f"{server.url}/hop0")
+        fetcher.decode(f"{server.url}/hop0")
     assert {address for address in no_outside_connections} == {("127.0.0.1", server.port)}
 
 
@@ -403,9 +403,10 @@ def test_https_to_the_checked_address_still_verifies_the_host_name(
     try:
         allowed = ["images.test", "impostor.test", "127.0.0.1"]
         fetcher = ImageFetcher(LS, None, allowed, resolver=stub)
-        assert fetcher.load(f"https://images.test:{server.port}/x.png").size == (9, 6)  # SNI and the name: the host's
+        # SNI and the name: the host's
+        assert fetcher.decode(f"https://images.test:{server.port}/x.png").image.size == (9, 6)
         with pytest.raises(ImageFetchError, match="TLS failed"):
-            fetcher.load(f"https://impostor.test:{server.port}/x.png")  # same address, a name the cert does not have
+            fetcher.decode(f"https://impostor.test:{server.port}/x.png")  # same address, a name the cert does not have
     finally:
         del NAMES["images.test"], NAMES["impostor.test"]
         server.close()

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .images import IMAGE_SUFFIXES, ImageError, load_image, load_mask
+from .images import IMAGE_SUFFIXES, Decoded, ImageError, decode_image, load_mask
 
 log = logging.getLogger(__name__)
 
@@ -29,19 +29,23 @@ class Sample:
     label: str | None  # None: unlabeled (a pseudo-mask candidate)
     path: Path | None = None
     mask_path: Path | None = None
-    loader: Callable[[], Image.Image] | None = None  # e.g. a download from Label Studio
+    loader: Callable[[], Decoded] | None = None  # e.g. a download from Label Studio
     mask: np.ndarray | None = None  # an oracle mask already decoded (nonzero = foreground)
 
     @property
     def has_mask(self) -> bool:
         return self.mask is not None or self.mask_path is not None
 
-    def load(self) -> Image.Image:
+    def load(self) -> Decoded:
+        """The upright RGB image as inference decodes it: one of at least twice `WORK_SIDE` a side comes reduced
+        (`Decoded.full_size` keeps its size, which a mask must have). Training holds a batch of images at once,
+        so this bounds its memory by the work side, not by the images (ten 8000 x 8000 JPEGs took training's
+        peak to 3.7 GB at full size)."""
         if self.loader is not None:
             return self.loader()
         if self.path is None:
             raise ValueError(f"sample {self.key} has no image")
-        return load_image(self.path)
+        return decode_image(self.path)
 
     def load_mask(self) -> np.ndarray | None:
         """The oracle mask as bool [H, W], or None."""
@@ -105,13 +109,13 @@ def iter_readable(samples: Iterable[Sample], skipped: list[str] | None = None) -
     the sample comes without it and still counts by its label (`with_usable_mask`)."""
     for sample in samples:
         try:
-            image = sample.load()
+            decoded = sample.load()
         except (ImageError, OSError) as exc:
             log.warning("skipping %s", exc)
             if skipped is not None:
                 skipped.append(f"{sample.key}: {exc}")
             continue
-        yield with_usable_mask(sample, image.size, skipped), image
+        yield with_usable_mask(sample, decoded.full_size, skipped), decoded.image
 
 
 def with_usable_mask(sample: Sample, size: tuple[int, int], skipped: list[str] | None = None) -> Sample:

@@ -72,7 +72,7 @@ class Decoded:
 def load_image(
     source: str | os.PathLike[str] | bytes, name: str | None = None, max_pixels: int = MAX_PIXELS
 ) -> Image.Image:
-    """Decode a path or raw bytes into an 8-bit RGB PIL image at full size (training reads masks at this size)."""
+    """Decode a path or raw bytes into an 8-bit RGB PIL image at full size, however large (within `max_pixels`)."""
     return decode_image(source, name, max_pixels, work_side=None).image
 
 

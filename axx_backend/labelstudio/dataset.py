@@ -16,7 +16,7 @@ import numpy as np
 from label_studio_sdk.converter.brush import decode_rle
 
 from ..core.data import Sample
-from ..core.images import ImageError
+from ..core.images import Decoded, ImageError
 from ..core.settings import DEFAULT_IMAGE_MAX_PIXELS
 from .config import ProjectConfig, parse_config
 from .images import ImageFetcher, ImageFetchError
@@ -135,14 +135,14 @@ def brush_layer(region: dict[str, Any], max_pixels: int = DEFAULT_IMAGE_MAX_PIXE
     return values.reshape(h, w, 4)[:, :, 3] > 0
 
 
-def _loader(fetcher: ImageFetcher, ref: str) -> Callable[[], Any]:
+def _loader(fetcher: ImageFetcher, ref: str) -> Callable[[], Decoded]:
     """Download and decode a task's image. A fetch failure is raised as `ImageError`, the trainer's
     "unreadable image": the task is skipped (and listed in the version's `training.skipped`) instead of
     one broken or unreachable image aborting the whole run."""
 
     def load() -> Any:
         try:
-            return fetcher.load(ref)
+            return fetcher.decode(ref)
         except ImageFetchError as exc:
             raise ImageError(f"task image {exc}") from exc
 

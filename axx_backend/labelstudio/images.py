@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import certifi
 import urllib3
-from PIL import Image
 from urllib3.exceptions import HTTPError, NewConnectionError, ProtocolError, SSLError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
@@ -226,12 +225,9 @@ class ImageFetcher:
         return bytes(data)
 
     # --- the image -----------------------------------------------------------------------------------------------
-    def load(self, ref: object) -> Image.Image:
-        """Fetch and decode into 8-bit RGB at full size, EXIF orientation applied (training)."""
-        return self.decode(ref, work_side=None).image
-
     def decode(self, ref: object, work_side: int | None = WORK_SIDE) -> Decoded:
-        """Fetch and decode; a large image comes back reduced to at least `work_side` a side (inference)."""
+        """Fetch and decode into 8-bit RGB, EXIF orientation applied; a large image comes back reduced to at least
+        `work_side` a side, its full size kept (prediction and training)."""
         data, target = self._fetch(ref)
         try:
             return decode_image(data, target.describe(), self.limits.max_pixels, work_side)
