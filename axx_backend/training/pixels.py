@@ -78,8 +78,8 @@ class PixelSet:
         self.settings = annotator.settings
         self.size = annotator.map_side
         self.negative = {annotator.classes.index(c) for c in annotator.negative}
-        self.oracle = {i: m for i, s in self._samples() if (m := s.load_mask()) is not None}
-        self.oracle = {i: resize_mask(m, self.size) for i, m in self.oracle.items()}
+        # Each mask resized as it is read: the pixel set's masks at full size at once would grow with the images.
+        self.oracle = {i: resize_mask(m, self.size) for i, s in self._samples() if (m := s.load_mask()) is not None}
         self.classes: dict[int, int] = {}  # i -> the class whose mask it shows (positive classes only)
         self.empty: list[int] = []  # images of a negative class: background everywhere
         self.votes: dict[int, list[int]] = {}
