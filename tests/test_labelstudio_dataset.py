@@ -128,7 +128,7 @@ def test_training_reads_the_labeling_config_with_the_settings_serving_uses(monke
     assert serving.classes == ("Mild", "Severe") and dict(serving.brush_map) == {"Severe": "Severe area"}
     assert trained["classes"] == list(serving.classes)
     assert [(s.key, s.label, s.has_mask) for s in trained["samples"]] == [("1", "Severe", True), ("2", "Mild", False)]
-    assert (trained["samples"][0].mask == severe).all()
+    assert (trained["samples"][0].load_mask() == severe).all()
     assert trained["source"] == "http://127.0.0.1:1 project 5"
 
 
@@ -167,3 +167,26 @@ def test_a_brush_region_that_cannot_be_decoded_costs_only_its_own_pixels(caplog)
     assert len(warned) == 6 and all(w.startswith("task 7: ") for w in warned)
     assert any("holds 4294967295 values, a 8x6 RGBA mask 192" in w for w in warned)
     assert any("a 9x6 region beside 8x6" in w for w in warned)
+
+
+def test_a_project_keeps_its_brushes_encoded_until_a_mask_is_read():
+    """A sample holds the checked RLE, not the decoded mask (a project's masks at once would grow with its images);
+    a brush whose stream turns out broken when read is left out with a reason, and the task keeps its label."""
+    from axx_backend.core.data import with_usable_mask
+
+    cfg = parse_config(CONFIG)
+    good = np.zeros((6, 8), bool)
+    good[2:5, 1:4] = True
+    broken = brush(good)
+    broken["value"] = {**broken["value"], "rle": broken["value"]["rle"][:6]}  # the header intact, the stream cut
+    tasks = [
+        {"id": 1, "data": {"image": "/a.png"}, "annotations": [annotation(1, "t", [choice("Lesion"), brush(good)])]},
+        {"id": 2, "data": {"image": "/b.png"}, "annotations": [annotation(2, "t", [choice("Lesion"), broken])]},
+    ]
+    first, second = tasks_to_samples(tasks, cfg, ImageFetcher("http://127.0.0.1:1", None))
+    assert not isinstance(first.mask, np.ndarray) and (first.load_mask() == good).all()
+    skipped = []
+    assert with_usable_mask(first, (8, 6), skipped) is first and not skipped
+    kept = with_usable_mask(second, (8, 6), skipped)
+    assert kept.label == "Lesion" and not kept.has_mask
+    assert skipped == ["2: mask not used: no brush region could be decoded"]

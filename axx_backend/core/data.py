@@ -30,7 +30,8 @@ class Sample:
     path: Path | None = None
     mask_path: Path | None = None
     loader: Callable[[], Decoded] | None = None  # e.g. a download from Label Studio
-    mask: np.ndarray | None = None  # an oracle mask already decoded (nonzero = foreground)
+    # an oracle mask (nonzero = foreground): decoded, or what decodes it when it is read (a Label Studio brush)
+    mask: np.ndarray | Callable[[], np.ndarray] | None = None
 
     @property
     def has_mask(self) -> bool:
@@ -50,7 +51,7 @@ class Sample:
     def load_mask(self) -> np.ndarray | None:
         """The oracle mask as bool [H, W], or None."""
         if self.mask is not None:
-            return np.asarray(self.mask) > 0
+            return np.asarray(self.mask() if callable(self.mask) else self.mask) > 0
         if self.mask_path is not None:
             return load_mask(self.mask_path)
         return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -53,7 +54,7 @@ def tasks_to_samples(
             counts["skipped"] += 1
             continue
         try:
-            label, mask = annotation_label_and_mask(task, cfg, fetcher.limits.max_pixels)
+            label, brush = annotation_label_and_brush(task, cfg, fetcher.limits.max_pixels)
         except (AttributeError, TypeError, KeyError, ValueError) as exc:  # a result that is not Label Studio's form
             log.warning("task %s: annotation not read, task skipped (%s: %s)", task.get("id"), type(exc).__name__, exc)
             counts["skipped"] += 1
@@ -61,12 +62,12 @@ def tasks_to_samples(
         if label is None and label_field and task["data"].get(label_field) in cfg.classes:
             label = task["data"][label_field]
             counts["from_field"] += 1
-        if label is not None or mask is not None:
+        if label is not None or brush is not None:
             counts["annotated"] += 1
         else:
             counts["unlabelled"] += 1
-        counts["masks"] += mask is not None
-        samples.append(Sample(key=str(task["id"]), label=label, loader=_loader(fetcher, ref), mask=mask))
+        counts["masks"] += brush is not None
+        samples.append(Sample(key=str(task["id"]), label=label, loader=_loader(fetcher, ref), mask=brush))
     log.info("tasks: %s", counts)
     return samples
 
@@ -74,9 +75,22 @@ def tasks_to_samples(
 def annotation_label_and_mask(
     task: dict[str, Any], cfg: ProjectConfig, max_pixels: int = DEFAULT_IMAGE_MAX_PIXELS
 ) -> tuple[str | None, np.ndarray | None]:
-    """The class and the brush mask of the task's latest valid annotation. A brush region that cannot be decoded
-    (`brush_layer`), or whose size differs from the mask's first region, is left out with a warning: it costs
-    its own pixels, never the task's label or the training run."""
+    """The class and the decoded brush mask of the task's latest valid annotation (`annotation_label_and_brush`);
+    no mask when no region decodes."""
+    label, brush = annotation_label_and_brush(task, cfg, max_pixels)
+    try:
+        return label, brush() if brush is not None else None
+    except BrushError as exc:
+        log.warning("task %s: %s", task.get("id"), exc)
+        return label, None
+
+
+def annotation_label_and_brush(
+    task: dict[str, Any], cfg: ProjectConfig, max_pixels: int = DEFAULT_IMAGE_MAX_PIXELS
+) -> tuple[str | None, BrushMask | None]:
+    """The class and the brush regions of the task's latest valid annotation. A region whose size or RLE header
+    is wrong (`check_brush`), or whose size differs from the first kept region's, is left out with a warning: it
+    costs its own pixels, never the task's label or the training run."""
     annotations = [
         a
         for a in task.get("annotations") or []
@@ -86,7 +100,8 @@ def annotation_label_and_mask(
         return None, None
     latest = max(annotations, key=lambda a: (a.get("updated_at") or a.get("created_at") or "", a.get("id", 0)))
     label = None
-    mask = None
+    regions: list[dict[str, Any]] = []
+    size = None
     for region in latest["result"]:
         value = region.get("value") or {}
         if region.get("from_name") == cfg.choices and region.get("type") == "choices":
@@ -94,27 +109,50 @@ def annotation_label_and_mask(
             label = chosen[0] if chosen else label
         elif region.get("from_name") == cfg.brush and region.get("type") == "brushlabels" and value.get("rle"):
             try:
-                layer = brush_layer(region, max_pixels)
-                if mask is not None and layer.shape != mask.shape:
-                    raise BrushError(
-                        f"a {layer.shape[1]}x{layer.shape[0]} region beside {mask.shape[1]}x{mask.shape[0]}"
-                    )
+                shape = check_brush(region, max_pixels)
+                if size is not None and shape != size:
+                    raise BrushError(f"a {shape[1]}x{shape[0]} region beside {size[1]}x{size[0]}")
             except BrushError as exc:
                 log.warning("task %s: brush region not used: %s", task.get("id"), exc)
                 continue
+            size = shape
+            regions.append(region)
+    return label, BrushMask(task.get("id"), tuple(regions)) if regions else None
+
+
+class BrushError(ImageError):
+    """A BrushLabels region that cannot be decoded into a mask; the message says why. An `ImageError`: training
+    leaves the mask out and keeps the task's label (`core.data.with_usable_mask`)."""
+
+
+@dataclass(frozen=True)
+class BrushMask:
+    """A task's checked brush regions, decoded when the mask is read (`Sample.load_mask`): the RLE is a small
+    fraction of the mask, and a project's masks decoded at once would take memory in proportion to its images."""
+
+    task: object  # the task's id, for the warnings
+    regions: tuple[dict[str, Any], ...]
+
+    def __call__(self) -> np.ndarray:
+        """The union of the regions, bool [H, W]; a region whose RLE stream is broken is left out with a warning,
+        and `BrushError` when none is left."""
+        mask = None
+        for region in self.regions:
+            try:
+                layer = brush_layer(region)
+            except BrushError as exc:
+                log.warning("task %s: brush region not used: %s", self.task, exc)
+                continue
             mask = layer if mask is None else (mask | layer)
-    return label, mask
+        if mask is None:
+            raise BrushError("no brush region could be decoded")
+        return mask
 
 
-class BrushError(ValueError):
-    """A BrushLabels region that cannot be decoded into a mask; the message says why."""
-
-
-def brush_layer(region: dict[str, Any], max_pixels: int = DEFAULT_IMAGE_MAX_PIXELS) -> np.ndarray:
-    """One BrushLabels region as bool [H, W] (its RGBA RLE's alpha). Annotations come in with imported tasks, so
-    the region is checked before anything is allocated: the size within `max_pixels` (AXX_IMAGE_MAX_PIXELS), and
-    the value count the RLE declares equal to H x W x 4 (the SDK's decoder allocates whatever count the first 32
-    bits say, up to 4 GiB)."""
+def check_brush(region: dict[str, Any], max_pixels: int = DEFAULT_IMAGE_MAX_PIXELS) -> tuple[int, int]:
+    """The size (H, W) of a BrushLabels region, checked before anything is decoded, as annotations come in with
+    imported tasks: within `max_pixels` (AXX_IMAGE_MAX_PIXELS), and the value count the RLE declares equal to
+    H x W x 4 (the SDK's decoder allocates whatever count the first 32 bits say, up to 4 GiB)."""
     try:
         h, w = int(region["original_height"]), int(region["original_width"])
     except (KeyError, TypeError, ValueError) as exc:
@@ -128,10 +166,16 @@ def brush_layer(region: dict[str, Any], max_pixels: int = DEFAULT_IMAGE_MAX_PIXE
         raise BrushError("the RLE is not a list of bytes") from exc
     if declared != h * w * 4:
         raise BrushError(f"the RLE holds {declared} values, a {w}x{h} RGBA mask {h * w * 4}")
+    return h, w
+
+
+def brush_layer(region: dict[str, Any]) -> np.ndarray:
+    """One region checked by `check_brush`, decoded: bool [H, W] (its RGBA RLE's alpha)."""
+    h, w = int(region["original_height"]), int(region["original_width"])
     try:
-        values = decode_rle(rle)
+        values = decode_rle(region["value"]["rle"])
     except (TypeError, ValueError, IndexError) as exc:  # a truncated stream ends in int("", 2)
-        raise BrushError(f"the RLE cannot be decoded ({type(exc).__name__})") from exc
+        raise BrushError(f"a brush RLE cannot be decoded ({type(exc).__name__})") from exc
     return values.reshape(h, w, 4)[:, :, 3] > 0
 
 
