@@ -152,7 +152,12 @@ def test_a_brush_region_that_cannot_be_decoded_costs_only_its_own_pixels(caplog)
     not_bytes = brush(other)
     not_bytes["value"] = {**not_bytes["value"], "rle": "not a list"}
     wider = brush(np.ones((6, 9), bool))  # a valid region, but not of the first region's size
-    results = [choice("Lesion"), brush(good), huge, sizeless, truncated, too_large, not_bytes, wider]
+    # 192 values of 32 bits each (a run of 2^32 - 1): more than a byte can hold
+    bits = format(6 * 8 * 4, "032b") + format(31, "05b") + format(7, "04b") * 4 + "1" + "00" + "1" * 8 + "1" * 32
+    bits += "0" * (-len(bits) % 8)
+    wide_values = brush(other)
+    wide_values["value"] = {**wide_values["value"], "rle": [int(bits[i : i + 8], 2) for i in range(0, len(bits), 8)]}
+    results = [choice("Lesion"), brush(good), huge, sizeless, truncated, too_large, not_bytes, wider, wide_values]
     task = {"id": 7, "data": {"image": "/x.png"}, "annotations": [annotation(1, "t", results)]}
     tracemalloc.start()
     try:
@@ -164,7 +169,8 @@ def test_a_brush_region_that_cannot_be_decoded_costs_only_its_own_pixels(caplog)
     assert mask.shape == (6, 8) and (mask == good).all()
     assert peak < 10 * 2**20
     warned = [r.getMessage() for r in caplog.records if "brush region not used" in r.getMessage()]
-    assert len(warned) == 6 and all(w.startswith("task 7: ") for w in warned)
+    assert len(warned) == 7 and all(w.startswith("task 7: ") for w in warned)
+    assert any("cannot be decoded (OverflowError)" in w for w in warned)
     assert any("holds 4294967295 values, a 8x6 RGBA mask 192" in w for w in warned)
     assert any("a 9x6 region beside 8x6" in w for w in warned)
 

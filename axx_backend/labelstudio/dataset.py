@@ -174,7 +174,8 @@ def brush_layer(region: dict[str, Any]) -> np.ndarray:
     h, w = int(region["original_height"]), int(region["original_width"])
     try:
         values = decode_rle(region["value"]["rle"])
-    except (TypeError, ValueError, IndexError) as exc:  # a truncated stream ends in int("", 2)
+    # A truncated stream ends in int("", 2); a value wider than a byte overflows the SDK's uint8 output.
+    except (TypeError, ValueError, IndexError, OverflowError) as exc:
         raise BrushError(f"a brush RLE cannot be decoded ({type(exc).__name__})") from exc
     return values.reshape(h, w, 4)[:, :, 3] > 0
 
