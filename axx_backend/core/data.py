@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .images import IMAGE_SUFFIXES, Decoded, ImageError, decode_image, load_mask
+from .images import Decoded, ImageError, decode_image, list_images, load_mask
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +72,8 @@ def read_folder_dataset(root: str | os.PathLike[str]) -> tuple[list[Sample], lis
         raise DatasetError(f"{images_dir} needs at least two class folders, found {classes}")
     samples = []
     for cls in classes:
-        for path in sorted((images_dir / cls).rglob("*")):
+        for path in list_images(images_dir / cls):
             rel = path.relative_to(images_dir)
-            # Hidden files and folders (macOS's `._name.png` copies, `.ipynb_checkpoints`) are not samples.
-            hidden = any(part.startswith(".") for part in rel.parts)
-            if hidden or not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
             mask = root / "masks" / rel.with_suffix(".png")
             samples.append(Sample(str(rel), cls, path, mask if mask.is_file() else None))
     empty = [c for c in classes if not any(s.label == c for s in samples)]

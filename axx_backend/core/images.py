@@ -199,9 +199,16 @@ def scale_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def list_images(root: str | os.PathLike[str]) -> list[Path]:
-    """Every file with an image suffix under `root`, sorted (the training layout; `annotate` reads by content)."""
+    """Every file with an image suffix under `root`, sorted (the training layout; `annotate` reads by content).
+    Hidden files and folders (macOS's `._name.png` copies, `.ipynb_checkpoints`) are not images of the set."""
     root = Path(root)
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
 
 
 def _first_line(exc: BaseException) -> str:
