@@ -58,5 +58,6 @@ def pool(heat: np.ndarray, segmentations: Sequence[np.ndarray]) -> np.ndarray:
     """`heat` [H, W] averaged inside the regions of each segmentation, then over the segmentations."""
     if not segmentations:
         return heat
-    pooled = [region_means(heat, labels)[labels] for labels in segmentations]
-    return np.mean(pooled, axis=0).astype(np.float32)
+    from .region_average import mean_over_regions  # (compiled, as the regions are: numba loads on first use)
+
+    return mean_over_regions(heat, segmentations)
