@@ -100,6 +100,8 @@ def test_compiled_region_pooling_is_numpys_bit_for_bit(dtype):
     expected = np.mean([region_means(heat, labels)[labels] for labels in segmentations], axis=0).astype(np.float32)
     pooled = pool(heat, segmentations)
     assert pooled.dtype == np.float32 and np.array_equal(pooled, expected)
+    with pytest.raises(ValueError, match="regions of shape"):
+        pool(heat, [gappy[:80]])
 
 
 def test_felzenszwalb_regions_follow_the_image_and_grow_with_the_scale():

@@ -22,6 +22,8 @@ def mean_over_regions(heat: np.ndarray, segmentations: Sequence[np.ndarray]) -> 
     values = np.ascontiguousarray(heat).ravel()
     total = np.zeros(values.size)
     for labels in segmentations:
+        if labels.shape != heat.shape:  # the compiled loop does not check its indices
+            raise ValueError(f"regions of shape {labels.shape} for a map of shape {heat.shape}")
         _add_region_means(values, np.ascontiguousarray(labels).ravel(), total)
     return (total / len(segmentations)).astype(np.float32).reshape(heat.shape)
 
