@@ -212,6 +212,8 @@ def test_finetune_last_stage_records_each_member_and_reloads(tmp_path, dataset_d
     version = store.path(store.current())
     meta = store.metadata(store.current())
     assert meta.training.finetune == "last-stage"
+    # the version says where training time went, by the steps that ran (no 0-second "all layers" step)
+    assert {"features", "finetune (last stage)", "heads and calibration", "pixels"} == set(meta.metrics["seconds"])
     annotator = Annotator.from_version(version, Settings(), explicit=set())  # the fingerprints of kept stages match
     for spec, member in zip(meta.members, annotator.ensemble.members, strict=True):
         info = meta.metrics["members"][spec.name]

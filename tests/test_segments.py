@@ -2,6 +2,7 @@
 head against its optimality condition, the pixel phase's k-fold decision on hand-made data, and versions."""
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -477,10 +478,10 @@ def test_a_depthwise_stage_learns_with_its_depthwise_kernels_frozen(precision):
     assert not {k for k in changed if k.startswith(("conv_stem", "bn1", "blocks.0."))}
 
 
-def test_a_kept_stage_is_fine_tuned_again_without_each_fold_and_the_served_stage_stays_as_it_was():
+def test_a_kept_stage_is_fine_tuned_again_without_each_fold_and_the_served_stage_stays_as_it_was(caplog):
     """The refits replay the member's fine-tuning on two folds of three (for calibration): one feature tensor per
     fold, each its own, and the stage that is served, with its cached features, is the one fine-tuned without
-    refits."""
+    refits. The log names each refit's fold and shows no held-out loss for it (it has none)."""
     from axx_backend.training.finetune import finetune_last_stages
     from axx_backend.training.heads import CrossFit
 
@@ -490,7 +491,14 @@ def test_a_kept_stage_is_fine_tuned_again_without_each_fold_and_the_served_stage
     finetune_last_stages(plain_ensemble, plain, labels, torch.arange(36), torch.arange(36, 48), settings)
     ensemble, _, cache = _resnet18_cache(labels, labels.float())
     refits = CrossFit(torch.arange(48), np.arange(48) % 3)
-    metrics = finetune_last_stages(ensemble, cache, labels, torch.arange(36), torch.arange(36, 48), settings, refits)
+    train, val = torch.arange(36), torch.arange(36, 48)
+    with caplog.at_level(logging.INFO, logger="axx_backend.training.finetune"):
+        metrics = finetune_last_stages(ensemble, cache, labels, train, val, settings, refits)
+    epochs_logged = [r.getMessage() for r in caplog.records if " epoch " in r.getMessage()]
+    assert sum("held-out loss" in m for m in epochs_logged) == 4  # the served run's epochs
+    for fold in (1, 2, 3):
+        refit = [m for m in epochs_logged if f"resnet18 (refit without fold {fold}) epoch" in m]
+        assert refit and not any("held-out" in m for m in refit), epochs_logged
     assert metrics["resnet18"]["kept"] and metrics["resnet18"]["cross_fit_seconds"] >= 0
     assert len(refits.pooled[0]) == 3 and all(f.shape == cache.pooled[0].shape for f in refits.pooled[0])
     assert not any(torch.allclose(f, cache.pooled[0], atol=1e-3) for f in refits.pooled[0])

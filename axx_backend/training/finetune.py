@@ -105,11 +105,14 @@ def finetune_member(
     seed: int = 0,
     precision: str = "fp32",
     patience: int | None = None,
+    name: str = "",
 ) -> dict[str, Any]:
     """Fine-tune the tail and the head in place on cached stage inputs [N, C, h, w] (and their mirrors) and
     keep the epoch with the best held-out loss (the frozen state when none beats it); returns what happened.
     `precision` ("fp32" or "bf16"): the training passes' autocast. `patience`: stop after that many epochs
-    without a better held-out loss (None: run every epoch; without a held-out split every epoch runs)."""
+    without a better held-out loss (None: run every epoch; without a held-out split every epoch runs).
+    `name`: what the log calls this run (the member's name by default)."""
+    name = name or member.name
     stage_params = tail.parameters()
     for p in member.parameters():
         p.requires_grad_(False)
@@ -126,17 +129,18 @@ def finetune_member(
         _epoch(member, tail, inputs, labels, train, weights, optimizer, generator, precision)
         ran = epoch + 1
         loss = held_out_loss(member, tail, inputs, labels, val)
-        log.info(
-            "finetune %s epoch %d/%d: held-out loss %.4f (frozen %.4f)", member.name, epoch + 1, epochs, loss, before
-        )
+        if len(val):
+            log.info("finetune %s epoch %d/%d: held-out loss %.4f (frozen %.4f)", name, epoch + 1, epochs, loss, before)
+        else:  # a fixed number of epochs (a refit): no held-out loss to show
+            log.info("finetune %s epoch %d/%d", name, epoch + 1, epochs)
         if loss < best[0] or not len(val):  # without a held-out split: the last epoch (a fixed count)
             best = (loss, _state(member, tail), epoch)
         if patience is not None and len(val) and epoch - best[2] >= patience:
-            log.info("finetune %s: stopping after %d epochs without a better held-out loss", member.name, epoch + 1)
+            log.info("finetune %s: stopping after %d epochs without a better held-out loss", name, epoch + 1)
             break
         elapsed = time.monotonic() - start
         if elapsed * (epoch + 2) / (epoch + 1) > seconds:  # the next epoch would overrun the budget
-            log.info("finetune %s: stopping after %d epochs (AXX_FINETUNE_SECONDS)", member.name, epoch + 1)
+            log.info("finetune %s: stopping after %d epochs (AXX_FINETUNE_SECONDS)", name, epoch + 1)
             break
     _load(member, tail, best[1])
     for p in member.parameters():
@@ -262,8 +266,8 @@ def finetune_last_stages(
                 epochs_kept = (int(info["best_epoch"]) + 1, result["finetune_best_epoch"] + 1)
                 replay = dataclasses.replace(settings, finetune_seconds=budget, seed=seed, precision=precision)
                 cross_fit.pooled[m] = [
-                    refit_without(member, tail, frozen, inputs, pooled, labels, rest, epochs_kept, replay)
-                    for rest in cross_fit.rests()
+                    refit_without(member, tail, frozen, inputs, pooled, labels, rest, epochs_kept, replay, fold)
+                    for fold, rest in enumerate(cross_fit.rests())
                 ]
                 _load(member, tail, tuned)
                 result["cross_fit_seconds"] = round(time.monotonic() - start, 1)
@@ -292,18 +296,22 @@ def refit_without(
     rest: torch.Tensor,
     epochs: tuple[int, int],
     settings: Settings,
+    fold: int = 0,
 ) -> torch.Tensor:
-    """The member's fine-tuning replayed on `rest` alone, from the frozen stage and a head trained on the frozen
-    features, for the kept `epochs` (head, stage), in the kept run's `settings.precision` (resolved: "fp32" or
-    "bf16") and within `settings.finetune_seconds`: the pooled features [N, K] its stage then makes of every
-    cached sample."""
+    """The member's fine-tuning replayed on `rest` alone (the labelled rows outside calibration fold `fold`),
+    from the frozen stage and a head trained on the frozen features, for the kept `epochs` (head, stage), in the
+    kept run's `settings.precision` (resolved: "fp32" or "bf16") and within `settings.finetune_seconds`: the
+    pooled features [N, K] its stage then makes of every cached sample."""
     head_epochs, stage_epochs = epochs
     _load(member, tail, frozen)  # the frozen stage; train_head then starts the head from zero
     n_classes = member.head.fc.out_features
     fixed = dataclasses.replace(settings, epochs=head_epochs)
     train_head(member.head, pooled[rest], labels[rest], pooled[rest][:0], labels[rest][:0], n_classes, fixed)
     seconds, precision = settings.finetune_seconds, settings.precision
-    finetune_member(member, tail, inputs, labels, rest, rest[:0], stage_epochs, seconds, settings.seed, precision)
+    name = f"{member.name} (refit without fold {fold + 1})"
+    finetune_member(
+        member, tail, inputs, labels, rest, rest[:0], stage_epochs, seconds, settings.seed, precision, name=name
+    )
     return member.pool(stage_features(tail, inputs))
 
 

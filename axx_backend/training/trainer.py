@@ -94,8 +94,10 @@ def train_on_samples(
     val_keys = validation_keys(labelled, settings)
     mode = resolve_finetune(settings)
     seconds: dict[str, float] = {}
-    with timed("finetune (all layers)", seconds):
-        finetune_metrics = finetune_all(annotator, labelled, classes, val_keys, progress) if mode == "all" else {}
+    finetune_metrics: dict[str, dict[str, Any]] = {}
+    if mode == "all":
+        with timed("finetune (all layers)", seconds):
+            finetune_metrics = finetune_all(annotator, labelled, classes, val_keys, progress)
     with timed("features", seconds):
         keys = pixel_keys(samples, settings)
         cache = extract_features(annotator, list(samples), keys, progress, mode == "last-stage")
@@ -106,8 +108,8 @@ def train_on_samples(
     refits = None
     if mode == "last-stage" and settings.calibration == "cross-fitted":
         refits = refit_folds(cache, split, settings)
-    with timed("finetune (last stage)", seconds):
-        if mode == "last-stage":
+    if mode == "last-stage":
+        with timed("finetune (last stage)", seconds):
             finetune_metrics = finetune_step(ensemble, cache, split, settings, progress, refits)
     with timed("heads and calibration", seconds):
         tuned = any(m.get("kept") for m in finetune_metrics.values())
