@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from axx_backend.core.settings import Settings
-from axx_backend.core.synthetic import make_image
+from axx_backend.core.synthetic import make_dataset, make_image
 from axx_backend.core.versions import ModelStore, VersionError
 from axx_backend.engine.annotator import Annotator
 from axx_backend.engine.masks import iou
@@ -195,6 +195,19 @@ def test_a_version_trained_without_masks_serves_the_segment_head_on_pseudo_masks
         assert ("segments.weight" in heads) == (choice == "segments")
         if choice == "segments":
             assert meta.metrics["pixels"]["pseudo_masks"] > 0 and meta.metrics["pixels"]["negatives"] > 0
+
+
+def test_a_tiny_dataset_keeps_the_backbones_frozen_and_early_stops_its_heads_by_cross_validation(tmp_path):
+    """Three images a class: the held-out split holds at most one of a class, too few to early-stop on or to tell
+    whether fine-tuning pays. `auto` then keeps the backbones frozen, and each head's epoch count comes from
+    cross-validation over every labelled image."""
+    data = make_dataset(tmp_path / "data", n_per_class=3, size=96, seed=3)
+    run_cli("train", data, "--model-dir", tmp_path / "m", "--preset", "offline", "--input-size", "96")
+    store = ModelStore(tmp_path / "m")
+    meta = store.metadata(store.current())
+    assert meta.training.finetune == "head" and not any(spec.finetuned for spec in meta.members)
+    assert "finetune (last stage)" not in meta.metrics["seconds"]
+    assert all(meta.metrics["members"][spec.name]["epochs_by"] == "cross-validation" for spec in meta.members)
 
 
 def test_finetune_last_stage_records_each_member_and_reloads(tmp_path, dataset_dir):

@@ -1,10 +1,13 @@
 """The members' MC-dropout heads: trained on scaled features from zero, served on raw ones."""
 
+from types import SimpleNamespace
+
+import numpy as np
 import torch
 
 from axx_backend.core.settings import Settings
 from axx_backend.engine.ensemble import MCDropoutHead
-from axx_backend.training.heads import feature_scale, train_head
+from axx_backend.training.heads import cv_epochs, feature_scale, held_out_too_small, train_head
 
 
 def separable(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,3 +55,25 @@ def test_a_feature_zero_on_the_training_images_gets_no_huge_weight():
     x[:, 5] = 0.0
     scale = feature_scale(x)
     assert float(scale[5]) > 0.01 * float(scale.mean())
+
+
+def test_cross_validation_stops_a_head_early_on_noise_and_late_on_signal():
+    """`cv_epochs` (the epoch count when the held-out split is too small): summed over folds, the loss of heads
+    trained on the other folds falls for as long as the features tell the class, and not when they do not."""
+    member = SimpleNamespace(head=MCDropoutHead(8, 2, 0.3))
+    folds = np.arange(40) % 5
+    settings = Settings(preset="offline", epochs=200)
+    x, y = separable(40, 4)
+    signal = cv_epochs(member, x, y, folds, settings)
+    noise = cv_epochs(member, x, y[torch.randperm(40, generator=torch.Generator().manual_seed(0))], folds, settings)
+    assert signal["epochs_by"] == "cross-validation"
+    # heads start from zero (loss ln 2 = 0.693) and learn slowly (lr 1e-3): signal keeps lowering the loss to the
+    # last epoch, while on shuffled labels no epoch beats the uniform start by more than noise
+    assert signal["best_epoch"] > 150 and signal["val_loss"] < 0.65
+    assert noise["best_epoch"] < 20 and noise["val_loss"] > 0.69
+
+
+def test_a_held_out_split_with_one_image_of_a_class_is_too_small_to_early_stop_on():
+    assert held_out_too_small(torch.tensor([0, 1, 1]), 2)
+    assert held_out_too_small(torch.tensor([0, 0, 1, 1]), 3)  # no image of class 2
+    assert not held_out_too_small(torch.tensor([0, 0, 1, 1, 2, 2]), 3)

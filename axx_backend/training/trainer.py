@@ -39,7 +39,15 @@ from .calibration import calibrate_uncertainty_threshold, flag_rate, risk_covera
 from .features import FeatureCache, Progress, extract_features
 from .finetune import FINETUNE_MODES, finetune_ensemble, finetune_last_stages
 from .groups import cache_groups, grouped_folds
-from .heads import CrossFit, Heads, Split, calibration_folds, train_member_heads
+from .heads import (
+    MIN_HELD_OUT_PER_CLASS,
+    CrossFit,
+    Heads,
+    Split,
+    calibration_folds,
+    held_out_too_small,
+    train_member_heads,
+)
 from .pixels import PixelResult, fit_pixels
 
 log = logging.getLogger(__name__)
@@ -105,6 +113,14 @@ def train_on_samples(
         cache.groups = cache_groups(cache.averaged, settings.seed)
         val_keys = appearance_validation_keys(cache, classes, settings) or val_keys
     split = Split.of(cache, classes, val_keys)
+    few_held_out = held_out_too_small(split.labels[split.val], len(classes))
+    if mode == "last-stage" and settings.finetune == "auto" and few_held_out:
+        log.info(
+            "not fine-tuning the last stages: the held-out split has fewer than %d images of some class, too few to "
+            "tell whether it pays (AXX_FINETUNE=last-stage forces it)",
+            MIN_HELD_OUT_PER_CLASS,
+        )
+        mode = "head"
     refits = None
     if mode == "last-stage" and settings.calibration == "cross-fitted":
         refits = refit_folds(cache, split, settings)
