@@ -21,7 +21,9 @@ from pathlib import Path
 VARIANTS = ("binary", "multiclass")
 
 
-def link(src: Path, dst: Path) -> None:
+def link(src: str | Path, dst: str | Path) -> None:
+    """Hard-link `src` to `dst` (also `shutil.copytree`'s copy function, which passes strings)."""
+    dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(src, dst)
@@ -48,13 +50,9 @@ def cut_down(data: Path, out: Path, per_class: dict[str, int], draw: int) -> dic
                 if mask.is_file():
                     link(mask, out / variant / "train" / "masks" / class_dir.name / mask.name)
             kept[variant][class_dir.name] = per_class[variant]
-        shutil.copytree(data / variant / "test", out / variant / "test", copy_function=link_or_copy)
+        shutil.copytree(data / variant / "test", out / variant / "test", copy_function=link)
     shutil.copy2(data / "manifest.json", out / "manifest.json")
     return kept
-
-
-def link_or_copy(src: str, dst: str) -> None:
-    link(Path(src), Path(dst))
 
 
 def main() -> None:

@@ -202,12 +202,9 @@ def cross_fit(
     n_classes = member.head.fc.out_features
     logits = torch.zeros(len(y), n_classes)
     samples = torch.zeros(settings.mc_samples, len(y), n_classes)
-    for fold in range(int(folds.max()) + 1):
-        held = torch.from_numpy(np.flatnonzero(folds == fold))
-        rest = torch.from_numpy(np.flatnonzero(folds != fold))
-        head = MCDropoutHead(member.head.fc.in_features, n_classes, member.head.p)
+    for held, rest, xf in fold_rows(folds, x, fold_x):
+        head = fresh_head(member)
         fixed_epochs = dataclasses.replace(settings, epochs=epochs)
-        xf = x if fold_x is None else fold_x[fold]
         train_head(head, xf[rest], y[rest], xf[rest][:0], y[rest][:0], n_classes, fixed_epochs)
         with torch.no_grad():
             logits[held] = head.fc(xf[held])
@@ -228,21 +225,32 @@ def cv_epochs(
     `train_head` returns (`best_epoch`, `val_loss`)."""
     n_classes = member.head.fc.out_features
     total = torch.zeros(settings.epochs, dtype=torch.float64)
-    for fold in range(int(folds.max()) + 1):
-        held = torch.from_numpy(np.flatnonzero(folds == fold))
-        rest = torch.from_numpy(np.flatnonzero(folds != fold))
-        xf = x if fold_x is None else fold_x[fold]
+    for held, rest, xf in fold_rows(folds, x, fold_x):
         curve: list[float] = []
-        head = MCDropoutHead(member.head.fc.in_features, n_classes, member.head.p)
-        train_head(head, xf[rest], y[rest], xf[held], y[held], n_classes, settings, curve)
+        train_head(fresh_head(member), xf[rest], y[rest], xf[held], y[held], n_classes, settings, curve)
         total += torch.tensor(curve, dtype=torch.float64) * len(held)
     best = int(total.argmin())
     return {"best_epoch": best, "val_loss": float(total[best]) / len(y), "epochs_by": "cross-validation"}
 
 
+def fold_rows(
+    folds: np.ndarray, x: torch.Tensor, fold_x: Sequence[torch.Tensor] | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per fold: its rows, the other rows, and the features its heads read (`fold_x[fold]`, else `x`)."""
+    for fold in range(int(folds.max()) + 1):
+        held = torch.from_numpy(np.flatnonzero(folds == fold))
+        rest = torch.from_numpy(np.flatnonzero(folds != fold))
+        yield held, rest, (x if fold_x is None else fold_x[fold])
+
+
+def fresh_head(member: Member) -> MCDropoutHead:
+    """A new head shaped like the member's (train_head starts it from zero)."""
+    return MCDropoutHead(member.head.fc.in_features, member.head.fc.out_features, member.head.p)
+
+
 def retrain(member: Member, x: torch.Tensor, y: torch.Tensor, epochs: int, settings: Settings) -> None:
     """The served head: every labelled image, the early-stopped number of epochs."""
-    fresh = MCDropoutHead(member.head.fc.in_features, member.head.fc.out_features, member.head.p)
+    fresh = fresh_head(member)
     train_head(fresh, x, y, x[:0], y[:0], member.head.fc.out_features, dataclasses.replace(settings, epochs=epochs))
     member.head.load_state_dict(fresh.state_dict())
 
