@@ -1,20 +1,85 @@
 """The multi-scale Felzenszwalb segmentation against scikit-image's `felzenszwalb`, the independent reference:
 the same labels, pixel for pixel, on photographs scikit-image ships (RGB and grey, odd sizes, the scales and
-minimum sizes the refinement uses and extreme ones) and on images full of tied edges."""
+minimum sizes the refinement uses and extreme ones) and on images full of tied edges.
+
+Ours sorts the edges stably (tied edges keep their position, on every CPU); scikit-image sorts them with NumPy's
+default sort, whose order of tied edges depends on the CPU's sort kernel. So scikit-image runs here with its
+sort made stable (`stable_scikit_image`): the same algorithm, tied edges in the same order."""
 
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+import skimage.segmentation._felzenszwalb_cy as scikit_image_felzenszwalb
 from PIL import Image
 from skimage import data
 from skimage.segmentation import felzenszwalb
 
-from axx_backend.engine.felzenszwalb import edges, felzenszwalb_scales, smoothed
+from axx_backend.engine.felzenszwalb import edges, felzenszwalb_scales, smoothed, stable_order
 from axx_backend.engine.refine import REFERENCE_SIDE, SuperpixelSpec, segment_image
+
+
+class _NumPyWithStableSort(types.ModuleType):
+    """NumPy as scikit-image's felzenszwalb module calls it, with `argsort` stable."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def argsort(a, *args, **kwargs):
+        return np.argsort(a, kind="stable")
+
+
+@pytest.fixture(autouse=True)
+def stable_scikit_image(monkeypatch):
+    monkeypatch.setattr(scikit_image_felzenszwalb, "np", _NumPyWithStableSort("numpy"))
+
+
+def test_the_reference_is_scikit_image_with_a_stable_sort(monkeypatch):
+    """The patch reaches the sort scikit-image calls (else the tie test below would compare nothing new), and on
+    an image without tied edges scikit-image cuts the same with either sort."""
+    sorted_lengths = []
+    counting = _NumPyWithStableSort("numpy")
+    counting.argsort = lambda a, *args, **kwargs: sorted_lengths.append(len(a)) or np.argsort(a, kind="stable")
+    image = np.random.default_rng(2).random((20, 24, 3))  # float pixels: no two edges cost the same
+    monkeypatch.setattr(scikit_image_felzenszwalb, "np", counting)
+    stable = felzenszwalb(image, scale=50.0, sigma=0.0, min_size=3)
+    assert sorted_lengths == [20 * 23 + 19 * 24 + 2 * 19 * 23]  # every edge, sorted once
+    monkeypatch.setattr(scikit_image_felzenszwalb, "np", np)
+    assert np.array_equal(felzenszwalb(image, scale=50.0, sigma=0.0, min_size=3), stable)
+    assert np.array_equal(felzenszwalb_scales(image, [50.0], 0.0, 3)[0], stable)
+
+
+@pytest.mark.parametrize(
+    "costs",
+    [
+        np.random.default_rng(0).random(50_000),
+        np.random.default_rng(1).integers(0, 40, 50_000) / 7.0,  # mostly ties, exact zeros among them
+        np.concatenate(
+            [
+                np.random.default_rng(2).random(300) * 1e-300,
+                np.random.default_rng(3).random(300) * 1e300,
+                np.zeros(7),
+                [np.finfo(float).tiny, 5e-324, np.finfo(float).max, -0.0, 0.0],
+            ]
+        ),
+        np.array([2.5]),
+        np.array([], dtype=np.float64),
+    ],
+    ids=["distinct", "ties", "extremes", "one", "none"],
+)
+def test_stable_order_is_numpys_stable_argsort(costs):
+    assert np.array_equal(stable_order(costs), np.argsort(costs, kind="stable"))
+
+
+def test_stable_order_refuses_what_it_cannot_sort():
+    for costs in (np.array([1.0, -0.5]), np.array([1.0, np.nan]), np.array([np.inf])):
+        with pytest.raises(ValueError, match="non-negative finite costs"):
+            stable_order(costs)
 
 
 def _photo(name: str, size: tuple[int, int]) -> np.ndarray:
@@ -103,7 +168,7 @@ def test_regions_work_where_numba_has_nowhere_to_cache(tmp_path):
         "import numpy as np\n"
         "from skimage.segmentation import felzenszwalb\n"
         "from axx_backend.engine.felzenszwalb import felzenszwalb_scales\n"
-        "image = (np.arange(24 * 24 * 3).reshape(24, 24, 3) % 97).astype(np.uint8)\n"
+        "image = np.random.default_rng(0).random((24, 24, 3))  # no tied edges: scikit-image's sort as it is\n"
         "ours = felzenszwalb_scales(image, [50.0], 0.5, 5)[0]\n"
         "assert np.array_equal(ours, felzenszwalb(image, scale=50.0, sigma=0.5, min_size=5))\n"
         "print('regions', ours.max() + 1)\n"

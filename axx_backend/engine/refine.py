@@ -2,8 +2,9 @@
 
 A CAM is a blob at the resolution of the last feature map (10x10 cells at 320 px); the object's outline is
 in the image. Felzenszwalb's graph segmentation cuts the image into regions along its edges (scikit-image's
-result, computed for all scales from one sorted edge list: `felzenszwalb.py`); averaging the map inside
-each region makes every region all-in or all-out, so the thresholded mask follows the image's edges.
+result with tied edges in a fixed order, computed for all scales from one sorted edge list:
+`felzenszwalb.py`); averaging the map inside each region makes every region all-in or all-out, so the
+thresholded mask follows the image's edges.
 Regions at several scales are averaged, so one bad cut costs a fraction.
 
 Measured on the photograph benchmark (binary, 100 test objects never seen in training, the mean CAM of
