@@ -9,8 +9,8 @@ bit for bit), and the merge runs per scale in compiled code (numba) with path ha
 
 The edges are sorted stably (a compiled radix sort: tied edges keep their position). scikit-image calls NumPy's
 default sort, which leaves tied edges in whatever order the CPU's sort kernel makes: an AVX-512 CPU orders them
-otherwise than one without, so the same image was cut differently from machine to machine (and on AMD EPYC
-the AVX-512 kernel took 26-48 ms for the 407,682 edges of a 320 x 320 image, where NumPy's own took 10 ms).
+otherwise than one without, so the same image could be cut differently from machine to machine (and on AMD EPYC
+the AVX-512 kernel took 26-48 ms for the 407,682 edges of a 320 x 320 image, where NumPy's scalar sort took 10 ms).
 The result is scikit-image's, label for label, when its sort is made stable too (tests/test_felzenszwalb.py
 compares them on photographs and on images full of ties); on an image without tied edges it is scikit-image's
 as it stands.
