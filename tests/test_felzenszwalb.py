@@ -19,7 +19,7 @@ from PIL import Image
 from skimage import data
 from skimage.segmentation import felzenszwalb
 
-from axx_backend.engine.felzenszwalb import edges, felzenszwalb_scales, smoothed, stable_order
+from axx_backend.engine.felzenszwalb import edges, felzenszwalb_scales, smoothed, sort_stably
 from axx_backend.engine.refine import REFERENCE_SIDE, SuperpixelSpec, segment_image
 
 
@@ -72,14 +72,16 @@ def test_the_reference_is_scikit_image_with_a_stable_sort(monkeypatch):
     ],
     ids=["distinct", "ties", "extremes", "one", "none"],
 )
-def test_stable_order_is_numpys_stable_argsort(costs):
-    assert np.array_equal(stable_order(costs), np.argsort(costs, kind="stable"))
+def test_sort_stably_is_numpys_stable_argsort(costs):
+    order, sorted_costs = sort_stably(costs)
+    assert np.array_equal(order, np.argsort(costs, kind="stable"))
+    assert np.array_equal(sorted_costs, costs[order])
 
 
-def test_stable_order_refuses_what_it_cannot_sort():
+def test_sort_stably_refuses_what_it_cannot_sort():
     for costs in (np.array([1.0, -0.5]), np.array([1.0, np.nan]), np.array([np.inf])):
         with pytest.raises(ValueError, match="non-negative finite costs"):
-            stable_order(costs)
+            sort_stably(costs)
 
 
 def _photo(name: str, size: tuple[int, int]) -> np.ndarray:

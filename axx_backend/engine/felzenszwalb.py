@@ -74,15 +74,11 @@ def _edges(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no co
     return costs, pairs
 
 
-def stable_order(costs: np.ndarray) -> np.ndarray:
-    """`np.argsort(costs, kind="stable")` of non-negative finite float64 costs (tied costs keep their order)."""
-    return sort_stably(costs)[0]
-
-
 def sort_stably(costs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The stable order of non-negative finite float64 costs and the costs in that order, by a
-    least-significant-digit radix sort of their bits (for such numbers the bits order like the values): O(n),
-    the same order on every machine. The order is int32 where it fits (it halves what each pass moves)."""
+    """`np.argsort(costs, kind="stable")` of non-negative finite float64 costs (tied costs keep their order) and
+    the costs in that order, by a least-significant-digit radix sort of their bits (for such numbers the bits
+    order like the values): O(n), the same order on every machine. The order is int32 where it fits (it halves
+    what each pass moves)."""
     costs = np.ascontiguousarray(costs, dtype=np.float64)
     if costs.size and not (costs.min() >= 0.0 and np.isfinite(costs.max())):
         raise ValueError("stable sorting takes non-negative finite costs only")
