@@ -20,6 +20,13 @@ writes, in the dataset layout of `axx-backend train`:
     runs/photo/manifest.json        provenance of every image (photo, crop box, stamp, area, position, seed)
     runs/photo/examples.png         12 examples with their mask outlines, to look at
 
+`--composite natural` builds the same images (same crops, stamps, sizes and places: the extra random draws
+come after the paste's) with the cues of a paste taken away, to check that masks do not lean on them: the
+stamp's colour cast moved halfway to its surroundings' (per-channel gains at equal brightness), the stamp softened
+(Gaussian, sigma 0-1 px) and its alpha feathered (sigma 0.7-2 px), then every image, background images
+too, gets the same sensor noise (sigma 0.5-3 % of the range) and a JPEG quality drawn in 70-92. The mask stays
+the unfeathered alpha > 0.5.
+
 Held out by file: both the stamps (per category) and the photographs are split ~70/30 between train and
 test, so a test image shows an object and a background never seen in training. Within a split the stamps
 and the photos are used in balanced rounds (each once before any twice), so with at least half as many
@@ -96,6 +103,12 @@ AREA_RANGE = (0.03, 0.30)  # object mask area as a share of the image, drawn log
 # Photos are decoded once and kept at most this short side: the smallest crop (20 %) still has
 # 256 px to resize from, and 28 photos fit in ~250 MB instead of ~1.5 GB.
 MAX_PHOTO_SHORT_SIDE = 1280
+COMPOSITES = ("paste", "natural")
+HARMONISE = 0.5  # natural: share of the way the stamp's colour cast moves to its surroundings'
+FEATHER_SIGMA = (0.7, 2.0)  # natural: Gaussian sigma (px) of the alpha's edge
+SOFTEN_SIGMA = (0.0, 1.0)  # natural: Gaussian sigma (px) of the stamp itself
+NOISE_SIGMA = (0.005, 0.03)  # natural: sensor noise over the whole image, share of the range
+JPEG_QUALITY = (70, 92)  # natural: drawn per image (paste: always 92)
 VARIANTS = ("binary", "multiclass")
 SPLITS = ("train", "test")
 
@@ -189,7 +202,9 @@ def usable_stamps() -> list[Stamp]:
     return [s for s in list_stamps() if max_area_fraction(load_cutout(s.path)) >= AREA_RANGE[0] * 1.1]
 
 
-def paste_stamp(rng: np.random.Generator, background: np.ndarray, stamp: Stamp) -> tuple[np.ndarray, np.ndarray, dict]:
+def paste_stamp(
+    rng: np.random.Generator, background: np.ndarray, stamp: Stamp, composite: str = "paste"
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """Alpha-composite the stamp at a log-uniform area fraction and a random place: (image, mask, provenance)."""
     size = background.shape[0]
     cutout = load_cutout(stamp.path)
@@ -209,11 +224,18 @@ def paste_stamp(rng: np.random.Generator, background: np.ndarray, stamp: Stamp) 
     # Mild colour and brightness jitter: a stamp reused in train should not look identical twice.
     gain = rng.uniform(0.9, 1.1, size=3) * rng.uniform(0.85, 1.15)
     alpha = np.clip(arr[..., 3:4], 0.0, 1.0)
-    out = background.copy()
-    region = out[y : y + h, x : x + w]
-    out[y : y + h, x : x + w] = np.clip(alpha * np.clip(arr[..., :3] * gain, 0, 1) + (1 - alpha) * region, 0, 1)
+    rgb = np.clip(arr[..., :3] * gain, 0, 1)
     mask = np.zeros((size, size), bool)
     mask[y : y + h, x : x + w] = alpha[..., 0] > 0.5
+    natural = {}
+    if composite == "natural":
+        rgb, alpha, natural = blend_in(rng, rgb, alpha, background[y : y + h, x : x + w])
+    # On the whole canvas, so that a feathered edge can reach past the stamp's box.
+    canvas_rgb, canvas_alpha = np.zeros(background.shape), np.zeros((size, size, 1), np.float32)
+    canvas_rgb[y : y + h, x : x + w], canvas_alpha[y : y + h, x : x + w] = rgb, alpha
+    if composite == "natural":
+        canvas_alpha = feathered(canvas_alpha, natural["feather"])
+    out = np.clip(canvas_alpha * canvas_rgb + (1 - canvas_alpha) * background, 0, 1).astype(np.float32)
     record = {
         "stamp": stamp.path.relative_to(STAMPS_ROOT).as_posix()
         if stamp.path.is_relative_to(STAMPS_ROOT)
@@ -224,8 +246,48 @@ def paste_stamp(rng: np.random.Generator, background: np.ndarray, stamp: Stamp) 
         "box": [x, y, w, h],
         "flip": flip,
         "gain": [round(float(g), 3) for g in gain],
+        **natural,
     }
     return out, mask, record
+
+
+def blend_in(
+    rng: np.random.Generator, rgb: np.ndarray, alpha: np.ndarray, region: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The stamp's colour cast moved `HARMONISE` of the way to its surroundings' (per-channel gains that keep
+    its brightness: the scene's white balance, not its contrast) and the stamp softened; the alpha's feather is
+    drawn here and applied on the canvas (`feathered`)."""
+    from scipy.ndimage import gaussian_filter
+
+    inside, around = alpha[..., 0] > 0.5, alpha[..., 0] <= 0.5
+    if inside.any() and around.sum() >= 16:  # a stamp filling its box: compare with the whole box instead
+        reference = region[around]
+    else:
+        reference = region.reshape(-1, 3)
+    src = rgb[inside].mean(0) + 1e-3 if inside.any() else np.ones(3)
+    ref = reference.mean(0) + 1e-3
+    gains = ((ref / ref.mean()) / (src / src.mean())) ** HARMONISE  # towards the surroundings' colour cast
+    gains *= src.mean() / (src * gains).mean()  # at the stamp's own brightness
+    rgb = np.clip(rgb * gains, 0, 1)
+    soften = float(rng.uniform(*SOFTEN_SIGMA))
+    feather = float(rng.uniform(*FEATHER_SIGMA))
+    # Softened where it is opaque only: blurring the transparent pixels' colours in would tint the edge.
+    weight = gaussian_filter(alpha[..., 0], soften) + 1e-6
+    rgb = np.clip(gaussian_filter(rgb * alpha, sigma=(soften, soften, 0)) / weight[..., None], 0, 1)
+    return rgb.astype(np.float32), alpha, {"soften": round(soften, 3), "feather": round(feather, 3)}
+
+
+def feathered(alpha: np.ndarray, sigma: float) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    return np.clip(gaussian_filter(alpha, sigma=(sigma, sigma, 0)), 0, 1).astype(np.float32)
+
+
+def sensor(rng: np.random.Generator, image: np.ndarray) -> tuple[np.ndarray, int, float]:
+    """Noise over the whole image and a JPEG quality, both drawn: (image, quality, noise sigma)."""
+    sigma = float(rng.uniform(*NOISE_SIGMA))
+    quality = int(rng.integers(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1))
+    return np.clip(image + rng.normal(0.0, sigma, image.shape).astype(np.float32), 0, 1), quality, sigma
 
 
 # ---------------------------------------------------------------- writing
@@ -246,7 +308,7 @@ class SplitPlan:
     n_per_class: int
 
 
-def write_split(out: Path, plan: SplitPlan, seed: int, size: int) -> list[dict]:
+def write_split(out: Path, plan: SplitPlan, seed: int, size: int, composite: str = "paste") -> list[dict]:
     """Write the split's images (and masks) under `out/variant/split`; returns their manifest records."""
     split_dir = out / plan.variant / plan.split
     v_index, s_index = VARIANTS.index(plan.variant), SPLITS.index(plan.split)
@@ -267,11 +329,15 @@ def write_split(out: Path, plan: SplitPlan, seed: int, size: int) -> list[dict]:
             rel_image = f"{plan.variant}/{plan.split}/images/{cls}/{i:04d}.jpg"
             record = {"image": rel_image, "class": cls, "rng": rng_key, "background": background}
             if stamps:
-                image, mask, record["object"] = paste_stamp(rng, image, stamps[stamp_seq[i]])
+                image, mask, record["object"] = paste_stamp(rng, image, stamps[stamp_seq[i]], composite)
                 record["mask"] = f"{plan.variant}/{plan.split}/masks/{cls}/{i:04d}.png"
                 (out / record["mask"]).parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(mask.astype(np.uint8) * 255).save(out / record["mask"])
-            Image.fromarray((image * 255).round().astype(np.uint8)).save(out / rel_image, quality=92)
+            quality = 92
+            if composite == "natural":  # every image, negatives too: noise and compression are no class cue
+                image, quality, record["noise"] = sensor(rng, image)
+                record["jpeg_quality"] = quality
+            Image.fromarray((image * 255).round().astype(np.uint8)).save(out / rel_image, quality=quality)
             records.append(record)
     return records
 
@@ -340,14 +406,16 @@ def write_examples(out: Path, records: list[dict], path: Path, n: int = 12, tile
 # ---------------------------------------------------------------- main
 
 
-def build(out: Path, size: int, seed: int, counts: dict) -> dict:
+def build(out: Path, size: int, seed: int, counts: dict, composite: str = "paste") -> dict:
     stamps = usable_stamps()
     plans = plan_splits(stamps, PHOTOS, seed, counts)
     manifest: dict = {"seed": seed, "size": size, "photos": list(PHOTOS), "variants": {}, "images": []}
+    if composite != "paste":  # the default's manifest, and so its digest, stay as they were
+        manifest["composite"] = composite
     manifest["stamps"] = stamp_counts(stamps, seed)
     for plan in plans:
         start = time.perf_counter()
-        records = write_split(out, plan, seed, size)
+        records = write_split(out, plan, seed, size, composite)
         manifest["variants"].setdefault(plan.variant, {})[plan.split] = split_summary(plan, records)
         manifest["images"] += records
         print(f"{plan.variant}/{plan.split}: {len(records)} images in {time.perf_counter() - start:.0f} s", flush=True)
@@ -396,6 +464,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--binary-test", type=int, default=100)
     parser.add_argument("--multiclass-train", type=int, default=50, help="images per class (4 classes)")
     parser.add_argument("--multiclass-test", type=int, default=40)
+    parser.add_argument(
+        "--composite", choices=COMPOSITES, default="paste",
+        help="natural: harmonised colours, feathered edges, sensor noise and JPEG on every image",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.out.exists() and any(args.out.iterdir()):
         sys.exit(f"{args.out} is not empty: remove it first (the builder never mixes two runs)")
@@ -404,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "multiclass": {"train": args.multiclass_train, "test": args.multiclass_test},
     }
     start = time.perf_counter()
-    manifest = build(args.out, args.size, args.seed, counts)
+    manifest = build(args.out, args.size, args.seed, counts, args.composite)
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     print_summary(manifest)
     summary = {"out": str(args.out), "images": len(manifest["images"]), "sha256": tree_digest(args.out)}
