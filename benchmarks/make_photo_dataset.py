@@ -259,11 +259,9 @@ def blend_in(
     drawn here and applied on the canvas (`feathered`)."""
     from scipy.ndimage import gaussian_filter
 
+    # The surroundings: the background inside the stamp's box around the stamp (the whole box if it fills it).
     inside, around = alpha[..., 0] > 0.5, alpha[..., 0] <= 0.5
-    if inside.any() and around.sum() >= 16:  # a stamp filling its box: compare with the whole box instead
-        reference = region[around]
-    else:
-        reference = region.reshape(-1, 3)
+    reference = region[around] if inside.any() and around.sum() >= 16 else region.reshape(-1, 3)
     src = rgb[inside].mean(0) + 1e-3 if inside.any() else np.ones(3)
     ref = reference.mean(0) + 1e-3
     gains = ((ref / ref.mean()) / (src / src.mean())) ** HARMONISE  # towards the surroundings' colour cast
