@@ -104,12 +104,15 @@ def test_natural_moves_the_colour_cast_not_the_brightness(stamp, background):
     core = mask & np.roll(mask, 4, 0) & np.roll(mask, -4, 0) & np.roll(mask, 4, 1) & np.roll(mask, -4, 1)
     before, after, scene = pasted[core].mean(0), natural[core].mean(0), background[~mask].mean(0)
     assert abs(after.mean() - before.mean()) < 0.03  # brightness kept (the gains are normalised)
-    chroma = lambda c: c / c.mean()  # noqa: E731
     # The red stamp on a blue scene: its chromaticity moves towards the scene's, by about HARMONISE of the way in log.
-    moved = np.log(chroma(after)) - np.log(chroma(before))
-    wanted = np.log(chroma(scene)) - np.log(chroma(before))
+    moved = log_chroma(after) - log_chroma(before)
+    wanted = log_chroma(scene) - log_chroma(before)
     assert np.all(np.sign(moved) == np.sign(wanted))
     assert 0.2 < float(np.dot(moved, wanted) / np.dot(wanted, wanted)) < 0.8
+
+
+def log_chroma(colour: np.ndarray) -> np.ndarray:
+    return np.log(colour / colour.mean())
 
 
 def test_sensor_noise_and_quality_are_drawn_within_their_ranges(background):
