@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 from make_dataset import STAMPS_ROOT, Stamp, list_stamps, split_stamps
 from PIL import Image, ImageDraw
+from scipy.ndimage import gaussian_filter
 
 WALLPAPERS_ROOT = Path("/usr/share/wallpapers")
 MATE_NATURE_ROOT = Path("/usr/share/backgrounds/mate/nature")
@@ -257,8 +258,6 @@ def blend_in(
     """The stamp's colour cast moved `HARMONISE` of the way to its surroundings' (per-channel gains that keep
     its brightness: the scene's white balance, not its contrast) and the stamp softened; the alpha's feather is
     drawn here and applied on the canvas (`feathered`)."""
-    from scipy.ndimage import gaussian_filter
-
     # The surroundings: the background inside the stamp's box around the stamp (the whole box if it fills it).
     inside, around = alpha[..., 0] > 0.5, alpha[..., 0] <= 0.5
     reference = region[around] if inside.any() and around.sum() >= 16 else region.reshape(-1, 3)
@@ -276,8 +275,6 @@ def blend_in(
 
 
 def feathered(alpha: np.ndarray, sigma: float) -> np.ndarray:
-    from scipy.ndimage import gaussian_filter
-
     return np.clip(gaussian_filter(alpha, sigma=(sigma, sigma, 0)), 0, 1).astype(np.float32)
 
 
