@@ -19,12 +19,19 @@ from axx_backend.core.thresholds import (
     rule_map,
     threshold_ious,
 )
+from axx_backend.core.version_meta import MemberSpec, VersionMeta
 from axx_backend.core.versions import ModelStore
 from axx_backend.engine.annotator import Annotator
 from axx_backend.engine.masks import fuse_maps
 from axx_backend.evaluation import metrics
 from axx_backend.evaluation.commands import register
-from axx_backend.evaluation.evaluate import MaskThresholds, evaluate_folder, iter_results, trivial_masks
+from axx_backend.evaluation.evaluate import (
+    MaskThresholds,
+    evaluate_folder,
+    iter_results,
+    trivial_masks,
+    validated_member,
+)
 from axx_backend.training import read_folder_dataset
 from axx_backend.training.selection import binary_entropy, map_disagreement, map_entropy
 
@@ -164,6 +171,25 @@ def test_selection_scores_by_hand():
 # ---------------------------------------------------------------- end to end
 
 
+def test_validated_member_is_chosen_on_held_out_accuracy_not_on_the_evaluated_images():
+    def meta(held_out):
+        members = tuple(MemberSpec(name) for name in ("a", "b", "c"))
+        recorded = {n: {"oof_accuracy": acc, "temperature": 1.0} for n, acc in held_out.items()}
+        return VersionMeta(classes=("x", "y"), members=members, metrics={"members": recorded})
+
+    here = {"a": 0.95, "b": 0.80, "c": 0.90}
+    # b validated best, though a is best on these images: b's accuracy here is what the report carries
+    assert validated_member(meta({"a": 0.70, "b": 0.90, "c": 0.85}), here) == {
+        "name": "b", "held_out_accuracy": 0.90, "accuracy": 0.80,
+    }  # fmt: skip
+    # ties go to the first member in the version's order, whatever they score here
+    assert validated_member(meta({"a": 0.70, "b": 0.90, "c": 0.90}), here)["name"] == "b"
+    assert validated_member(meta({"a": 0.90, "b": 0.90, "c": 0.90}), {"a": 0.5, "b": 0.9, "c": 0.9})["name"] == "a"
+    # a member without a recorded accuracy cannot be chosen; a version without any gives None
+    assert validated_member(meta({"a": None, "b": None, "c": 0.60}), here)["name"] == "c"
+    assert validated_member(VersionMeta(classes=("x", "y"), members=(MemberSpec("a"),)), {"a": 0.9}) is None
+
+
 def run_command(argv, capsys):
     parser = argparse.ArgumentParser(prog="axx-backend")
     register(parser.add_subparsers(dest="command", required=True))
@@ -218,6 +244,11 @@ def test_evaluate_json_reports_every_metric_and_rule(trained_model_dir, test_set
     for trivial in ("centred box 25 %", "whole image"):
         assert rows[trivial]["end_to_end"] == rows[trivial]["given_true_class"]
     assert set(report["member_accuracy"]) == set(members)
+    # the member training validated best, with its accuracy here (one of the members' rows above)
+    recorded = ModelStore(trained_model_dir).metadata(report["version"]).metrics["members"]
+    chosen = report["validated_member"]
+    assert chosen["held_out_accuracy"] == max(m["oof_accuracy"] for m in recorded.values())
+    assert chosen["accuracy"] == report["member_accuracy"][chosen["name"]]
     for name in ("risk_coverage", "reliability", "examples"):
         path = out / f"{name}.png"
         assert path.is_file() and Image.open(path).size[0] > 200

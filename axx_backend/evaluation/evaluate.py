@@ -1,9 +1,9 @@
 """`axx-backend evaluate`: a version on a data set folder with image labels and (optionally) masks.
 
 What is measured (docs/METHOD.md "Evaluation"):
-- classification over all images: accuracy of the served class (and of each member alone), macro-F1, AUROC
-  and ECE of the ensemble mean probabilities, and the review flag (share flagged, accuracy on the unflagged
-  and on the flagged);
+- classification over all images: accuracy of the served class (and of each member alone, and of the member
+  training validated best: `validated_member`), macro-F1, AUROC and ECE of the ensemble mean probabilities,
+  and the review flag (share flagged, accuracy on the unflagged and on the flagged);
 - masks over the images whose ground truth has a mask (the positives), every row two ways:
   - **end to end, as served**: a positive that is flagged or given another class gets an empty mask (the
     annotator gets nothing to correct); the maps are those of the served class from the agreeing members;
@@ -432,6 +432,21 @@ def _threshold(annotator: Annotator, thresholds: MaskThresholds, row: str) -> fl
     return None
 
 
+def validated_member(meta: VersionMeta, member_accuracy: dict[str, float | None]) -> dict[str, Any] | None:
+    """The member one would serve alone, chosen as training can choose it (the highest accuracy on its
+    out-of-fold predictions, ties to the first in the version's order), with its accuracy on these images.
+    The best member *on these images* is the other comparator: chosen on the images it is scored on, it is
+    biased upwards (three members with a standard error of 2-3 points each). None for a version whose training
+    recorded no member accuracies."""
+    recorded = meta.metrics.get("members") or {}
+    held_out = {m.name: recorded.get(m.name, {}).get("oof_accuracy") for m in meta.members}
+    candidates = [name for name, acc in held_out.items() if acc is not None]
+    if not candidates:
+        return None
+    name = max(candidates, key=lambda n: (held_out[n], -candidates.index(n)))
+    return {"name": name, "held_out_accuracy": float(held_out[name]), "accuracy": member_accuracy.get(name)}
+
+
 def evaluate_folder(
     dataset_dir: str | Path,
     annotator: Annotator,
@@ -447,7 +462,9 @@ def evaluate_folder(
     """
     samples, _ = read_folder_dataset(dataset_dir)
     if calibrate_on is None:
-        return evaluate(annotator, samples, version_thresholds(annotator, meta), n_examples)
+        ev = evaluate(annotator, samples, version_thresholds(annotator, meta), n_examples)
+        ev.report["validated_member"] = validated_member(meta, ev.report["member_accuracy"])
+        return ev
     cal_dir = Path(calibrate_on)
     if Path(dataset_dir).resolve() == cal_dir.resolve():
         raise ValueError("--calibrate-on must not be the evaluated data set: choose thresholds on other images")
@@ -461,7 +478,9 @@ def evaluate_folder(
         label = str(cal_dir)
         log.info("%s is not the version's training folder (%s): calibrating on all of it", cal_dir, source)
     thresholds = calibrate_thresholds(annotator, cal_samples, f"calibrated on {label}")
-    return evaluate(serving_with(annotator, thresholds), samples, thresholds, n_examples)
+    ev = evaluate(serving_with(annotator, thresholds), samples, thresholds, n_examples)
+    ev.report["validated_member"] = validated_member(meta, ev.report["member_accuracy"])
+    return ev
 
 
 def _fmt(value: float | None, pct: bool = False) -> str:
@@ -483,6 +502,7 @@ def format_table(report: dict[str, Any], title: str = "") -> str:
         "|---|---|",
         f"| accuracy | {_fmt(report['accuracy'])} |",
         f"| members alone | {members} |",
+        *_validated_row(report.get("validated_member")),
         f"| macro-F1 | {_fmt(report['macro_f1'])} |",
         f"| AUROC | {_fmt(report['auroc'])} |",
         f"| ECE (15 bins) | {_fmt(report['ece'])} |",
@@ -493,6 +513,13 @@ def format_table(report: dict[str, Any], title: str = "") -> str:
         "",
     ]
     return "\n".join(lines + mask_table(report))
+
+
+def _validated_row(chosen: dict[str, Any] | None) -> list[str]:
+    if not chosen:
+        return []
+    held_out = f"{chosen['held_out_accuracy']:.3f}"
+    return [f"| member validated best (held-out accuracy {held_out}) | {chosen['name']} {_fmt(chosen['accuracy'])} |"]
 
 
 def mask_table(report: dict[str, Any]) -> list[str]:
