@@ -168,9 +168,6 @@ def test_selection_scores_by_hand():
     assert map_disagreement([sure, 1 - sure]) == pytest.approx(1.0, abs=1e-3)
 
 
-# ---------------------------------------------------------------- end to end
-
-
 def test_validated_member_is_chosen_on_held_out_accuracy_not_on_the_evaluated_images():
     def meta(held_out):
         members = tuple(MemberSpec(name) for name in ("a", "b", "c"))
@@ -188,6 +185,9 @@ def test_validated_member_is_chosen_on_held_out_accuracy_not_on_the_evaluated_im
     # a member without a recorded accuracy cannot be chosen; a version without any gives None
     assert validated_member(meta({"a": None, "b": None, "c": 0.60}), here)["name"] == "c"
     assert validated_member(VersionMeta(classes=("x", "y"), members=(MemberSpec("a"),)), {"a": 0.9}) is None
+
+
+# ---------------------------------------------------------------- end to end
 
 
 def run_command(argv, capsys):
