@@ -49,12 +49,7 @@ from axx_backend.core.data import Sample, read_folder_dataset  # noqa: E402
 from axx_backend.core.settings import PRESETS, Settings  # noqa: E402
 from axx_backend.core.versions import ModelStore  # noqa: E402
 from axx_backend.engine.annotator import Annotator  # noqa: E402
-from axx_backend.evaluation.evaluate import (  # noqa: E402
-    evaluate,
-    format_table,
-    validated_member,
-    version_thresholds,
-)
+from axx_backend.evaluation.evaluate import evaluate_folder, format_table  # noqa: E402
 from axx_backend.evaluation.plots import write_plots  # noqa: E402
 from axx_backend.training import train_on_samples  # noqa: E402
 
@@ -89,8 +84,7 @@ def run_one(
     annotator = Annotator.from_version(store.path(version), settings, explicit=set())
     meta = store.metadata(version)
     t1 = time.perf_counter()
-    test, _ = read_folder_dataset(test_dir)
-    ev = evaluate(annotator, test, version_thresholds(annotator, meta), n_examples=6)
+    ev = evaluate_folder(test_dir, annotator, meta, n_examples=6)  # the version's own thresholds, as served
     t_eval = time.perf_counter() - t1
     report = {
         "variant": variant,
@@ -104,7 +98,6 @@ def run_one(
         "version_pixels": meta.metrics.get("pixels"),
         "train_step_seconds": meta.metrics.get("seconds"),
         **ev.report,
-        "validated_member": validated_member(meta, ev.report["member_accuracy"]),
     }
     title = (
         f"### {variant}, {setting} ({meta.training.oracle_masks} oracle masks; {meta.training.n_images} train images, "

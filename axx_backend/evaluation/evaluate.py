@@ -443,7 +443,7 @@ def validated_member(meta: VersionMeta, member_accuracy: dict[str, float | None]
     candidates = [name for name, acc in held_out.items() if acc is not None]
     if not candidates:
         return None
-    name = max(candidates, key=lambda n: (held_out[n], -candidates.index(n)))
+    name = max(candidates, key=held_out.__getitem__)  # max keeps the first of equals: the version's order
     return {"name": name, "held_out_accuracy": float(held_out[name]), "accuracy": member_accuracy.get(name)}
 
 
@@ -462,10 +462,20 @@ def evaluate_folder(
     """
     samples, _ = read_folder_dataset(dataset_dir)
     if calibrate_on is None:
-        ev = evaluate(annotator, samples, version_thresholds(annotator, meta), n_examples)
-        ev.report["validated_member"] = validated_member(meta, ev.report["member_accuracy"])
-        return ev
-    cal_dir = Path(calibrate_on)
+        served, thresholds = annotator, version_thresholds(annotator, meta)
+    else:
+        thresholds = thresholds_calibrated_on(Path(calibrate_on), dataset_dir, annotator, meta)
+        served = serving_with(annotator, thresholds)
+    ev = evaluate(served, samples, thresholds, n_examples)
+    ev.report["validated_member"] = validated_member(meta, ev.report["member_accuracy"])
+    return ev
+
+
+def thresholds_calibrated_on(
+    cal_dir: Path, dataset_dir: str | Path, annotator: Annotator, meta: VersionMeta
+) -> MaskThresholds:
+    """`evaluate_folder`'s `calibrate_on` thresholds: on the version's validation split when `cal_dir` is its
+    training folder, else on all of `cal_dir`; never on the evaluated folder."""
     if Path(dataset_dir).resolve() == cal_dir.resolve():
         raise ValueError("--calibrate-on must not be the evaluated data set: choose thresholds on other images")
     source = meta.training.source
@@ -477,10 +487,7 @@ def evaluate_folder(
         cal_samples, _ = read_folder_dataset(cal_dir)
         label = str(cal_dir)
         log.info("%s is not the version's training folder (%s): calibrating on all of it", cal_dir, source)
-    thresholds = calibrate_thresholds(annotator, cal_samples, f"calibrated on {label}")
-    ev = evaluate(serving_with(annotator, thresholds), samples, thresholds, n_examples)
-    ev.report["validated_member"] = validated_member(meta, ev.report["member_accuracy"])
-    return ev
+    return calibrate_thresholds(annotator, cal_samples, f"calibrated on {label}")
 
 
 def _fmt(value: float | None, pct: bool = False) -> str:
