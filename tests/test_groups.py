@@ -36,6 +36,19 @@ def test_appearance_groups_recover_separated_clusters():
     assert same_partition(groups, truth)
 
 
+def test_unlabelled_samples_join_the_labelled_clusters_without_moving_them():
+    """Unlabelled images (however many a project holds) must not move the folds of the labelled ones: the
+    labelled samples' groups are the same with or without them, and each unlabelled one joins its own blob's."""
+    x, truth = blobs(centres=10, per=8, dim=16, seed=2)
+    labelled = torch.from_numpy(np.arange(len(truth)) % 4 != 3)  # a quarter of every blob unlabelled
+    alone = cache_groups([x[labelled]], seed=0)
+    mixed = cache_groups([x], seed=0, labelled=labelled)
+    assert np.array_equal(mixed[labelled.numpy()], alone)
+    assert same_partition(mixed, truth)
+    assert np.array_equal(cache_groups([x], seed=0, labelled=torch.ones(len(truth), dtype=torch.bool)),
+                          cache_groups([x], seed=0))  # fmt: skip
+
+
 def test_grouped_folds_keep_each_group_in_one_fold_and_balance_sizes():
     groups = np.repeat(np.arange(10), [12, 11, 10, 9, 8, 7, 6, 5, 4, 3])
     labels = np.arange(len(groups)) % 2  # both classes in every group

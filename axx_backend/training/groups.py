@@ -34,20 +34,35 @@ CLUSTERS_PER_FOLD = 2  # groups per fold: whole groups held out, yet no fold is 
 MAX_FOLDS = 5
 
 
-def appearance_groups(pooled: Sequence[torch.Tensor], rows: torch.Tensor, k: int, seed: int) -> np.ndarray:
-    """Cluster index (0..k-1) of each of `rows`, by k-means++ on the members' L2-normalised pooled features."""
-    from scipy.cluster.vq import kmeans2
+def appearance_groups(
+    pooled: Sequence[torch.Tensor], rows: torch.Tensor, k: int, seed: int, others: torch.Tensor | None = None
+) -> np.ndarray:
+    """Cluster index (0..k-1) of each of `rows`, by k-means++ on the members' L2-normalised pooled features; with
+    `others`, then the nearest cluster of each of them (after those of `rows`)."""
+    from scipy.cluster.vq import kmeans2, vq
 
-    x = torch.cat([F.normalize(p[rows].float(), dim=1) for p in pooled], dim=1).double().numpy()
+    def normalised(index: torch.Tensor) -> np.ndarray:
+        return torch.cat([F.normalize(p[index].float(), dim=1) for p in pooled], dim=1).double().numpy()
+
+    x = normalised(rows)
     k = max(1, min(k, len(x)))
-    _, labels = kmeans2(x, k, seed=seed, minit="++")
-    return labels
+    centroids, labels = kmeans2(x, k, seed=seed, minit="++")
+    if others is None or not len(others):
+        return labels
+    return np.concatenate([labels, vq(normalised(others), centroids)[0]])
 
 
-def cache_groups(pooled: Sequence[torch.Tensor], seed: int) -> np.ndarray:
-    """Appearance group of every cached sample: enough clusters for `MAX_FOLDS` folds of `CLUSTERS_PER_FOLD`."""
+def cache_groups(pooled: Sequence[torch.Tensor], seed: int, labelled: torch.Tensor | None = None) -> np.ndarray:
+    """Appearance group of every cached sample: enough clusters for `MAX_FOLDS` folds of `CLUSTERS_PER_FOLD`.
+    With `labelled` (a bool mask), the clusters are those of the labelled samples and every other sample joins
+    its nearest: the folds of the labelled images do not depend on how many unlabelled ones come along."""
     n = len(pooled[0])
-    return appearance_groups(pooled, torch.arange(n), CLUSTERS_PER_FOLD * MAX_FOLDS, seed)
+    labelled = torch.ones(n, dtype=torch.bool) if labelled is None else labelled
+    rows, others = torch.nonzero(labelled).flatten(), torch.nonzero(~labelled).flatten()
+    groups = appearance_groups(pooled, rows, CLUSTERS_PER_FOLD * MAX_FOLDS, seed, others)
+    out = np.empty(n, dtype=groups.dtype)
+    out[torch.cat([rows, others]).numpy()] = groups
+    return out
 
 
 def grouped_folds(groups: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray | None:
