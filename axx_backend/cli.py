@@ -72,6 +72,11 @@ def add_folder_commands(sub: Any) -> None:
         "it pays; AXX_FINETUNE_SECONDS bounds its time)",
     )
     train.add_argument("--target-flag-rate", type=float, default=None)
+    train.add_argument(
+        "--unlabelled", type=Path, default=None, metavar="DIR",
+        help="images without labels (the ones to annotate next): pseudo-mask candidates, and from 50 of them the "
+        "review threshold spends the flag budget on them instead of on the labelled images",
+    )  # fmt: skip
     train.set_defaults(func=cmd_train)
 
     annotate = sub.add_parser("annotate", help="predict class, review flag and mask for every image of a folder")
@@ -151,7 +156,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         target_flag_rate=args.target_flag_rate,
     )
     model_dir = model_dir_from(args.model_dir)
-    version = train_version(args.dataset_dir, model_dir, settings)
+    version = train_version(args.dataset_dir, model_dir, settings, unlabelled_dir=args.unlabelled)
     print(json.dumps({"version": version, "path": str(model_dir / version)}))
     return 0
 
@@ -226,9 +231,11 @@ def cmd_versions(args: argparse.Namespace) -> int:
     for name in store.list_versions():
         meta = store.metadata(name)
         mark = "*" if name == current else " "
+        review = meta.metrics.get("review_calibration") or {}
+        budget = f"  flagged_unlabelled={review['flagged_rate']:.3f}" if review.get("on") == "unlabelled" else ""
         print(
             f"{mark} {name}  preset={meta.preset}  classes={','.join(meta.classes)}  masks={meta.mask_source}  "
-            f"val_accuracy={meta.metrics.get('accuracy')}  flagged={meta.metrics.get('flagged_rate')}"
+            f"val_accuracy={meta.metrics.get('accuracy')}  flagged={meta.metrics.get('flagged_rate')}{budget}"
         )
     return 0
 

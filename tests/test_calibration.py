@@ -218,3 +218,82 @@ def test_the_refit_folds_follow_the_setting(k):
         assert set(labels[rest].tolist()) == {0, 1} and len(rest) == 60 * (k - 1) // k
     with pytest.raises(ValueError, match="refit_folds"):
         Settings(refit_folds=1)
+
+
+def test_without_labels_the_threshold_flags_the_most_images_the_budget_allows():
+    """Unlabelled calibration images (a project's tasks still to annotate): the budget alone decides. Reference,
+    written out here: where every member votes the same class, an image is flagged exactly when its second
+    most uncertain member is above the threshold, so the most a budget of 20 % allows is the 10 images of 50
+    whose second-largest entropy is largest."""
+    rng = np.random.default_rng(0)
+    entropies = rng.uniform(0.0, 1.0, size=(50, 3))
+    probs, entropy = members([[RIGHT] * 3] * 50, entropies.tolist())
+    threshold = calibrate_uncertainty_threshold(probs, entropy, None, 0.2, 2, default=0.5)
+    second = np.sort(entropies, axis=1)[:, -2]
+    assert int((second > threshold).sum()) == 10
+    assert np.sort(second)[-11] <= threshold < np.sort(second)[-10]
+
+
+def test_a_pool_of_unlabelled_images_holds_the_flag_budget_where_out_of_fold_cannot():
+    """The unlabelled images show new objects the members are less sure of than of the labelled ones (here:
+    weaker features). Calibrated out of fold, the threshold flags far more than the budget of them; spent on
+    them (`review_calibration=auto`, the default), it flags what the budget allows, and the version records it."""
+    from types import SimpleNamespace
+
+    from axx_backend.core.settings import Settings
+    from axx_backend.engine.ensemble import MCDropoutHead
+    from axx_backend.training.calibration import flag_rate
+    from axx_backend.training.features import FeatureCache
+    from axx_backend.training.heads import Split, train_member_heads
+    from axx_backend.training.trainer import calibrate_review, review_pool
+
+    torch.manual_seed(0)
+    n_labelled, n_pool = 80, 60
+    classes = torch.arange(n_labelled + n_pool) % 2
+    signal = torch.cat([torch.full((n_labelled, 1), 3.0), torch.full((n_pool, 1), 0.8)])  # new objects: weaker
+    pooled = torch.nn.functional.one_hot(classes, 2).float() * signal + torch.randn(len(classes), 2)
+    labels = torch.cat([classes[:n_labelled], torch.full((n_pool,), -1)])
+    members = [
+        HeadOnlyMember(name=f"m{i}", head=MCDropoutHead(2, 2, 0.3), temperature=torch.ones(())) for i in range(3)
+    ]
+    ensemble = SimpleNamespace(members=members, classes=["a", "b"])
+    cache = FeatureCache(samples=[], pooled=[pooled + 0.3 * torch.randn_like(pooled) for _ in members])
+    split = Split(labels, train=torch.arange(60), val=torch.arange(60, n_labelled))
+    settings = Settings(preset="offline", epochs=20)
+    heads = train_member_heads(ensemble, cache, split, settings)
+    pool = review_pool(ensemble, cache, split, settings)
+    assert pool is not None and pool.index == list(range(n_labelled, n_labelled + n_pool))
+
+    def pool_rate(thresholds):
+        return flag_rate(pool.probs, pool.entropy, thresholds["uncertainty_threshold"], 2, heads.weights)[0]
+
+    out_of_fold, oof_metrics = calibrate_review(heads, split, settings)
+    assert oof_metrics["review_calibration"] == {"on": "labelled, out of fold", "images": n_labelled}
+    assert pool_rate(out_of_fold) > 0.35  # the shift the pool corrects
+    spent, metrics = calibrate_review(heads, split, settings, pool)
+    assert 0.2 - 2 / n_pool <= pool_rate(spent) <= 0.2
+    assert metrics["review_calibration"] == {
+        "on": "unlabelled",
+        "images": n_pool,
+        "flagged_rate": pool_rate(spent),
+        "out_of_fold_threshold": out_of_fold["uncertainty_threshold"],  # recorded: the shift, for the team to see
+        "out_of_fold_flagged_rate": pool_rate(out_of_fold),
+    }
+    # fewer unlabelled images than `min_review_pool`, or `labelled`: out of fold, as before
+    assert review_pool(ensemble, cache, split, settings.replace(min_review_pool=n_pool + 1)) is None
+    assert review_pool(ensemble, cache, split, settings.replace(review_calibration="labelled")) is None
+
+
+def test_training_reads_at_most_max_unlabelled_of_the_bare_images_and_every_other():
+    from axx_backend.core.data import Sample
+    from axx_backend.core.settings import Settings
+    from axx_backend.training.trainer import capped_unlabelled
+
+    samples = [Sample(f"l{i}", "a") for i in range(5)] + [Sample(f"u{i}", None) for i in range(20)]
+    samples.append(Sample("brush-only", None, mask=np.ones((2, 2))))  # a drawn mask, no class: always kept
+    kept = capped_unlabelled(samples, Settings(max_unlabelled=7))
+    keys = [s.key for s in kept]
+    assert keys[:5] == [f"l{i}" for i in range(5)] and "brush-only" in keys
+    assert sum(k.startswith("u") for k in keys) == 7 and keys == [s.key for s in samples if s.key in set(keys)]
+    assert capped_unlabelled(samples, Settings(max_unlabelled=7)) == kept  # seeded
+    assert capped_unlabelled(samples, Settings(max_unlabelled=20)) == samples

@@ -210,6 +210,30 @@ def test_a_tiny_dataset_keeps_the_backbones_frozen_and_early_stops_its_heads_by_
     assert all(meta.metrics["members"][spec.name]["epochs_by"] == "cross-validation" for spec in meta.members)
 
 
+def test_train_reads_unlabelled_images_and_spends_the_flag_budget_on_them(tmp_path):
+    """`train --unlabelled DIR`: the images join training unlabelled (a project's tasks still to annotate), and from
+    `min_review_pool` of them the review threshold is calibrated there; fewer, and it is calibrated out of fold."""
+    data = make_dataset(tmp_path / "data", n_per_class=4, size=96, seed=3, masks=False)
+    pool = make_dataset(tmp_path / "pool", n_per_class=5, size=96, seed=4, masks=False) / "images"
+    (pool / "Lesion" / "notes.txt").write_text("not an image")
+    for min_pool, on in ((8, "unlabelled"), (11, "labelled, out of fold")):
+        model_dir = tmp_path / f"m{min_pool}"
+        run_cli("train", data, "--model-dir", model_dir, "--preset", "offline", "--input-size", "96", "--unlabelled",
+                pool, env={"AXX_MIN_REVIEW_POOL": str(min_pool)})  # fmt: skip
+        meta = ModelStore(model_dir).metadata(ModelStore(model_dir).current())
+        assert meta.training.n_images == 18 and meta.training.n_labelled == 8
+        review = meta.metrics["review_calibration"]
+        assert review["on"] == on and review["images"] == (10 if on == "unlabelled" else 8)
+        listed = run_cli("versions", "--model-dir", model_dir).stdout
+        if on == "unlabelled":
+            assert review["flagged_rate"] <= Settings().target_flag_rate
+            assert f"flagged_unlabelled={review['flagged_rate']:.3f}" in listed
+        else:
+            assert "flagged_unlabelled" not in listed
+    proc = run_cli("train", data, "--model-dir", tmp_path / "x", "--unlabelled", tmp_path / "nowhere", check=False)
+    assert proc.returncode != 0 and "is not a folder of unlabelled images" in proc.stderr
+
+
 def test_finetune_last_stage_records_each_member_and_reloads(tmp_path, dataset_dir):
     """`--finetune last-stage` on cached stage inputs: every member says whether its fine-tuned stage was kept;
     a kept one is stored (only its stride-32 stage differs from the weights it started from) and reloads."""

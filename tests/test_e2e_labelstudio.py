@@ -713,6 +713,8 @@ def test_new_version_is_trained_on_the_project_annotations(stack: dict[str, Any]
         else:
             assert mask is None, name
     assert meta.mask_source in ("cam", "segments") and "pixels" in meta.metrics
+    # one readable unlabelled task (grey.png), fewer than AXX_MIN_REVIEW_POOL's 50: the budget is spent out of fold
+    assert meta.metrics["review_calibration"] == {"on": "labelled, out of fold", "images": training.n_labelled}
     print(f"new version {learned['version']}: masks from {meta.mask_source}; pixels {meta.metrics['pixels']}")
     # Label Studio learnt the new version from /setup, and the backend lists it for the project
     assert learned["ml_after"]["model_version"] == learned["version"]

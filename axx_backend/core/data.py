@@ -82,6 +82,19 @@ def read_folder_dataset(root: str | os.PathLike[str]) -> tuple[list[Sample], lis
     return samples, classes
 
 
+def read_unlabelled_folder(root: str | os.PathLike[str]) -> list[Sample]:
+    """Unlabelled samples: every image under `root` (any subfolders; their names are not read as classes).
+    Training uses them as a project's unlabelled tasks: pseudo-mask candidates and what the review threshold's
+    flag budget is calibrated on."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root} is not a folder of unlabelled images")
+    samples = [Sample(f"unlabelled/{p.relative_to(root).as_posix()}", None, p) for p in list_images(root)]
+    if not samples:
+        raise DatasetError(f"{root} holds no image")
+    return samples
+
+
 def stratified_split(labels: Sequence[str], val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
     """Indices of train and validation, stratified by class with a fixed seed.
 

@@ -107,6 +107,15 @@ class Settings:
     # log-loss (training/heads.py member_weights). The held-out split is a few look-alike groups, too few to rank
     # members by (README, "What the numbers say").
     member_weights: str = "equal"
+    # Which images the review threshold spends the flag budget on. "auto": the unlabelled images training reads (a
+    # project's tasks still to annotate, `train --unlabelled`) when there are at least `min_review_pool`, else the
+    # labelled images out of fold; "labelled": always out of fold. Out of fold the members know the objects the
+    # folds share; on new objects they are less (or more) sure, and the budget moved by 9 points (README "Flag budget")
+    review_calibration: str = "auto"
+    min_review_pool: int = 50
+    # Unlabelled images training reads at most (a seeded random share beyond): every image read costs a forward
+    # and, for last-stage fine-tuning, its cached stage input; a large project's backlog would grow both unbounded
+    max_unlabelled: int = 500
     tta_flip: bool = False  # decide on the image and its mirror (a second forward: +0.5 accuracy points measured)
 
     # Pixel supervision (Belharbi et al.): a segment head on oracle masks + lambda * pseudo-masks
@@ -183,6 +192,7 @@ class Settings:
             "calibration_groups": ("appearance", "random"),
             "calibration": ("cross-fitted", "held-out"),
             "member_weights": ("equal", "learned"),
+            "review_calibration": ("auto", "labelled"),
             "pooling": POOLINGS,
         }
         for name, allowed in choices.items():
@@ -192,6 +202,10 @@ class Settings:
             raise ValueError("image_max_pixels must be >= 1")
         if self.finetune_patience < 0:
             raise ValueError("finetune_patience must be >= 0 (0: every epoch runs)")
+        if self.max_unlabelled < 0:
+            raise ValueError("max_unlabelled must be >= 0")
+        if self.min_review_pool < 1:
+            raise ValueError("min_review_pool must be >= 1")
         if self.refit_folds < 2:
             raise ValueError("refit_folds must be >= 2")
         if self.map_side < 32:

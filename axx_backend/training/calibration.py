@@ -57,7 +57,7 @@ def flag_rate(
 def calibrate_uncertainty_threshold(
     member_probs: Sequence[np.ndarray],
     member_entropy: Sequence[np.ndarray],
-    labels: np.ndarray,
+    labels: np.ndarray | None,
     target_flag_rate: float,
     min_uncertain: int,
     default: float = 0.5,
@@ -75,15 +75,17 @@ def calibrate_uncertainty_threshold(
     errors there were sure ones, flagging only removed right images, the threshold went to 1.0, and 3.5 % of
     new binary photographs were flagged against a 20 % budget (a 50-image split kept at the default flagged
     41 % of new multi-class images and 4.5 % of binary ones).
+
+    `labels` None: unlabelled calibration images (the tasks still to annotate, `trainer.calibrate_review`); the
+    budget alone decides, ties go to the threshold nearest the default.
     """
-    labels = np.asarray(labels)
+    n = len(member_entropy[0]) if len(member_entropy) else 0
     values = np.unique(np.concatenate([np.asarray(h) for h in member_entropy]))
     if len(values) > max_candidates:
         values = np.quantile(values, np.linspace(0, 1, max_candidates))
     candidates = np.unique(np.concatenate([values, [default, 1.0]]))
     best: tuple[float, float, float] | None = None  # (flag rate, selective accuracy, -distance to default)
     chosen = 1.0
-    n = len(labels)
     for t in candidates:
         decisions = [
             decide([p[i] for p in member_probs], [h[i] for h in member_entropy], float(t), min_uncertain, weights)
@@ -92,8 +94,11 @@ def calibrate_uncertainty_threshold(
         flags = np.array([d.flagged for d in decisions], dtype=bool)
         if n == 0 or flags.mean() > target_flag_rate or flags.all():
             continue
-        correct = np.array([d.label for d in decisions]) == labels
-        key = (round(float(flags.mean()), 9), round(float(correct[~flags].mean()), 9), -abs(float(t) - default))
+        selective = 0.0
+        if labels is not None:
+            correct = np.array([d.label for d in decisions]) == np.asarray(labels)
+            selective = round(float(correct[~flags].mean()), 9)
+        key = (round(float(flags.mean()), 9), selective, -abs(float(t) - default))
         if best is None or key > best:
             best, chosen = key, float(t)
     return chosen

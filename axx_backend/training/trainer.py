@@ -7,7 +7,8 @@ seconds go into the version's `metrics.seconds`):
 2. `finetune_step` (finetune.py): the last stage of each backbone on the cached inputs, kept where it pays;
 3. `train_member_heads` (heads.py): the MC-dropout heads, cross-fitted (after fine-tuning, on stages fine-tuned
    again without each fold); temperatures and member weights;
-4. `calibrate_review`: the review threshold (calibration.py), on images no trained part has seen;
+4. `calibrate_review`: the review threshold (calibration.py), on images no trained part has seen: the
+   unlabelled images where there are enough (the images the flags are served on), else out of fold;
 5. `fit_pixels` (pixels.py): CAM thresholds, pseudo-masks, the segment head, and which makes the masks;
 6. `write`: an atomic write of the version, which becomes current.
 """
@@ -27,7 +28,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..core.data import Sample, iter_readable, read_folder_dataset, stratified_split
+from ..core.data import Sample, iter_readable, read_folder_dataset, read_unlabelled_folder, stratified_split
 from ..core.settings import Settings
 from ..core.version_meta import MaskConfig, MemberSpec, Thresholds, TrainingInfo, VersionMeta
 from ..core.versions import ModelStore
@@ -43,9 +44,11 @@ from .heads import (
     MIN_HELD_OUT_PER_CLASS,
     CrossFit,
     Heads,
+    MemberStats,
     Split,
     calibration_folds,
     held_out_too_small,
+    member_mc_stats,
     train_member_heads,
 )
 from .pixels import PixelResult, fit_pixels
@@ -71,10 +74,16 @@ def train_version(
     model_dir: str | os.PathLike[str],
     settings: Settings,
     progress: Progress | None = None,
+    unlabelled_dir: str | os.PathLike[str] | None = None,
 ) -> str:
-    """`axx-backend train`: train on a dataset folder and write a new current version."""
+    """`axx-backend train`: train on a dataset folder (and the images of `unlabelled_dir`, unlabelled) and write
+    a new current version."""
     samples, classes = read_folder_dataset(dataset_dir)
     log.info("dataset %s: %d images, classes %s", dataset_dir, len(samples), classes)
+    if unlabelled_dir is not None:
+        unlabelled = read_unlabelled_folder(unlabelled_dir)
+        log.info("unlabelled images %s: %d", unlabelled_dir, len(unlabelled))
+        samples += unlabelled
     return train_on_samples(samples, classes, model_dir, settings, progress, source=str(dataset_dir))
 
 
@@ -90,6 +99,7 @@ def train_on_samples(
     """Train heads for `classes` on labelled samples (and the segment head on oracle and pseudo-masks);
     calibrate on a held-out split; write the version atomically."""
     labelled = _labelled(samples, classes)
+    samples = capped_unlabelled(samples, settings)
     torch.manual_seed(settings.seed)  # the heads' initialisation: the same data gives the same version
     ensemble, preset = build_members_for_preset(
         settings.preset, classes, settings.dropout, settings.weights_dir, settings.members, settings.pooling
@@ -110,7 +120,8 @@ def train_on_samples(
         keys = pixel_keys(samples, settings)
         cache = extract_features(annotator, list(samples), keys, progress, mode == "last-stage")
     if mode != "all" and settings.calibration_groups == "appearance":  # "all": these features saw the labels
-        cache.groups = cache_groups(cache.averaged, settings.seed)
+        is_labelled = torch.tensor([s.label is not None for s in cache.samples], dtype=torch.bool)
+        cache.groups = cache_groups(cache.averaged, settings.seed, is_labelled)
         val_keys = appearance_validation_keys(cache, classes, settings) or val_keys
     split = Split.of(cache, classes, val_keys)
     few_held_out = held_out_too_small(split.labels[split.val], len(classes))
@@ -131,7 +142,7 @@ def train_on_samples(
         tuned = any(m.get("kept") for m in finetune_metrics.values())
         refits = refits if tuned else None  # nothing fine-tuned: the heads' own 5 folds calibrate
         heads = train_member_heads(ensemble, cache, split, settings, backbone_saw_train=tuned, refits=refits)
-        thresholds, metrics = calibrate_review(heads, split, settings)
+        thresholds, metrics = calibrate_review(heads, split, settings, review_pool(ensemble, cache, split, settings))
     for name, extra in finetune_metrics.items():
         heads.metrics[name].update(extra)
     metrics.update(
@@ -180,6 +191,17 @@ def _labelled(samples: Sequence[Sample], classes: Sequence[str]) -> list[Sample]
     if len(labelled) < 2:
         raise ValueError(f"need at least two labelled images, got {len(labelled)}")
     return labelled
+
+
+def capped_unlabelled(samples: Sequence[Sample], settings: Settings) -> list[Sample]:
+    """`samples` with at most `max_unlabelled` of the images that have neither a label nor a mask (a seeded random
+    choice, in their order); the others all stay."""
+    bare = [i for i, s in enumerate(samples) if s.label is None and not s.has_mask]
+    if len(bare) <= settings.max_unlabelled:
+        return list(samples)
+    dropped = set(np.random.default_rng(settings.seed).permutation(bare)[settings.max_unlabelled :].tolist())
+    log.info("%d unlabelled images: training reads %d of them (AXX_MAX_UNLABELLED)", len(bare), settings.max_unlabelled)
+    return [s for i, s in enumerate(samples) if i not in dropped]
 
 
 def validation_keys(labelled: Sequence[Sample], settings: Settings) -> set[str]:
@@ -281,9 +303,27 @@ def calibration_set(backbone_saw_train: bool, refitted: bool) -> str:
     return "held-out split (a backbone stage was fine-tuned on the rest)"
 
 
-def calibrate_review(heads: Heads, split: Split, settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The version's thresholds (the review threshold calibrated on the out-of-fold predictions; the rest
-    defaults until the pixel phase) and the out-of-fold metrics."""
+def review_pool(ensemble: Ensemble, cache: FeatureCache, split: Split, settings: Settings) -> MemberStats | None:
+    """The served heads' statistics of the unlabelled images, when the review threshold is calibrated on them
+    (`Settings.review_calibration`): they are the images the flags will be served on, unseen by every head."""
+    rows = torch.nonzero(split.labels < 0).flatten().tolist()
+    if settings.review_calibration != "auto" or len(rows) < settings.min_review_pool:
+        if rows and settings.review_calibration == "auto":
+            log.info(
+                "%d unlabelled images, fewer than %d: the review threshold is calibrated out of fold",
+                len(rows), settings.min_review_pool,
+            )  # fmt: skip
+        return None
+    generator = torch.Generator().manual_seed(settings.seed + 1)  # not the pixel set's stream
+    return member_mc_stats(ensemble.members, cache.pooled, rows, settings.mc_samples, generator)
+
+
+def calibrate_review(
+    heads: Heads, split: Split, settings: Settings, pool: MemberStats | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The version's thresholds (the review threshold spends the flag budget on `pool`, the unlabelled images,
+    when given, else on the out-of-fold predictions; the rest defaults until the pixel phase) and the
+    out-of-fold metrics at that threshold."""
     thresholds: dict[str, Any] = {
         "uncertainty_threshold": settings.uncertainty_threshold,
         "min_uncertain_to_flag": settings.min_uncertain_to_flag,
@@ -293,17 +333,26 @@ def calibrate_review(heads: Heads, split: Split, settings: Settings) -> tuple[di
     }
     cal = heads.calibration
     labels = split.labels[cal.index].numpy()
-    threshold = calibrate_uncertainty_threshold(
-        cal.probs,
-        cal.entropy,
-        labels,
-        settings.target_flag_rate,
-        settings.min_uncertain_to_flag,
-        default=settings.uncertainty_threshold,
-        weights=heads.weights,
-    )
+    out_of_fold = review_threshold(cal, labels, heads, settings)
+    threshold = out_of_fold if pool is None else review_threshold(pool, None, heads, settings)
     thresholds["uncertainty_threshold"] = threshold
     metrics = validation_metrics(cal.probs, cal.entropy, labels, threshold, settings, heads.weights)
+    review: dict[str, Any] = {"on": "labelled, out of fold", "images": len(cal.index)}
+    if pool is not None:
+        k, w = settings.min_uncertain_to_flag, heads.weights
+        review = {
+            "on": "unlabelled",
+            "images": len(pool.index),
+            "flagged_rate": flag_rate(pool.probs, pool.entropy, threshold, k, w)[0],
+            # what the labelled images alone would have set, and how much of the unlabelled it would flag
+            "out_of_fold_threshold": out_of_fold,
+            "out_of_fold_flagged_rate": flag_rate(pool.probs, pool.entropy, out_of_fold, k, w)[0],
+        }
+        log.info(
+            "review threshold calibrated on %d unlabelled images: flags %.0f%% of them (out of fold: %.0f%%)",
+            len(pool.index), 100 * review["flagged_rate"], 100 * review["out_of_fold_flagged_rate"],
+        )  # fmt: skip
+    metrics["review_calibration"] = review
     log.info(
         "calibrated uncertainty threshold %.4f: flags %.0f%% out of fold, accuracy %.3f, selective %s",
         threshold,
@@ -312,6 +361,19 @@ def calibrate_review(heads: Heads, split: Split, settings: Settings) -> tuple[di
         metrics["selective_accuracy"],
     )
     return thresholds, metrics
+
+
+def review_threshold(stats: MemberStats, labels: np.ndarray | None, heads: Heads, settings: Settings) -> float:
+    """The uncertainty threshold that spends the flag budget on `stats`' images (`labels` None: unlabelled)."""
+    return calibrate_uncertainty_threshold(
+        stats.probs,
+        stats.entropy,
+        labels,
+        settings.target_flag_rate,
+        settings.min_uncertain_to_flag,
+        default=settings.uncertainty_threshold,
+        weights=heads.weights,
+    )
 
 
 def member_specs(ensemble: Ensemble, heads: Heads, finetuned: dict[str, dict[str, Any]]) -> tuple[MemberSpec, ...]:
