@@ -111,7 +111,7 @@ SOFTEN_SIGMA = (0.0, 1.0)  # natural: Gaussian sigma (px) of the stamp itself
 NOISE_SIGMA = (0.005, 0.03)  # natural: sensor noise over the whole image, share of the range
 JPEG_QUALITY = (70, 92)  # natural: drawn per image (paste: always 92)
 VARIANTS = ("binary", "multiclass")
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "pool")
 
 
 # ---------------------------------------------------------------- backgrounds
@@ -312,19 +312,24 @@ def write_split(out: Path, plan: SplitPlan, seed: int, size: int, composite: str
     assign_rng = np.random.default_rng([seed, v_index, s_index])
     all_classes = [*plan.classes, NEGATIVE]
     photo_seq = balanced_draws(assign_rng, len(plan.photos), plan.n_per_class * len(all_classes))
+    unlabelled = plan.split == "pool"  # one flat folder in shuffled order: nothing in a path names the class
+    names = assign_rng.permutation(plan.n_per_class * len(all_classes)) if unlabelled else None
     records = []
     for c_index, cls in enumerate(all_classes):
         stamps = plan.classes.get(cls, [])
         stamp_seq = balanced_draws(assign_rng, len(stamps), plan.n_per_class) if stamps else []
-        (split_dir / "images" / cls).mkdir(parents=True, exist_ok=True)
+        (split_dir / "images" / ("" if unlabelled else cls)).mkdir(parents=True, exist_ok=True)
         for i in range(plan.n_per_class):
             rng_key = [seed, v_index, s_index, c_index, i]
             rng = np.random.default_rng(rng_key)
             image, background = crop_background(rng, plan.photos[photo_seq[c_index * plan.n_per_class + i]], size)
             rel_image = f"{plan.variant}/{plan.split}/images/{cls}/{i:04d}.jpg"
+            if names is not None:
+                rel_image = f"{plan.variant}/{plan.split}/images/{names[c_index * plan.n_per_class + i]:04d}.jpg"
             record = {"image": rel_image, "class": cls, "rng": rng_key, "background": background}
             if stamps:
                 image, mask, record["object"] = paste_stamp(rng, image, stamps[stamp_seq[i]], composite)
+            if stamps and not unlabelled:
                 record["mask"] = f"{plan.variant}/{plan.split}/masks/{cls}/{i:04d}.png"
                 (out / record["mask"]).parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(mask.astype(np.uint8) * 255).save(out / record["mask"])
@@ -341,8 +346,13 @@ def plan_splits(stamps: list[Stamp], photos: Sequence[str], seed: int, counts: d
     train_stamps, test_stamps = split_stamps(stamps, seed)
     train_photos, test_photos = split_photos(photos, seed)
     plans = []
+    # the pool shows the test split's objects and photos, in other images
+    sources = {"train": (train_stamps, train_photos), "test": (test_stamps, test_photos)}
+    sources["pool"] = sources["test"]
     for variant in VARIANTS:
-        for split, pool, split_photos_ in (("train", train_stamps, train_photos), ("test", test_stamps, test_photos)):
+        for split, (pool, split_photos_) in sources.items():
+            if not counts[variant].get(split):
+                continue  # (no pool by default: the default set's bytes stay as they were)
             if variant == "binary":
                 classes = {"Object": list(pool)}
             else:
@@ -460,6 +470,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--multiclass-train", type=int, default=50, help="images per class (4 classes)")
     parser.add_argument("--multiclass-test", type=int, default=40)
     parser.add_argument(
+        "--pool", type=int, default=0, metavar="N",
+        help="also write VARIANT/pool/images/NNNN.jpg: N unlabelled images per class of each variant, new images of "
+        "the test split's objects and photos (a project's tasks still to annotate: `axx-backend train --unlabelled`)",
+    )  # fmt: skip
+    parser.add_argument(
         "--composite", choices=COMPOSITES, default="paste",
         help="natural: harmonised colours, feathered edges, sensor noise and JPEG on every image",
     )  # fmt: skip
@@ -467,8 +482,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out.exists() and any(args.out.iterdir()):
         sys.exit(f"{args.out} is not empty: remove it first (the builder never mixes two runs)")
     counts = {
-        "binary": {"train": args.binary_train, "test": args.binary_test},
-        "multiclass": {"train": args.multiclass_train, "test": args.multiclass_test},
+        "binary": {"train": args.binary_train, "test": args.binary_test, "pool": args.pool},
+        "multiclass": {"train": args.multiclass_train, "test": args.multiclass_test, "pool": args.pool},
     }
     start = time.perf_counter()
     manifest = build(args.out, args.size, args.seed, counts, args.composite)

@@ -13,6 +13,10 @@ trains a version with `train_on_samples` (what `axx-backend train` runs) and eva
   rest hidden: what a team gets after drawing K masks;
 - `masks`: every train mask.
 
+Where the data has a pool (`make_photo_dataset.py --pool N`: new images of the test split's objects, in no folder
+that names their class), training also reads it unlabelled, as a Label Studio project's tasks still to annotate:
+the review threshold spends its flag budget there (`Settings.review_calibration`). `--no-pool` leaves it out.
+
 Every table has, from the same run, the plain reference (`benchmarks/reference.py`: frozen members, L2
 logistic-regression heads, XGrad-CAM, mean fusion thresholded on the training masks, its own classification)
 and the trivial rows (a centred box of 25 % of the image, the whole image), each end to end and given the
@@ -45,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from reference import reference_rows  # noqa: E402
 
-from axx_backend.core.data import Sample, read_folder_dataset  # noqa: E402
+from axx_backend.core.data import Sample, read_folder_dataset, read_unlabelled_folder  # noqa: E402
 from axx_backend.core.settings import PRESETS, Settings  # noqa: E402
 from axx_backend.core.versions import ModelStore  # noqa: E402
 from axx_backend.engine.annotator import Annotator  # noqa: E402
@@ -67,15 +71,17 @@ def reveal(samples: list[Sample], setting: str, seed: int) -> list[Sample]:
 
 
 def run_one(
-    data: Path, variant: str, setting: str, work: Path, settings: Settings, docs: Path | None
+    data: Path, variant: str, setting: str, work: Path, settings: Settings, docs: Path | None, pool: bool = True
 ) -> dict[str, Any]:
-    train_dir, test_dir = data / variant / "train", data / variant / "test"
+    train_dir, test_dir, pool_dir = data / variant / "train", data / variant / "test", data / variant / "pool"
     out = work / variant / setting
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     folder, classes = read_folder_dataset(train_dir)
     samples = reveal(folder, setting, settings.seed)
+    if pool and pool_dir.is_dir():  # the unlabelled tasks of a project, as `train --unlabelled` reads them
+        samples += read_unlabelled_folder(pool_dir)
     t0 = time.perf_counter()
     torch.manual_seed(settings.seed)
     version = train_on_samples(samples, classes, out / "models", settings, source=str(train_dir))
@@ -97,6 +103,7 @@ def run_one(
         "version_mask_source": meta.mask_source,
         "version_pixels": meta.metrics.get("pixels"),
         "train_step_seconds": meta.metrics.get("seconds"),
+        "review_calibration": meta.metrics.get("review_calibration"),
         **ev.report,
     }
     title = (
@@ -168,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=Path, default=None, help="copy the binary labels-only plots here")
     parser.add_argument("--finetune", default="auto", help="auto | head | last-stage | all (AXX_FINETUNE)")
     parser.add_argument("--seed", type=int, default=0, help="training's seed (splits, folds, heads, MC masks)")
+    parser.add_argument(
+        "--pool", action=argparse.BooleanOptionalAction, default=True,
+        help="train with VARIANT/pool's images unlabelled where the data has them (make_photo_dataset.py --pool)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(2)
@@ -179,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
         if not (args.data / variant / "train" / "images").is_dir():
             sys.exit(f"{args.data / variant} not found: run benchmarks/make_photo_dataset.py --out {args.data} first")
-        runs = [run_one(args.data, variant, s.strip(), args.work, settings, args.docs)
+        runs = [run_one(args.data, variant, s.strip(), args.work, settings, args.docs, args.pool)
                 for s in args.settings.split(",") if s.strip()]  # fmt: skip
         members = runs[0]["members"] if runs else list(settings.members or PRESETS["offline"])
         # the reference freezes the members of the version trained here, whichever preset resolved them
