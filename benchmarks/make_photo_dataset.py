@@ -323,9 +323,8 @@ def write_split(out: Path, plan: SplitPlan, seed: int, size: int, composite: str
             rng_key = [seed, v_index, s_index, c_index, i]
             rng = np.random.default_rng(rng_key)
             image, background = crop_background(rng, plan.photos[photo_seq[c_index * plan.n_per_class + i]], size)
-            rel_image = f"{plan.variant}/{plan.split}/images/{cls}/{i:04d}.jpg"
-            if names is not None:
-                rel_image = f"{plan.variant}/{plan.split}/images/{names[c_index * plan.n_per_class + i]:04d}.jpg"
+            name = f"{cls}/{i:04d}" if names is None else f"{names[c_index * plan.n_per_class + i]:04d}"
+            rel_image = f"{plan.variant}/{plan.split}/images/{name}.jpg"
             record = {"image": rel_image, "class": cls, "rng": rng_key, "background": background}
             if stamps:
                 image, mask, record["object"] = paste_stamp(rng, image, stamps[stamp_seq[i]], composite)

@@ -110,7 +110,8 @@ class Settings:
     # Which images the review threshold spends the flag budget on. "auto": the unlabelled images training reads (a
     # project's tasks still to annotate, `train --unlabelled`) when there are at least `min_review_pool`, else the
     # labelled images out of fold; "labelled": always out of fold. Out of fold the members know the objects the
-    # folds share; on new objects they are less (or more) sure, and the budget moved by 9 points (README "Flag budget")
+    # folds share; on new objects they are less (or more) sure, and the budget moved by 10 points (README, "The flag
+    # budget on the images still to annotate")
     review_calibration: str = "auto"
     min_review_pool: int = 50
     # Unlabelled images training reads at most (a seeded random share beyond): every image read costs a forward

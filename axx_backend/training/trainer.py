@@ -306,9 +306,11 @@ def calibration_set(backbone_saw_train: bool, refitted: bool) -> str:
 def review_pool(ensemble: Ensemble, cache: FeatureCache, split: Split, settings: Settings) -> MemberStats | None:
     """The served heads' statistics of the unlabelled images, when the review threshold is calibrated on them
     (`Settings.review_calibration`): they are the images the flags will be served on, unseen by every head."""
+    if settings.review_calibration != "auto":
+        return None
     rows = torch.nonzero(split.labels < 0).flatten().tolist()
-    if settings.review_calibration != "auto" or len(rows) < settings.min_review_pool:
-        if rows and settings.review_calibration == "auto":
+    if len(rows) < settings.min_review_pool:
+        if rows:
             log.info(
                 "%d unlabelled images, fewer than %d: the review threshold is calibrated out of fold",
                 len(rows), settings.min_review_pool,
