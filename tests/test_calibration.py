@@ -297,3 +297,27 @@ def test_training_reads_at_most_max_unlabelled_of_the_bare_images_and_every_othe
     assert sum(k.startswith("u") for k in keys) == 7 and keys == [s.key for s in samples if s.key in set(keys)]
     assert capped_unlabelled(samples, Settings(max_unlabelled=7)) == kept  # seeded
     assert capped_unlabelled(samples, Settings(max_unlabelled=20)) == samples
+
+
+def test_the_pixel_set_takes_labelled_images_first_and_unlabelled_ones_only_into_the_room_left():
+    from axx_backend.core.data import Sample
+    from axx_backend.core.settings import Settings
+    from axx_backend.training.trainer import pixel_keys
+
+    labelled = [Sample(f"l{i}", "a" if i % 2 else "b") for i in range(10)]
+    unlabelled = [Sample(f"u{i}", None) for i in range(30)]
+    masked = [Sample("m0", "a", mask=np.ones((2, 2))), Sample("brush-only", None, mask=np.ones((2, 2)))]
+    samples = unlabelled[:15] + labelled + masked + unlabelled[15:]  # the order tasks come in does not matter
+
+    few = pixel_keys(samples, Settings(max_pseudo_masks=6))
+    assert {"m0", "brush-only"} <= few and len(few) == 8 and all(k[0] in "lm" or k == "brush-only" for k in few)
+    room = pixel_keys(samples, Settings(max_pseudo_masks=15))
+    assert {s.key for s in labelled + masked} <= room
+    assert sum(k.startswith("u") for k in room) == 5
+    assert pixel_keys(samples, Settings(max_pseudo_masks=15)) == room  # seeded
+    # without unlabelled images: the random share of the labelled ones the pixel set always drew
+    alone = labelled + masked
+    drawn = np.random.default_rng(0).permutation([s.key for s in labelled])[:6].tolist()
+    assert pixel_keys(alone, Settings(max_pseudo_masks=6, seed=0)) == {"m0", "brush-only", *drawn}
+    # image labels only and masks from the CAM: no pixel set at all
+    assert pixel_keys(labelled + unlabelled, Settings(labels_only_masks="cam")) == set()

@@ -231,13 +231,19 @@ def appearance_validation_keys(cache: FeatureCache, classes: Sequence[str], sett
 
 
 def pixel_keys(samples: Sequence[Sample], settings: Settings) -> set[str]:
-    """The pixel set: every image with an oracle mask, and a capped random share of the others (pseudo-mask
-    candidates and background examples for the segment head)."""
-    others = [s.key for s in samples if not s.has_mask]
+    """The pixel set: every image with an oracle mask, and up to `max_pseudo_masks` others (pseudo-mask candidates
+    and background examples for the segment head): a random share of the labelled ones, then, in the room they
+    leave, of the unlabelled ones. Labelled first: an unlabelled image's class is only the ensemble's decision,
+    and a project's many unlabelled tasks drawn alike crowded out the labelled candidates (README, "The flag
+    budget on the images still to annotate")."""
+    masked = {s.key for s in samples if s.has_mask}
+    if not (settings.labels_only_masks == "segments" or masked):
+        return masked
     rng = np.random.default_rng(settings.seed)
-    wanted = settings.labels_only_masks == "segments" or any(s.has_mask for s in samples)
-    pool = set(rng.permutation(others)[: settings.max_pseudo_masks].tolist()) if wanted else set()
-    return {s.key for s in samples if s.has_mask} | pool
+    labelled = [s.key for s in samples if not s.has_mask and s.label is not None]
+    unlabelled = [s.key for s in samples if not s.has_mask and s.label is None]
+    ranked = rng.permutation(labelled).tolist() + rng.permutation(unlabelled).tolist()
+    return masked | set(ranked[: settings.max_pseudo_masks])
 
 
 def refit_folds(cache: FeatureCache, split: Split, settings: Settings) -> CrossFit:
