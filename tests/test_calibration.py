@@ -307,7 +307,7 @@ def test_the_pixel_set_takes_labelled_images_first_and_unlabelled_ones_only_into
     labelled = [Sample(f"l{i}", "a" if i % 2 else "b") for i in range(10)]
     unlabelled = [Sample(f"u{i}", None) for i in range(30)]
     masked = [Sample("m0", "a", mask=np.ones((2, 2))), Sample("brush-only", None, mask=np.ones((2, 2)))]
-    samples = unlabelled[:15] + labelled + masked + unlabelled[15:]  # the order tasks come in does not matter
+    samples = unlabelled[:15] + labelled + masked + unlabelled[15:]  # unlabelled before and after the labelled
 
     few = pixel_keys(samples, Settings(max_pseudo_masks=6))
     assert {"m0", "brush-only"} <= few and len(few) == 8 and all(k[0] in "lm" or k == "brush-only" for k in few)
