@@ -10,6 +10,7 @@ each variant and the ratios.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -36,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     plain = ps.build_ensemble(MEMBERS, "top10", fold=False)  # the same members, BatchNorm kept
     images = ps.make_images(1, args.size, 0)
     annotators = {
-        (kind, precision): ps.make_annotator(ensemble, args.size, 1, options, precision)
+        # (bf16 serving casts its ensemble's weights in place: each bf16 annotator gets a copy)
+        (kind, precision): ps.make_annotator(
+            copy.deepcopy(ensemble) if precision == "bf16" else ensemble, args.size, 1, options, precision
+        )
         for kind, ensemble in (("unfolded", plain), ("folded", folded))
         for precision in ("fp32", "bf16")
     }

@@ -49,6 +49,7 @@ The last line printed is one JSON object for 512^2 batch 8 (or the largest confi
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -187,8 +188,8 @@ def member_input(member: Member, x: torch.Tensor) -> torch.Tensor:
 
 
 def limit_forward(ensemble: Ensemble, x: torch.Tensor, precision: str = "fp32") -> list[torch.Tensor]:
-    """(a) One plain inference forward per member on the preprocessed batch (bf16: under the same autocast as
-    predict's backbones)."""
+    """(a) One plain inference forward per member on the preprocessed batch (bf16: the ensemble of a bf16
+    annotator, its weights cast once, under the same autocast as predict's backbones)."""
     with torch.inference_mode(), autocast_for(x.device, precision):
         return [member(member_input(member, x)) for member in ensemble.members]
 
@@ -455,7 +456,8 @@ def run_config(
         return allowed_s - (time.perf_counter() - begin)
 
     annotator = make_annotator(ensemble, size, batch, args, "fp32")
-    half = make_annotator(ensemble, size, batch, args, "bf16") if args.bf16 else None
+    # bf16 serving casts its ensemble's weights in place: it gets a copy of its own
+    half = make_annotator(copy.deepcopy(ensemble), size, batch, args, "bf16") if args.bf16 else None
     images = make_images(batch, size, args.seed + size * 1000 + batch)
     x = annotator.preprocess(images)
     row: dict[str, Any] = {"size": size, "batch": batch, "allowed_s": allowed_s, "naive": None}
@@ -467,7 +469,8 @@ def run_config(
         return predict(annotator, images)
 
     def run_limit_bf16() -> object:
-        return limit_forward(ensemble, x, "bf16")
+        assert half is not None
+        return limit_forward(half.ensemble, x, "bf16")
 
     def run_predict_bf16() -> list[Annotation]:
         assert half is not None

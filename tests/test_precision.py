@@ -49,3 +49,37 @@ def test_annotator_resolves_auto_once(monkeypatch):
     ensemble = Ensemble.build(["mobilenetv2_100"], ["a", "b"], weights="random")
     assert Annotator(ensemble, Settings(device="cpu")).precision == "fp32"
     assert Annotator(ensemble, Settings(device="cpu", precision="bf16")).precision == "bf16"
+
+
+def test_bf16_serving_casts_the_weights_once_and_matches_autocast_bit_for_bit():
+    """`prepare(precision="bf16")` casts what autocast would cast on every call (convolutions, linear layers),
+    once: the outputs must equal autocast over the fp32 weights exactly; the heads and norms stay fp32."""
+    import copy
+
+    from torch import nn
+
+    torch.manual_seed(0)
+    reference = Ensemble.build(["mobilenetv2_100"], ["a", "b"], weights="random").prepare(torch.device("cpu"))
+    served = copy.deepcopy(reference).prepare(torch.device("cpu"), precision="bf16")
+    backbone = served.members[0].backbone
+    convs = [m for m in backbone.modules() if type(m) is nn.Conv2d]
+    norms = [m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert convs and all(m.weight.dtype == torch.bfloat16 for m in convs)
+    assert convs[0].weight.is_contiguous(memory_format=torch.channels_last)  # the layout prepare gave is kept
+    assert norms and all(m.weight.dtype == torch.float32 for m in norms)
+    assert served.members[0].head.fc.weight.dtype == torch.float32
+    assert served.casts_weights and not reference.casts_weights
+
+    images = torch.rand(2, 3, 96, 96)
+    (want,) = reference.forward_mc(images, 8, torch.Generator().manual_seed(0), "bf16")
+    (got,) = served.forward_mc(images, 8, torch.Generator().manual_seed(0), "bf16")
+    assert torch.equal(got.features, want.features)
+    assert torch.equal(got.mc_probs, want.mc_probs)
+    with pytest.raises(ValueError, match="bf16"):  # its weights are bf16 now: fp32 would silently be neither
+        served.forward_mc(images, 8, precision="fp32")
+
+
+def test_a_bf16_annotator_serves_from_cast_weights():
+    ensemble = Ensemble.build(["mobilenetv2_100"], ["a", "b"], weights="random")
+    assert not Annotator(ensemble, Settings(device="cpu", precision="fp32")).ensemble.casts_weights
+    assert Annotator(ensemble, Settings(device="cpu", precision="bf16")).ensemble.casts_weights

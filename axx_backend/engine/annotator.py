@@ -101,7 +101,9 @@ class Annotator:
         self.device = select_device(settings.device)
         self.precision = resolve_precision(settings.precision, self.device)
         log.info("backbones run in %s on %s (AXX_PRECISION=%s)", self.precision, self.device, settings.precision)
-        self.ensemble = ensemble.prepare(self.device, settings.channels_last and self.device.type == "cpu")
+        # (bf16 casts the ensemble's weights in place: the annotator takes the ensemble over)
+        channels_last = settings.channels_last and self.device.type == "cpu"
+        self.ensemble = ensemble.prepare(self.device, channels_last, self.precision)
         if negative_classes is None:
             negative_classes = {c for c in ensemble.classes if settings.is_negative(c)}
         self.negative = negative_classes
