@@ -52,7 +52,7 @@ def test_annotator_resolves_auto_once(monkeypatch):
 
 
 def test_bf16_serving_casts_the_weights_once_and_matches_autocast_bit_for_bit():
-    """`prepare(precision="bf16")` casts what autocast would cast on every call (convolutions, linear layers),
+    """`prepare(bf16_weights=True)` casts what autocast would cast on every call (convolutions, linear layers),
     once: the outputs must equal autocast over the fp32 weights exactly; the heads and norms stay fp32."""
     import copy
 
@@ -60,7 +60,7 @@ def test_bf16_serving_casts_the_weights_once_and_matches_autocast_bit_for_bit():
 
     torch.manual_seed(0)
     reference = Ensemble.build(["mobilenetv2_100"], ["a", "b"], weights="random").prepare(torch.device("cpu"))
-    served = copy.deepcopy(reference).prepare(torch.device("cpu"), precision="bf16")
+    served = copy.deepcopy(reference).prepare(torch.device("cpu"), bf16_weights=True)
     backbone = served.members[0].backbone
     convs = [m for m in backbone.modules() if type(m) is nn.Conv2d]
     norms = [m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -79,7 +79,20 @@ def test_bf16_serving_casts_the_weights_once_and_matches_autocast_bit_for_bit():
         served.forward_mc(images, 8, precision="fp32")
 
 
-def test_a_bf16_annotator_serves_from_cast_weights():
-    ensemble = Ensemble.build(["mobilenetv2_100"], ["a", "b"], weights="random")
-    assert not Annotator(ensemble, Settings(device="cpu", precision="fp32")).ensemble.casts_weights
-    assert Annotator(ensemble, Settings(device="cpu", precision="bf16")).ensemble.casts_weights
+def test_a_bf16_annotator_serves_from_cast_weights_unless_grad_cam_makes_the_cams():
+    import numpy as np
+    from PIL import Image
+
+    def build() -> Ensemble:
+        return Ensemble.build(["mobilenetv2_100"], ["a", "b"], weights="random")
+
+    assert not Annotator(build(), Settings(device="cpu", precision="fp32")).ensemble.casts_weights
+    assert Annotator(build(), Settings(device="cpu", precision="bf16")).ensemble.casts_weights
+    # grad-cam's autograd pass runs the members in fp32: their weights stay fp32, and a mask is still made
+    settings = Settings(device="cpu", precision="bf16", cam_method="xgradcam", input_size=96)
+    settings = settings.replace(uncertainty_threshold=1.01)  # nobody uncertain: the image takes the mask path
+    annotator = Annotator(build(), settings)
+    assert not annotator.ensemble.casts_weights
+    image = Image.fromarray((np.random.default_rng(0).random((96, 96, 3)) * 255).astype(np.uint8))
+    (annotation,) = annotator.annotate([image])
+    assert annotation.mask is not None and annotation.mask_source.startswith("cam:")

@@ -101,9 +101,11 @@ class Annotator:
         self.device = select_device(settings.device)
         self.precision = resolve_precision(settings.precision, self.device)
         log.info("backbones run in %s on %s (AXX_PRECISION=%s)", self.precision, self.device, settings.precision)
-        # (bf16 casts the ensemble's weights in place: the annotator takes the ensemble over)
+        # bf16 casts the ensemble's weights in place (the annotator takes the ensemble over), unless grad-cam
+        # makes the CAMs: its autograd pass runs the members in fp32
         channels_last = settings.channels_last and self.device.type == "cpu"
-        self.ensemble = ensemble.prepare(self.device, channels_last, self.precision)
+        bf16_weights = self.precision == "bf16" and settings.cam_method == "fast"
+        self.ensemble = ensemble.prepare(self.device, channels_last, bf16_weights)
         if negative_classes is None:
             negative_classes = {c for c in ensemble.classes if settings.is_negative(c)}
         self.negative = negative_classes

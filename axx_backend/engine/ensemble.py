@@ -194,20 +194,20 @@ class Ensemble(nn.Module):
             members.append(Member(name, backbone, len(classes), dropout, info, pooling))
         return cls(members, classes).eval()
 
-    def prepare(self, device: torch.device, channels_last: bool = True, precision: str = "fp32") -> Ensemble:
-        """Move to `device` for serving. `precision` "bf16" casts the backbones' convolution and linear weights
-        to bf16 in place, once: the ensemble then serves only in bf16 (`forward_mc` refuses fp32)."""
+    def prepare(self, device: torch.device, channels_last: bool = True, bf16_weights: bool = False) -> Ensemble:
+        """Move to `device` for serving. `bf16_weights` casts the backbones' convolution and linear weights to
+        bf16 in place, once: the ensemble then serves only in bf16 (`forward_mc` refuses fp32)."""
         self.to(device)
         if channels_last:
             self.to(memory_format=torch.channels_last)
-        if precision == "bf16":
+        if bf16_weights:
             for member in self.members:
                 cast_autocast_weights(member.backbone, torch.bfloat16)
         return self.eval()
 
     @property
     def casts_weights(self) -> bool:
-        """Were the backbones' weights cast for bf16 serving (`prepare(..., precision="bf16")`)?"""
+        """Were the backbones' weights cast for bf16 serving (`prepare(..., bf16_weights=True)`)?"""
         return any(p.dtype == torch.bfloat16 for p in self.members.parameters())
 
     @torch.inference_mode()
