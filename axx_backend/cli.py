@@ -233,6 +233,8 @@ def cmd_versions(args: argparse.Namespace) -> int:
         mark = "*" if name == current else " "
         review = meta.metrics.get("review_calibration") or {}
         budget = f"  flagged_unlabelled={review['flagged_rate']:.3f}" if review.get("on") == "unlabelled" else ""
+        if "pseudo_labels" in meta.metrics:  # unlabelled images the served heads also learnt from
+            budget += f"  pseudo_labelled={meta.metrics['pseudo_labels']['images']}"
         print(
             f"{mark} {name}  preset={meta.preset}  classes={','.join(meta.classes)}  masks={meta.mask_source}  "
             f"val_accuracy={meta.metrics.get('accuracy')}  flagged={meta.metrics.get('flagged_rate')}{budget}"

@@ -225,11 +225,15 @@ def test_train_reads_unlabelled_images_and_spends_the_flag_budget_on_them(tmp_pa
         review = meta.metrics["review_calibration"]
         assert review["on"] == on and review["images"] == (10 if on == "unlabelled" else 8)
         listed = run_cli("versions", "--model-dir", model_dir).stdout
+        pseudo = meta.metrics.get("pseudo_labels")
         if on == "unlabelled":
             assert review["flagged_rate"] <= Settings().target_flag_rate
             assert f"flagged_unlabelled={review['flagged_rate']:.3f}" in listed
+            # the heads also learnt from the unlabelled images decided unanimously without a flag
+            assert pseudo is not None and 0 < pseudo["images"] <= 10 and pseudo["of"] == 10
+            assert f"pseudo_labelled={pseudo['images']}" in listed
         else:
-            assert "flagged_unlabelled" not in listed
+            assert "flagged_unlabelled" not in listed and pseudo is None
     proc = run_cli("train", data, "--model-dir", tmp_path / "x", "--unlabelled", tmp_path / "nowhere", check=False)
     assert proc.returncode != 0 and "is not a folder of unlabelled images" in proc.stderr
 

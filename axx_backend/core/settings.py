@@ -114,6 +114,10 @@ class Settings:
     # budget on the images still to annotate")
     review_calibration: str = "auto"
     min_review_pool: int = 50
+    # "auto": with that pool, the served heads also learn from the unlabelled images the ensemble decides unflagged
+    # and unanimously (training/pseudo_labels.py; README, "The flag budget on the images still to annotate");
+    # "off": from the labelled images only
+    pseudo_labels: str = "auto"
     # Unlabelled images training reads at most (a seeded random share beyond): every image read costs a forward
     # and, for last-stage fine-tuning, its cached stage input; a large project's backlog would grow both unbounded
     max_unlabelled: int = 500
@@ -194,6 +198,7 @@ class Settings:
             "calibration": ("cross-fitted", "held-out"),
             "member_weights": ("equal", "learned"),
             "review_calibration": ("auto", "labelled"),
+            "pseudo_labels": ("auto", "off"),
             "pooling": POOLINGS,
         }
         for name, allowed in choices.items():

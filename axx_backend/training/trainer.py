@@ -52,6 +52,7 @@ from .heads import (
     train_member_heads,
 )
 from .pixels import PixelResult, fit_pixels
+from .pseudo_labels import choose_pseudo_labels, class_counts, retrain_with_pseudo_labels
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,10 @@ def train_on_samples(
         tuned = any(m.get("kept") for m in finetune_metrics.values())
         refits = refits if tuned else None  # nothing fine-tuned: the heads' own 5 folds calibrate
         heads = train_member_heads(ensemble, cache, split, settings, backbone_saw_train=tuned, refits=refits)
-        thresholds, metrics = calibrate_review(heads, split, settings, review_pool(ensemble, cache, split, settings))
+        pool = review_pool(ensemble, cache, split, settings)
+        thresholds, metrics = calibrate_review(heads, split, settings, pool)
+        if pool is not None and settings.pseudo_labels == "auto":
+            thresholds, metrics = self_train(ensemble, cache, split, heads, pool, (thresholds, metrics), settings)
     for name, extra in finetune_metrics.items():
         heads.metrics[name].update(extra)
     metrics.update(
@@ -324,6 +328,40 @@ def review_pool(ensemble: Ensemble, cache: FeatureCache, split: Split, settings:
         return None
     generator = torch.Generator().manual_seed(settings.seed + 1)  # not the pixel set's stream
     return member_mc_stats(ensemble.members, cache.pooled, rows, settings.mc_samples, generator)
+
+
+def self_train(
+    ensemble: Ensemble,
+    cache: FeatureCache,
+    split: Split,
+    heads: Heads,
+    pool: MemberStats,
+    calibrated: tuple[dict[str, Any], dict[str, Any]],
+    settings: Settings,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The served heads trained again with the pool's pseudo-labels (pseudo_labels.py), then the flag budget spent
+    on the pool again with them; `calibrated`: `calibrate_review`'s result before, returned when nothing qualifies."""
+    thresholds, _ = calibrated
+    pseudo = choose_pseudo_labels(
+        pool, thresholds["uncertainty_threshold"], settings.min_uncertain_to_flag, heads.weights
+    )
+    if not len(pseudo):
+        log.info("no unlabelled image is decided unanimously without a flag: the heads keep the labelled images only")
+        return calibrated
+    retrain_with_pseudo_labels(ensemble, cache, split, heads, pseudo, settings)
+    generator = torch.Generator().manual_seed(settings.seed + 2)  # the pixel set's statistics by the final heads
+    heads.pixels = member_mc_stats(ensemble.members, cache.pooled, heads.pixels.index, settings.mc_samples, generator)
+    thresholds, metrics = calibrate_review(heads, split, settings, review_pool(ensemble, cache, split, settings))
+    metrics["pseudo_labels"] = {
+        "images": len(pseudo),
+        "of": len(pool.index),
+        "classes": class_counts(pseudo, ensemble.classes),
+    }
+    log.info(
+        "heads trained again with %d pseudo-labelled images of %d unlabelled (%s)",
+        len(pseudo), len(pool.index), metrics["pseudo_labels"]["classes"],
+    )  # fmt: skip
+    return thresholds, metrics
 
 
 def calibrate_review(
