@@ -231,6 +231,7 @@ def test_train_reads_unlabelled_images_and_spends_the_flag_budget_on_them(tmp_pa
             assert f"flagged_unlabelled={review['flagged_rate']:.3f}" in listed
             # the heads also learnt from the unlabelled images decided unanimously without a flag
             assert pseudo is not None and 0 < pseudo["images"] <= 10 and pseudo["of"] == 10
+            assert "pseudo-labels" in meta.metrics["seconds"]  # its own step, timed
             assert f"pseudo_labelled={pseudo['images']}" in listed
         else:
             assert "flagged_unlabelled" not in listed and pseudo is None

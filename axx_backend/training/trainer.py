@@ -145,7 +145,8 @@ def train_on_samples(
         heads = train_member_heads(ensemble, cache, split, settings, backbone_saw_train=tuned, refits=refits)
         pool = review_pool(ensemble, cache, split, settings)
         thresholds, metrics = calibrate_review(heads, split, settings, pool)
-        if pool is not None and settings.pseudo_labels == "auto":
+    if pool is not None and settings.pseudo_labels == "auto":
+        with timed("pseudo-labels", seconds):
             thresholds, metrics = self_train(ensemble, cache, split, heads, pool, (thresholds, metrics), settings)
     for name, extra in finetune_metrics.items():
         heads.metrics[name].update(extra)
