@@ -4,19 +4,17 @@ unlabelled ones that the ensemble decides without a flag and with every member's
 The unlabelled images a project still has to annotate show the objects and scenes the backend will be asked
 about; the labelled ones often do not (on the photograph benchmark no test object appears in training). Heads
 that also learn from the backlog's sure images move towards those objects: on the natural photographs (seed 0,
-with the pool) accuracy went from 0.960 to 0.980 (binary) and from 0.838 to 0.863 (multi-class), and a probe
-with logistic heads on stop 37's features lifted every member at three of three versions (README, "The flag
-budget on the images still to annotate").
+with the pool) accuracy went from 0.960 to 0.980 (binary) and from 0.838 to 0.863 (multi-class; README, "The
+flag budget on the images still to annotate").
 
 Only the served heads change: temperatures, member weights and the out-of-fold calibration stay those of heads
 that never saw an unlabelled image, and the review threshold is spent on the unlabelled images again with the
-final heads (the trainer). Images the ensemble flags or splits on never become pseudo-labels, so the review
-queue is what the labelled images alone make uncertain.
+final heads (the trainer). Images the ensemble flags or splits on never become pseudo-labels: no image the
+labelled images' heads are unsure of is learnt as a label.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,8 +26,6 @@ from ..engine.ensemble import Ensemble
 from ..engine.uncertainty import decide
 from .features import FeatureCache
 from .heads import Heads, MemberStats, Split, retrain
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
