@@ -219,7 +219,7 @@ def test_train_reads_unlabelled_images_and_spends_the_flag_budget_on_them(tmp_pa
     for min_pool, on in ((8, "unlabelled"), (11, "labelled, out of fold")):
         model_dir = tmp_path / f"m{min_pool}"
         run_cli("train", data, "--model-dir", model_dir, "--preset", "offline", "--input-size", "96", "--unlabelled",
-                pool, env={"AXX_MIN_REVIEW_POOL": str(min_pool)})  # fmt: skip
+                pool, env={"AXX_MIN_REVIEW_POOL": str(min_pool), "AXX_PSEUDO_LABELS": "auto"})  # fmt: skip
         meta = ModelStore(model_dir).metadata(ModelStore(model_dir).current())
         assert meta.training.n_images == 18 and meta.training.n_labelled == 8
         review = meta.metrics["review_calibration"]
