@@ -8,7 +8,7 @@ import torch
 from axx_backend.core.settings import Settings
 from axx_backend.engine.ensemble import MCDropoutHead
 from axx_backend.training.features import FeatureCache
-from axx_backend.training.groups import appearance_groups, cache_groups, grouped_folds
+from axx_backend.training.groups import appearance_groups, cache_groups, grouped_folds, silhouette_groups
 from axx_backend.training.heads import Split, train_member_heads
 
 from .head_only import HeadOnlyMember
@@ -34,6 +34,14 @@ def test_appearance_groups_recover_separated_clusters():
     # two members seeing the same images: their normalised features are concatenated
     groups = appearance_groups([x, x * 3 + 1], rows, k=6, seed=0)
     assert same_partition(groups, truth)
+
+
+def test_silhouette_groups_find_how_many_clusters_there_are():
+    for centres in (3, 5):
+        x, truth = blobs(centres=centres, per=12, dim=32, seed=centres)
+        groups = silhouette_groups([x, x * 3 + 1], torch.arange(len(truth)), max_k=10, seed=0)
+        assert same_partition(groups, truth), centres
+    assert silhouette_groups([torch.randn(2, 4)], torch.arange(2), max_k=10, seed=0).tolist() == [0, 0]  # too few
 
 
 def test_unlabelled_samples_join_the_labelled_clusters_without_moving_them():

@@ -41,15 +41,34 @@ def appearance_groups(
     `others`, then the nearest cluster of each of them (after those of `rows`)."""
     from scipy.cluster.vq import kmeans2, vq
 
-    def normalised(index: torch.Tensor) -> np.ndarray:
-        return torch.cat([F.normalize(p[index].float(), dim=1) for p in pooled], dim=1).double().numpy()
-
-    x = normalised(rows)
+    x = normalised(pooled, rows)
     k = max(1, min(k, len(x)))
     centroids, labels = kmeans2(x, k, seed=seed, minit="++")
     if others is None or not len(others):
         return labels
-    return np.concatenate([labels, vq(normalised(others), centroids)[0]])
+    return np.concatenate([labels, vq(normalised(pooled, others), centroids)[0]])
+
+
+def normalised(pooled: Sequence[torch.Tensor], index: torch.Tensor) -> np.ndarray:
+    """The members' L2-normalised features of the rows `index`, side by side: what the clusters are of."""
+    return torch.cat([F.normalize(p[index].float(), dim=1) for p in pooled], dim=1).double().numpy()
+
+
+def silhouette_groups(pooled: Sequence[torch.Tensor], rows: torch.Tensor, max_k: int, seed: int) -> np.ndarray:
+    """`appearance_groups` of `rows` with the number of clusters (2 to `max_k`) of the best silhouette: chosen
+    without a label (all in one group when fewer than 3 rows)."""
+    from sklearn.metrics import silhouette_score
+
+    x = normalised(pooled, rows)
+    best, best_score = np.zeros(len(rows), dtype=np.int64), -np.inf
+    for k in range(2, min(max_k, len(rows) - 1) + 1):
+        groups = appearance_groups(pooled, rows, k, seed)
+        if len(np.unique(groups)) < 2:
+            continue
+        score = float(silhouette_score(x, groups))
+        if score > best_score:
+            best, best_score = groups, score
+    return best
 
 
 def cache_groups(pooled: Sequence[torch.Tensor], seed: int, labelled: torch.Tensor | None = None) -> np.ndarray:

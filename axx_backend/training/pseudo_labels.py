@@ -27,6 +27,7 @@ from ..core.settings import Settings
 from ..engine.ensemble import Ensemble
 from ..engine.uncertainty import decide
 from .features import FeatureCache
+from .groups import CLUSTERS_PER_FOLD, MAX_FOLDS, silhouette_groups
 from .heads import Heads, MemberStats, Split, retrain
 
 
@@ -36,24 +37,69 @@ class PseudoLabels:
 
     rows: torch.Tensor  # [n] long
     labels: torch.Tensor  # [n] long
+    candidates: int = 0  # the rows decided without a flag and unanimously, before the balancing
 
     def __len__(self) -> int:
         return len(self.rows)
 
 
 def choose_pseudo_labels(
-    pool: MemberStats, threshold: float, min_uncertain: int, weights: Sequence[float]
+    pool: MemberStats,
+    threshold: float,
+    min_uncertain: int,
+    weights: Sequence[float],
+    prior: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
 ) -> PseudoLabels:
-    """The rows of `pool` that the decision rule does not flag at `threshold` and every member votes for."""
-    rows, labels = [], []
-    for k, row in enumerate(pool.index):
+    """The rows of `pool` that the decision rule does not flag at `threshold` and every member votes for;
+    with `prior` (class frequencies), only the surest of them in those proportions (`balance_to_prior`),
+    within each of `groups` (one per row of `pool`: its appearance group) when given."""
+    positions, labels, scores = [], [], []
+    for k in range(len(pool.index)):
         probs = [p[k] for p in pool.probs]
         entropy = [float(h[k]) for h in pool.entropy]
         decision = decide(probs, entropy, threshold, min_uncertain, weights)
         if not decision.flagged and len(decision.agreeing) == len(probs):
-            rows.append(row)
+            positions.append(k)
             labels.append(decision.label)
-    return PseudoLabels(torch.tensor(rows, dtype=torch.long), torch.tensor(labels, dtype=torch.long))
+            scores.append(decision.class_score)
+    chosen, classes = np.array(positions, dtype=np.int64), np.array(labels, dtype=np.int64)
+    candidates = len(chosen)
+    if prior is not None:
+        group = np.zeros(len(chosen), dtype=np.int64) if groups is None else np.asarray(groups)[chosen]
+        keep = [
+            members[balance_to_prior(classes[members], np.array(scores)[members], prior)]
+            for members in (np.flatnonzero(group == g) for g in np.unique(group))
+        ]
+        keep_all = np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+        chosen, classes = chosen[keep_all], classes[keep_all]
+    index = np.asarray(pool.index, dtype=np.int64)
+    return PseudoLabels(torch.from_numpy(index[chosen]), torch.from_numpy(classes), candidates)
+
+
+def balance_to_prior(labels: np.ndarray, scores: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """Indices of the highest-`scores` entries of each class, as many as keep the classes in `prior`'s
+    proportions with none left short: the largest total n with floor(n * prior[c]) <= the entries of class c
+    (none when a class of `prior` has none)."""
+    prior = np.asarray(prior, dtype=np.float64) / np.sum(prior)
+    counts = np.bincount(labels.astype(np.int64), minlength=len(prior))[: len(prior)]
+    present = prior > 0
+    total = int(np.floor(np.min(counts[present] / prior[present]) + 1e-9))
+    keep: list[int] = []
+    for c in np.flatnonzero(present):
+        members = np.flatnonzero(labels == c)
+        quota = min(int(np.floor(total * prior[c] + 1e-9)), len(members))
+        keep.extend(members[np.argsort(-scores[members], kind="stable")[:quota]].tolist())
+    return np.sort(np.array(keep, dtype=np.int64))
+
+
+def scene_groups(averaged: Sequence[torch.Tensor], pool: MemberStats, seed: int) -> np.ndarray:
+    """Appearance group of each row of `pool`: k-means on the members' global-average features of the pool
+    alone (groups.py), which describe the scene more than the object, with 2 to 10 clusters (the calibration
+    folds' number), as many as give the best silhouette. On the four photograph variants that was 5 or 6: the
+    pool's 5 background photographs (adjusted Rand index 0.68-0.97)."""
+    rows = torch.tensor(pool.index, dtype=torch.long)
+    return silhouette_groups(averaged, rows, CLUSTERS_PER_FOLD * MAX_FOLDS, seed)
 
 
 def retrain_with_pseudo_labels(

@@ -52,7 +52,7 @@ from .heads import (
     train_member_heads,
 )
 from .pixels import PixelResult, fit_pixels
-from .pseudo_labels import choose_pseudo_labels, class_counts, retrain_with_pseudo_labels
+from .pseudo_labels import choose_pseudo_labels, class_counts, retrain_with_pseudo_labels, scene_groups
 
 log = logging.getLogger(__name__)
 
@@ -341,36 +341,49 @@ def self_train(
     settings: Settings,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The served heads trained again with the pool's pseudo-labels (pseudo_labels.py), then the flag budget spent
-    on the pool again with them; `calibrated`: `calibrate_review`'s result before, returned when nothing qualifies."""
-    thresholds, _ = calibrated
+    on the pool again with them; `calibrated`: `calibrate_review`'s result before, kept when nothing qualifies.
+    Either way the metrics record what was chosen (`pseudo_labels`)."""
+    thresholds, metrics = calibrated
+    prior = np.bincount(split.labels[split.labelled].numpy(), minlength=len(ensemble.classes))
+    groups = scene_groups(cache.averaged, pool, settings.seed)
     pseudo = choose_pseudo_labels(
-        pool, thresholds["uncertainty_threshold"], settings.min_uncertain_to_flag, heads.weights
+        pool, thresholds["uncertainty_threshold"], settings.min_uncertain_to_flag, heads.weights, prior, groups
     )
-    if not len(pseudo):
-        log.info("no unlabelled image is decided unanimously without a flag: the heads keep the labelled images only")
-        return calibrated
-    retrain_with_pseudo_labels(ensemble, cache, split, heads, pseudo, settings)
-    generator = torch.Generator().manual_seed(settings.seed + 2)  # the pixel set's statistics by the final heads
-    heads.pixels = member_mc_stats(ensemble.members, cache.pooled, heads.pixels.index, settings.mc_samples, generator)
-    thresholds, metrics = calibrate_review(heads, split, settings, review_pool(ensemble, cache, split, settings))
-    metrics["pseudo_labels"] = {
+    chosen = {
         "images": len(pseudo),
         "of": len(pool.index),
+        "unanimous": pseudo.candidates,
+        "scene_groups": len(np.unique(groups)),
         "classes": class_counts(pseudo, ensemble.classes),
     }
+    if len(pseudo):
+        retrain_with_pseudo_labels(ensemble, cache, split, heads, pseudo, settings)
+        generator = torch.Generator().manual_seed(settings.seed + 2)  # the pixel set's statistics by the final heads
+        heads.pixels = member_mc_stats(
+            ensemble.members, cache.pooled, heads.pixels.index, settings.mc_samples, generator
+        )
+        out_of_fold = metrics["review_calibration"]["out_of_fold_threshold"]  # heads.calibration has not changed
+        thresholds, metrics = calibrate_review(
+            heads, split, settings, review_pool(ensemble, cache, split, settings), out_of_fold
+        )
     log.info(
-        "heads trained again with %d pseudo-labelled images of %d unlabelled (%s)",
-        len(pseudo), len(pool.index), metrics["pseudo_labels"]["classes"],
+        "heads trained again with %d pseudo-labelled images of %d unlabelled (%d decided unanimously without a "
+        "flag, balanced to the labelled classes within %d appearance groups: %s)",
+        len(pseudo), len(pool.index), pseudo.candidates, chosen["scene_groups"], chosen["classes"],
     )  # fmt: skip
-    return thresholds, metrics
+    return thresholds, {**metrics, "pseudo_labels": chosen}
 
 
 def calibrate_review(
-    heads: Heads, split: Split, settings: Settings, pool: MemberStats | None = None
+    heads: Heads,
+    split: Split,
+    settings: Settings,
+    pool: MemberStats | None = None,
+    out_of_fold: float | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The version's thresholds (the review threshold spends the flag budget on `pool`, the unlabelled images,
     when given, else on the out-of-fold predictions; the rest defaults until the pixel phase) and the
-    out-of-fold metrics at that threshold."""
+    out-of-fold metrics at that threshold. `out_of_fold`: the out-of-fold threshold when already known."""
     thresholds: dict[str, Any] = {
         "uncertainty_threshold": settings.uncertainty_threshold,
         "min_uncertain_to_flag": settings.min_uncertain_to_flag,
@@ -380,7 +393,8 @@ def calibrate_review(
     }
     cal = heads.calibration
     labels = split.labels[cal.index].numpy()
-    out_of_fold = review_threshold(cal, labels, heads, settings)
+    if out_of_fold is None:
+        out_of_fold = review_threshold(cal, labels, heads, settings)
     threshold = out_of_fold if pool is None else review_threshold(pool, None, heads, settings)
     thresholds["uncertainty_threshold"] = threshold
     metrics = validation_metrics(cal.probs, cal.entropy, labels, threshold, settings, heads.weights)
