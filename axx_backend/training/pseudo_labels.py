@@ -72,8 +72,8 @@ def choose_pseudo_labels(
     if prior is not None:
         group = np.zeros(len(chosen), dtype=np.int64) if groups is None else np.asarray(groups)[chosen]
         keep = [
-            members[balance_to_prior(classes[members], np.array(scores)[members], prior)]
-            for members in (np.flatnonzero(group == g) for g in np.unique(group))
+            in_group[balance_to_prior(classes[in_group], np.array(scores)[in_group], prior)]
+            for in_group in (np.flatnonzero(group == g) for g in np.unique(group))
         ]
         keep_all = np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
         chosen, classes = chosen[keep_all], classes[keep_all]

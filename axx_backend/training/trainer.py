@@ -367,9 +367,10 @@ def self_train(
             heads, split, settings, review_pool(ensemble, cache, split, settings), out_of_fold
         )
     log.info(
-        "heads trained again with %d pseudo-labelled images of %d unlabelled (%d decided unanimously without a "
-        "flag, balanced to the labelled classes within %d appearance groups: %s)",
-        len(pseudo), len(pool.index), pseudo.candidates, chosen["scene_groups"], chosen["classes"],
+        "%d of %d unlabelled images decided unanimously without a flag; balanced to the labelled classes within "
+        "%d appearance groups, %d became pseudo-labels (%s)%s",
+        pseudo.candidates, len(pool.index), chosen["scene_groups"], len(pseudo), chosen["classes"],
+        "" if len(pseudo) else ": the heads keep the labelled images only",
     )  # fmt: skip
     return thresholds, {**metrics, "pseudo_labels": chosen}
 
