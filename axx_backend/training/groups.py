@@ -39,14 +39,19 @@ def appearance_groups(
 ) -> np.ndarray:
     """Cluster index (0..k-1) of each of `rows`, by k-means++ on the members' L2-normalised pooled features; with
     `others`, then the nearest cluster of each of them (after those of `rows`)."""
-    from scipy.cluster.vq import kmeans2, vq
+    from scipy.cluster.vq import vq
 
-    x = normalised(pooled, rows)
-    k = max(1, min(k, len(x)))
-    centroids, labels = kmeans2(x, k, seed=seed, minit="++")
+    centroids, labels = kmeans(normalised(pooled, rows), k, seed)
     if others is None or not len(others):
         return labels
     return np.concatenate([labels, vq(normalised(pooled, others), centroids)[0]])
+
+
+def kmeans(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Centroids and cluster index (0..k-1) of each row of `x`, k-means++ (scipy)."""
+    from scipy.cluster.vq import kmeans2
+
+    return kmeans2(x, max(1, min(k, len(x))), seed=seed, minit="++")
 
 
 def normalised(pooled: Sequence[torch.Tensor], index: torch.Tensor) -> np.ndarray:
@@ -62,7 +67,7 @@ def silhouette_groups(pooled: Sequence[torch.Tensor], rows: torch.Tensor, max_k:
     x = normalised(pooled, rows)
     best, best_score = np.zeros(len(rows), dtype=np.int64), -np.inf
     for k in range(2, min(max_k, len(rows) - 1) + 1):
-        groups = appearance_groups(pooled, rows, k, seed)
+        groups = kmeans(x, k, seed)[1]  # appearance_groups on the features normalised once
         if len(np.unique(groups)) < 2:
             continue
         score = float(silhouette_score(x, groups))

@@ -67,12 +67,12 @@ def choose_pseudo_labels(
             positions.append(k)
             labels.append(decision.label)
             scores.append(decision.class_score)
-    chosen, classes = np.array(positions, dtype=np.int64), np.array(labels, dtype=np.int64)
+    chosen, classes, sureness = np.array(positions, dtype=np.int64), np.array(labels, dtype=np.int64), np.array(scores)
     candidates = len(chosen)
     if prior is not None:
         group = np.zeros(len(chosen), dtype=np.int64) if groups is None else np.asarray(groups)[chosen]
         keep = [
-            in_group[balance_to_prior(classes[in_group], np.array(scores)[in_group], prior)]
+            in_group[balance_to_prior(classes[in_group], sureness[in_group], prior)]
             for in_group in (np.flatnonzero(group == g) for g in np.unique(group))
         ]
         keep_all = np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
