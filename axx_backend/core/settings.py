@@ -115,9 +115,9 @@ class Settings:
     review_calibration: str = "auto"
     min_review_pool: int = 50
     # "auto": with that pool, the served heads also learn from the unlabelled images the ensemble decides unflagged
-    # and unanimously (training/pseudo_labels.py); "off": from the labelled images only. Off by default: +0.7 to
-    # +2.5 accuracy points at three photograph variants, -10 at the fourth (README, "The flag budget on the images
-    # still to annotate")
+    # and unanimously, balanced to the labelled classes within the pool's scene groups (training/pseudo_labels.py);
+    # "off": from the labelled images only. Off by default: accuracy +1.0 to +2.6 points at four photograph
+    # variants, but end to end -0.007 to -0.066 at three (README, "The flag budget on the images still to annotate")
     pseudo_labels: str = "off"
     # Unlabelled images training reads at most (a seeded random share beyond): every image read costs a forward
     # and, for last-stage fine-tuning, its cached stage input; a large project's backlog would grow both unbounded
