@@ -1,10 +1,12 @@
 """What serving in bf16 changes against fp32, on a trained version and real images (issue 14).
 
-For each input size the same version is loaded twice (AXX_PRECISION fp32 and bf16; the heads, MC statistics,
-temperatures and CAMs are fp32 in both) and annotates the same images in batches; the two precisions alternate
-batch by batch after one warm-up batch each, so load from other processes hits both alike. Reported:
+For each input size the same version is loaded three times (AXX_PRECISION fp32; bf16 as served, which runs
+again in fp32 the images near a decision, `AXX_PRECISION_RECHECK`; and bf16 without that recheck; the heads, MC
+statistics, temperatures and CAMs are fp32 in all) and annotates the same images in batches; the three
+alternate batch by batch after one warm-up batch each, so load from other processes hits them alike. Reported
+for each bf16 against fp32:
 
-- ms/image of each precision (wall and CPU time of this process) and their ratio;
+- ms/image of each (wall and CPU time of this process) and the ratio; the share of images rechecked in fp32;
 - decisions: images whose label or review flag differs between the two;
 - masks: IoU of the bf16 mask against the fp32 mask where both served one (mean and min), and images where only
   one of them served a mask;
@@ -46,7 +48,12 @@ from axx_backend.core.versions import ModelStore  # noqa: E402
 from axx_backend.engine.annotator import Annotator  # noqa: E402
 from axx_backend.engine.masks import iou  # noqa: E402
 
-PRECISIONS = ("fp32", "bf16")
+# name -> (AXX_PRECISION, AXX_PRECISION_RECHECK or None for the default)
+PRECISIONS: dict[str, tuple[str, float | None]] = {
+    "fp32": ("fp32", None),
+    "bf16": ("bf16", None),
+    "bf16-plain": ("bf16", 0.0),
+}
 
 
 @dataclass
@@ -56,6 +63,7 @@ class Run:
     annotations: list[Annotation] = field(default_factory=list)
     walls: list[float] = field(default_factory=list)
     cpus: list[float] = field(default_factory=list)
+    rechecked: int = 0  # images run again in fp32
 
     def ms_per_image(self, which: str = "wall") -> float:
         seconds = self.walls if which == "wall" else self.cpus
@@ -72,8 +80,12 @@ def version_dir_of(model_dir: Path) -> Path:
     return path
 
 
-def load_annotator(version: Path, precision: str, size: int | None) -> Annotator:
-    annotator = Annotator.from_version(version, Settings(precision=precision), explicit={"precision"})
+def load_annotator(version: Path, name: str, size: int | None) -> Annotator:
+    precision, recheck = PRECISIONS[name]
+    settings = Settings(precision=precision)
+    if recheck is not None:
+        settings = settings.replace(precision_recheck=recheck)
+    annotator = Annotator.from_version(version, settings, explicit={"precision", "precision_recheck"})
     if annotator.precision != precision:
         raise SystemExit(f"asked for {precision}, the annotator runs {annotator.precision}")
     if size is not None and size != annotator.input_size:
@@ -86,6 +98,8 @@ def compare_at(version: Path, images: Sequence, size: int | None, batch: int) ->
     annotators = {p: load_annotator(version, p, size) for p in PRECISIONS}
     for annotator in annotators.values():  # warm-up: the first call of each precision pays one-off costs
         annotator.annotate(images[:batch])
+    for annotator in annotators.values():
+        annotator.rechecked = 0
     runs = {p: Run() for p in PRECISIONS}
     for start in range(0, len(images), batch):
         chunk = images[start : start + batch]
@@ -94,34 +108,42 @@ def compare_at(version: Path, images: Sequence, size: int | None, batch: int) ->
             runs[precision].annotations += annotator.annotate(chunk)
             runs[precision].walls.append(time.perf_counter() - wall)
             runs[precision].cpus.append(time.process_time() - cpu)
+    for precision, annotator in annotators.items():
+        runs[precision].rechecked = annotator.rechecked
     return runs
 
 
 def summarise(runs: dict[str, Run], samples: Sequence[Sample], truths: Sequence[np.ndarray | None]) -> dict[str, Any]:
-    full, half = runs["fp32"].annotations, runs["bf16"].annotations
-    both = [(a.mask, b.mask) for a, b in zip(full, half, strict=True) if a.mask is not None and b.mask is not None]
-    mask_ious = [iou(b > 0, a > 0) for a, b in both]
-    row: dict[str, Any] = {
-        "images": len(full),
-        "ms_per_image": {p: runs[p].ms_per_image() for p in PRECISIONS},
-        "cpu_ms_per_image": {p: runs[p].ms_per_image("cpu") for p in PRECISIONS},
-        "labels_changed": sum(a.label != b.label for a, b in zip(full, half, strict=True)),
-        "flags_changed": sum(a.flagged != b.flagged for a, b in zip(full, half, strict=True)),
-        "mask_presence_changed": sum((a.mask is None) != (b.mask is None) for a, b in zip(full, half, strict=True)),
+    """Each bf16 run against fp32, and every run's accuracy and served IoU against the truth."""
+    row: dict[str, Any] = {"images": len(runs["fp32"].annotations)}
+    for name in PRECISIONS:
+        if name != "fp32":
+            row[name] = against_fp32(runs["fp32"], runs[name])
+        row.setdefault("truth", {})[name] = truth_scores(runs[name].annotations, samples, truths)
+    return row
+
+
+def against_fp32(fp32: Run, bf16: Run) -> dict[str, Any]:
+    full, half = fp32.annotations, bf16.annotations
+    pairs = list(zip(full, half, strict=True))
+    mask_ious = [iou(b.mask > 0, a.mask > 0) for a, b in pairs if a.mask is not None and b.mask is not None]
+    return {
+        "time_vs_fp32": bf16.ms_per_image() / fp32.ms_per_image(),
+        "cpu_vs_fp32": bf16.ms_per_image("cpu") / fp32.ms_per_image("cpu"),
+        "ms_per_image": bf16.ms_per_image(),
+        "fp32_ms_per_image": fp32.ms_per_image(),
+        "rechecked": bf16.rechecked / max(1, len(half)),
+        "labels_changed": sum(a.label != b.label for a, b in pairs),
+        "flags_changed": sum(a.flagged != b.flagged for a, b in pairs),
+        "decisions_identical": 1
+        - sum(a.label != b.label or a.flagged != b.flagged for a, b in pairs) / max(1, len(pairs)),
+        "mask_presence_changed": sum((a.mask is None) != (b.mask is None) for a, b in pairs),
         "masks_compared": len(mask_ious),
-        "mask_iou_bf16_vs_fp32": {
+        "mask_iou_vs_fp32": {
             "mean": statistics.fmean(mask_ious) if mask_ious else None,
             "min": min(mask_ious) if mask_ious else None,
         },
     }
-    row["bf16_vs_fp32_time"] = row["ms_per_image"]["bf16"] / row["ms_per_image"]["fp32"]
-    row["bf16_vs_fp32_cpu"] = row["cpu_ms_per_image"]["bf16"] / row["cpu_ms_per_image"]["fp32"]
-    row["decisions_identical"] = 1 - sum(
-        a.label != b.label or a.flagged != b.flagged for a, b in zip(full, half, strict=True)
-    ) / max(1, len(full))
-    for p in PRECISIONS:
-        row[p] = truth_scores(runs[p].annotations, samples, truths)
-    return row
 
 
 def truth_scores(annotations: Sequence[Annotation], samples: Sequence[Sample], truths: Sequence) -> dict[str, Any]:
@@ -141,27 +163,37 @@ def truth_scores(annotations: Sequence[Annotation], samples: Sequence[Sample], t
 
 def print_table(rows: dict[str, dict[str, Any]]) -> None:
     header = (
-        f"{'size':>5} {'n':>4} | {'fp32 ms':>8} {'bf16 ms':>8} {'ratio':>6} {'cpu r':>6} | {'labels':>6} "
-        f"{'flags':>6} {'mask?':>6} | {'IoU mean':>8} {'IoU min':>8} | {'acc fp32/bf16':>13} "
+        f"{'size':>5} {'bf16':>10} {'n':>4} | {'fp32 ms':>8} {'bf16 ms':>8} {'ratio':>6} {'cpu r':>6} {'recheck':>7} | "
+        f"{'labels':>6} {'flags':>6} {'mask?':>6} | {'IoU mean':>8} {'IoU min':>8} | {'acc fp32/bf16':>13} "
         f"{'served IoU fp32/bf16':>20}"
     )
     print(header)
     print("-" * len(header))
     for size, r in rows.items():
-        ious = r["mask_iou_bf16_vs_fp32"]
-        served = "/".join("-" if r[p]["served_iou"] is None else f"{r[p]['served_iou']:.3f}" for p in PRECISIONS)
-        print(
-            f"{size:>5} {r['images']:>4} | {r['ms_per_image']['fp32']:>8.1f} {r['ms_per_image']['bf16']:>8.1f} "
-            f"{r['bf16_vs_fp32_time']:>6.2f} {r['bf16_vs_fp32_cpu']:>6.2f} | {r['labels_changed']:>6} "
-            f"{r['flags_changed']:>6} {r['mask_presence_changed']:>6} | "
-            f"{ious['mean'] if ious['mean'] is not None else float('nan'):>8.3f} "
-            f"{ious['min'] if ious['min'] is not None else float('nan'):>8.3f} | "
-            f"{r['fp32']['accuracy']:>6.3f}/{r['bf16']['accuracy']:.3f} {served:>20}"
-        )
+        for name in PRECISIONS:
+            if name == "fp32":
+                continue
+            c, truth = r[name], r["truth"]
+            ious = c["mask_iou_vs_fp32"]
+            served = "/".join(
+                "-" if truth[p]["served_iou"] is None else f"{truth[p]['served_iou']:.3f}" for p in ("fp32", name)
+            )
+            print(
+                f"{size:>5} {name:>10} {r['images']:>4} | {c['fp32_ms_per_image']:>8.1f} {c['ms_per_image']:>8.1f} "
+                f"{c['time_vs_fp32']:>6.2f} {c['cpu_vs_fp32']:>6.2f} {c['rechecked']:>7.1%} | {c['labels_changed']:>6} "
+                f"{c['flags_changed']:>6} {c['mask_presence_changed']:>6} | "
+                f"{_or_nan(ious['mean']):>8.3f} {_or_nan(ious['min']):>8.3f} | "
+                f"{truth['fp32']['accuracy']:>6.3f}/{truth[name]['accuracy']:.3f} {served:>20}"
+            )
     print(
-        "labels / flags: images whose label / review flag differs; mask?: images where only one precision served a"
-        " mask; IoU: bf16 mask vs fp32 mask where both served one"
+        "bf16: as served (recheck near a decision in fp32) and bf16-plain (no recheck); recheck: share of images run"
+        " again in fp32; labels / flags: images whose label / review flag differs from fp32; mask?: images where only"
+        " one of the two served a mask; IoU: bf16 mask vs fp32 mask where both served one"
     )
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -192,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = compare_at(version, images, size, args.batch)
         key = str(size or load_version(version).input_size)
         rows[key] = summarise(runs, samples, truths)
-        print(f"  {key}^2: bf16/fp32 time {rows[key]['bf16_vs_fp32_time']:.2f}", flush=True)
+        print(f"  {key}^2: bf16/fp32 time {rows[key]['bf16']['time_vs_fp32']:.2f}", flush=True)
     print()
     print_table(rows)
     print(json.dumps({"version": version.name, "data": str(args.data), "sizes": rows}, default=float))

@@ -1,5 +1,6 @@
 """AXX_PRECISION: `auto` picks bf16 only where the hardware has it; bf16 backbones feed fp32 heads and statistics."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,3 +97,74 @@ def test_a_bf16_annotator_serves_from_cast_weights_unless_grad_cam_makes_the_cam
     image = Image.fromarray((np.random.default_rng(0).random((96, 96, 3)) * 255).astype(np.uint8))
     (annotation,) = annotator.annotate([image])
     assert annotation.mask is not None and annotation.mask_source.startswith("cam:")
+
+
+def test_near_a_decision_is_where_a_small_move_changes_the_label_or_the_flag():
+    from axx_backend.engine.uncertainty import decide, near_a_decision
+
+    sure0, sure1 = [0.9, 0.1], [0.1, 0.9]
+
+    def near(probs, entropy, margin=0.05):
+        return near_a_decision([np.array(p) for p in probs], entropy, 0.5, 2, None, margin)
+
+    # member 0 sits 0.03 under the threshold: uncertain, it would make two uncertain members, a flag
+    assert near([sure0, sure0, sure0], [0.47, 0.9, 0.1])
+    # the same member beside two sure ones: one uncertain member at most, and its vote agrees either way
+    assert not near([sure0, sure0, sure0], [0.47, 0.1, 0.1])
+    # ... even when it votes for the other class: the two sure members keep the majority
+    assert not near([sure1, sure0, sure0], [0.47, 0.1, 0.1])
+    # a sure member whose two classes are 0.04 apart: swapping them swaps the majority
+    assert near([[0.52, 0.48], sure0, sure1], [0.1, 0.1, 0.1])
+    assert not near([[0.7, 0.3], sure0, sure1], [0.1, 0.1, 0.1])
+    # nothing is near without a margin, and outside it
+    assert not near([sure0, sure0, sure0], [0.47, 0.9, 0.1], margin=0.0)
+    assert not near([sure0, sure0, sure0], [0.47, 0.9, 0.1], margin=0.03)
+    # the answer agrees with trying the moves by hand on decide
+    moved = decide([np.array(sure0)] * 3, [0.51, 0.9, 0.1], 0.5, 2)
+    assert moved.flagged and not decide([np.array(sure0)] * 3, [0.47, 0.9, 0.1], 0.5, 2).flagged
+
+
+def test_bf16_runs_the_images_near_a_decision_again_in_fp32():
+    """The served bf16 annotator's rechecked images carry what a fp32 annotator computes for them (statistics,
+    maps, the segment head's levels, so decisions and masks), the others what bf16 alone computes; the images
+    rechecked are those bf16 alone puts near the review threshold."""
+    import copy
+
+    import numpy as np
+    from PIL import Image
+
+    from axx_backend.engine.uncertainty import near_a_decision
+
+    torch.manual_seed(0)
+    ensemble = Ensemble.build(["mobilenetv2_100"], ["a", "b"], weights="random")
+    with torch.no_grad():  # sharper heads: entropies spread over [0, 1], and bf16 moves some by 0.01-0.1
+        ensemble.members[0].head.fc.weight.mul_(30)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)) for _ in range(8)]
+    settings = Settings(device="cpu", input_size=64, mc_samples=8, uncertainty_threshold=0.5, min_uncertain_to_flag=1)
+    margin = 0.2
+    fp32 = Annotator(copy.deepcopy(ensemble), settings.replace(precision="fp32"))
+    plain = Annotator(copy.deepcopy(ensemble), settings.replace(precision="bf16", precision_recheck=0.0))
+    served = Annotator(copy.deepcopy(ensemble), settings.replace(precision="bf16", precision_recheck=margin))
+    assert plain.recheck_ensemble is None
+    assert served.ensemble.casts_weights and not served.recheck_ensemble.casts_weights
+
+    want, alone, got = (a.forward(images, levels=True) for a in (fp32, plain, served))
+    near = [near_a_decision(alone.member_probs(b), alone.member_entropy(b), 0.5, 1, None, margin) for b in range(8)]
+    expected = [b for b in range(len(images)) if near[b]]
+    assert 0 < len(expected) < len(images)
+    assert got.rechecked == expected and served.rechecked == len(expected)
+    rows = torch.tensor(expected)
+    others = torch.tensor([b for b in range(len(images)) if b not in expected])
+    close = {"rtol": 1e-4, "atol": 1e-5}  # fp32 of a smaller batch may round a last bit differently
+    torch.testing.assert_close(got.stats[0].entropy[rows], want.stats[0].entropy[rows], **close)
+    torch.testing.assert_close(got.stats[0].mean_probs[rows], want.stats[0].mean_probs[rows], **close)
+    torch.testing.assert_close(got.outputs[0].features[rows], want.outputs[0].features[rows], **close)
+    for mine, theirs in zip(got.outputs[0].levels, want.outputs[0].levels, strict=True):
+        torch.testing.assert_close(mine[rows], theirs[rows], **close)
+    assert torch.equal(got.stats[0].entropy[others], alone.stats[0].entropy[others])
+    assert torch.equal(got.outputs[0].features[others], alone.outputs[0].features[others])
+
+    flags = {name: [a.decide(f, b).flagged for b in range(len(images))] for name, a, f in
+             (("fp32", fp32, want), ("plain", plain, alone), ("served", served, got))}  # fmt: skip
+    assert flags["served"] == flags["fp32"] != flags["plain"]  # bf16 alone flips a flag here; the recheck does not

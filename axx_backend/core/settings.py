@@ -56,6 +56,10 @@ class Settings:
     # "auto": bf16 autocast of the backbones where the hardware computes bf16 natively (a CPU with AVX512-BF16
     # or AMX, a GPU with bf16), fp32 elsewhere; heads, MC statistics, temperatures and CAMs stay fp32.
     precision: str = "auto"
+    # bf16 serving runs again in fp32 the images whose decision bf16's rounding could change: where moving a
+    # member's entropy by less than this across the review threshold, or swapping its two likeliest classes when
+    # they are this close in probability, would change the label or the flag (0: never; README "bf16")
+    precision_recheck: float = 0.05
     channels_last: bool = True
 
     # What a trained version's heads read (recorded in the version; serving uses the version's): POOLINGS
@@ -189,6 +193,8 @@ class Settings:
             raise ValueError("mc_mode must be 'head' or 'full'")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError("precision must be 'auto', 'fp32' or 'bf16'")
+        if not 0.0 <= self.precision_recheck <= 1.0:
+            raise ValueError("precision_recheck must be in [0, 1]")
         parse_fusion(self.mask_fusion)
         choices = {
             "cam_weights": ("class", "contrastive"),

@@ -12,6 +12,7 @@ resolution (the model's input size, where the image regions are cut) and upsampl
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Sequence
@@ -34,7 +35,7 @@ from .fold import fold_batchnorm
 from .refine import SuperpixelSpec, pool, segment_image
 from .saliency import gradcam_maps, member_cam, normalize_maps, upsample
 from .segments import SegmentHead, region_features
-from .uncertainty import Decision, MCStats, confidence, decide, mc_statistics
+from .uncertainty import Decision, MCStats, confidence, decide, mc_statistics, near_a_decision, put_rows
 from .weights import load_backbone
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class Forward:
     outputs: list[MemberOutput]  # per member
     stats: list[MCStats]  # per member
     segmentations: dict[int, list[np.ndarray]] = field(default_factory=dict)  # image index -> region labels
+    rechecked: list[int] = field(default_factory=list)  # images a bf16 forward ran again in fp32
 
     def __len__(self) -> int:
         return len(self.images)
@@ -105,6 +107,12 @@ class Annotator:
         # makes the CAMs: its autograd pass runs the members in fp32
         channels_last = settings.channels_last and self.device.type == "cpu"
         bf16_weights = self.precision == "bf16" and settings.cam_method == "fast"
+        # what `recheck` runs in fp32: a copy of the weights where the bf16 cast (in place) takes the served ones
+        self.recheck_ensemble: Ensemble | None = None
+        if self.precision == "bf16" and settings.precision_recheck > 0:
+            twin = copy.deepcopy(ensemble).prepare(self.device, channels_last) if bf16_weights else ensemble
+            self.recheck_ensemble = twin
+        self.rechecked = 0  # images `recheck` ran again in fp32 (what the recheck costs: benchmarks/precision.py)
         self.ensemble = ensemble.prepare(self.device, channels_last, bf16_weights)
         if negative_classes is None:
             negative_classes = {c for c in ensemble.classes if settings.is_negative(c)}
@@ -152,18 +160,44 @@ class Annotator:
     def forward(self, images: Sequence[Image.Image], levels: bool | None = None) -> Forward:
         """One backbone pass per member on a batch; `levels` (default: when the segment head serves) also
         keeps the earlier stages the segment head reads."""
-        s = self.settings
         x = self.preprocess(images)
-        generator = torch.Generator().manual_seed(s.seed)
         want_levels = self.mask_source == "segments" if levels is None else levels
-        outputs = self.ensemble.forward_mc(
-            x, s.mc_samples, generator, self.precision, full_mc=s.mc_mode == "full", levels=want_levels
-        )
+        fwd = Forward(list(images), x, *self._pass(self.ensemble, self.precision, x, want_levels))
+        if self.recheck_ensemble is not None:
+            self.recheck(fwd, want_levels)
+        return fwd
+
+    def _pass(
+        self, ensemble: Ensemble, precision: str, x: torch.Tensor, levels: bool
+    ) -> tuple[list[MemberOutput], list[MCStats]]:
+        s = self.settings
+        # seeded per pass, and the dropout masks are shared by the batch: an image's samples do not depend on
+        # which images share its pass
+        generator = torch.Generator().manual_seed(s.seed)
+        outputs = ensemble.forward_mc(x, s.mc_samples, generator, precision, full_mc=s.mc_mode == "full", levels=levels)
         samples = [out.mc_probs for out in outputs]
         if s.tta_flip:  # the mirrored image's samples join the statistics; the maps stay the image's own
-            mirrored = self.ensemble.forward_mc(x.flip(-1), s.mc_samples, generator, self.precision)
+            mirrored = ensemble.forward_mc(x.flip(-1), s.mc_samples, generator, precision)
             samples = [torch.cat([a, b.mc_probs]) for a, b in zip(samples, mirrored, strict=True)]
-        return Forward(list(images), x, outputs, [mc_statistics(p) for p in samples])
+        return outputs, [mc_statistics(p) for p in samples]
+
+    def recheck(self, fwd: Forward, levels: bool) -> None:
+        """Run again in fp32 the images of a bf16 forward whose decision bf16's rounding could have changed
+        (`Settings.precision_recheck`), and keep their fp32 outputs: their decisions, maps and masks are those
+        fp32 serving makes."""
+        s = self.settings
+        rule = (s.uncertainty_threshold, s.min_uncertain_to_flag, self.weights, s.precision_recheck)
+        near = [b for b in range(len(fwd)) if near_a_decision(fwd.member_probs(b), fwd.member_entropy(b), *rule)]
+        if not near or self.recheck_ensemble is None:
+            return
+        rows = torch.tensor(near, device=fwd.x.device)
+        outputs, stats = self._pass(self.recheck_ensemble, "fp32", fwd.x[rows], levels)
+        for mine, theirs in zip(fwd.outputs, outputs, strict=True):
+            mine.put(rows, theirs)
+        for mine_stats, their_stats in zip(fwd.stats, stats, strict=True):
+            put_rows(mine_stats, rows, their_stats)
+        fwd.rechecked = near
+        self.rechecked += len(near)
 
     # --- conclude --------------------------------------------------------------------------------------------------
     def decide(self, fwd: Forward, b: int) -> Decision:

@@ -161,6 +161,16 @@ class MemberOutput:
             self.features[index], self.pooled[index], self.logits[index], self.mc_probs[:, index], levels
         )
 
+    @torch.inference_mode()
+    def put(self, index: torch.Tensor, other: MemberOutput) -> None:
+        """Overwrite the images `index` of this batch with `other`'s (the same images, computed again)."""
+        self.features[index] = other.features
+        self.pooled[index] = other.pooled
+        self.logits[index] = other.logits
+        self.mc_probs[:, index] = other.mc_probs
+        for mine, theirs in zip(self.levels or [], other.levels or [], strict=True):
+            mine[index] = theirs
+
 
 class Ensemble(nn.Module):
     """M members sharing the class list; one forward gives everything prediction needs."""

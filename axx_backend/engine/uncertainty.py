@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,51 @@ class MCStats:
     entropy: torch.Tensor  # [B] normalised predictive entropy H(mean) / log C
     mutual_info: torch.Tensor  # [B] BALD: H(mean) - mean_t H(p_t), also / log C
     std_top: torch.Tensor  # [B] std over samples of the winning class's probability
+
+
+@torch.inference_mode()
+def put_rows(stats: MCStats, index: torch.Tensor, other: MCStats) -> None:
+    """Overwrite the images `index` of `stats` with `other`'s (the same images, computed again)."""
+    for name in ("mean_probs", "entropy", "mutual_info", "std_top"):
+        getattr(stats, name)[index] = getattr(other, name)
+
+
+def near_a_decision(
+    member_probs: Sequence[np.ndarray],
+    member_entropy: Sequence[float],
+    uncertainty_threshold: float,
+    min_uncertain_to_flag: int = 2,
+    weights: Sequence[float] | None = None,
+    margin: float = 0.0,
+) -> bool:
+    """Could moving some members' entropies by less than `margin` across the review threshold, or swapping the
+    two likeliest classes of members whose two are within `margin` in probability, change `decide`'s label or
+    flag? Every combination is tried (at most 4 per member). This is where bf16's rounding can change a decision;
+    a member near the threshold changes nothing while the others decide the flag and the vote anyway."""
+    if margin <= 0:
+        return False
+    options = []
+    for p, h in zip(member_probs, member_entropy, strict=True):
+        p = np.asarray(p, dtype=np.float64)
+        entropies = (
+            [h] if abs(h - uncertainty_threshold) >= margin else [uncertainty_threshold, uncertainty_threshold + margin]
+        )
+        probs = [p]
+        if len(p) > 1:
+            first, second = np.argsort(-p, kind="stable")[:2]
+            if p[first] - p[second] < margin:
+                swapped = p.copy()
+                swapped[[first, second]] = p[[second, first]]
+                probs.append(swapped)
+        options.append([(q, e) for q in probs for e in entropies])
+    base = decide(member_probs, member_entropy, uncertainty_threshold, min_uncertain_to_flag, weights)
+    for world in itertools.product(*options):
+        other = decide(
+            [q for q, _ in world], [e for _, e in world], uncertainty_threshold, min_uncertain_to_flag, weights
+        )
+        if (other.label, other.flagged) != (base.label, base.flagged):
+            return True
+    return False
 
 
 def entropy(probs: torch.Tensor, dim: int = -1) -> torch.Tensor:
