@@ -368,7 +368,7 @@ def self_train(
         )
     log.info(
         "%d of %d unlabelled images decided unanimously without a flag; balanced to the labelled classes within "
-        "%d appearance groups, %d became pseudo-labels (%s)%s",
+        "%d scene groups, %d became pseudo-labels (%s)%s",
         pseudo.candidates, len(pool.index), chosen["scene_groups"], len(pseudo), chosen["classes"],
         "" if len(pseudo) else ": the heads keep the labelled images only",
     )  # fmt: skip
