@@ -120,11 +120,11 @@ class Settings:
     min_review_pool: int = 50
     # "auto": with that pool, the served heads also learn from the unlabelled images the ensemble decides unflagged
     # and unanimously, balanced to the labelled classes within the pool's scene groups (training/pseudo_labels.py);
-    # "off": from the labelled images only. On by default: over two seeds of four photograph variants accuracy
-    # rose at all eight (+1.0 to +3.1 points), end to end moved -0.066 to +0.014 (mean -0.018): 1.26-1.51x the
-    # plain reference's at seven, 1.247x at one (1.216x without) (README, "The flag budget on the images still to
-    # annotate")
-    pseudo_labels: str = "auto"
+    # "off": from the labelled images only. Off by default: over seeds 0 and 1 of four photograph variants accuracy
+    # rose at all eight runs (+1.0 to +3.1 points, end to end -0.018 on average), but at seed 2 multi-class natural
+    # it fell 0.6 points and took end to end from 1.31x to 1.235x the plain reference's (README, "The flag budget
+    # on the images still to annotate")
+    pseudo_labels: str = "off"
     # Unlabelled images training reads at most (a seeded random share beyond): every image read costs a forward
     # and, for last-stage fine-tuning, its cached stage input; a large project's backlog would grow both unbounded
     max_unlabelled: int = 500
