@@ -186,9 +186,11 @@ class Annotator:
         (`Settings.precision_recheck`), and keep their fp32 outputs: their decisions, maps and masks are those
         fp32 serving makes."""
         s = self.settings
+        if self.recheck_ensemble is None:
+            return
         rule = (s.uncertainty_threshold, s.min_uncertain_to_flag, self.weights, s.precision_recheck)
         near = [b for b in range(len(fwd)) if near_a_decision(fwd.member_probs(b), fwd.member_entropy(b), *rule)]
-        if not near or self.recheck_ensemble is None:
+        if not near:
             return
         rows = torch.tensor(near, device=fwd.x.device)
         outputs, stats = self._pass(self.recheck_ensemble, "fp32", fwd.x[rows], levels)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -26,8 +26,8 @@ class MCStats:
 @torch.inference_mode()
 def put_rows(stats: MCStats, index: torch.Tensor, other: MCStats) -> None:
     """Overwrite the images `index` of `stats` with `other`'s (the same images, computed again)."""
-    for name in ("mean_probs", "entropy", "mutual_info", "std_top"):
-        getattr(stats, name)[index] = getattr(other, name)
+    for f in fields(MCStats):
+        getattr(stats, f.name)[index] = getattr(other, f.name)
 
 
 def near_a_decision(
@@ -58,6 +58,8 @@ def near_a_decision(
                 swapped[[first, second]] = p[[second, first]]
                 probs.append(swapped)
         options.append([(q, e) for q in probs for e in entropies])
+    if all(len(o) == 1 for o in options):  # nothing can move: most images, and no decision to compute
+        return False
     base = decide(member_probs, member_entropy, uncertainty_threshold, min_uncertain_to_flag, weights)
     for world in itertools.product(*options):
         other = decide(
