@@ -143,7 +143,9 @@ def test_bf16_runs_the_images_near_a_decision_again_in_fp32():
     images = [Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)) for _ in range(8)]
     settings = Settings(device="cpu", input_size=64, mc_samples=8, min_uncertain_to_flag=1)
     fp32 = Annotator(copy.deepcopy(ensemble), settings.replace(precision="fp32"))
-    plain = Annotator(copy.deepcopy(ensemble), settings.replace(precision="bf16", precision_recheck=0.0))
+    plain = Annotator(
+        copy.deepcopy(ensemble), settings.replace(precision="bf16", precision_recheck=0.0, precision_recheck_mask=0.0)
+    )
     assert plain.recheck_ensemble is None
     want, alone = (a.forward(images, levels=True) for a in (fp32, plain))  # (the statistics ignore the threshold)
     # the review threshold halfway between fp32's and bf16's entropy of the image bf16 moves most: bf16 alone
@@ -179,3 +181,71 @@ def test_bf16_runs_the_images_near_a_decision_again_in_fp32():
     flags = {name: [a.decide(f, i).flagged for i in range(len(images))] for name, a, f in
              (("fp32", fp32, want), ("plain", plain, alone), ("served", served, got))}  # fmt: skip
     assert flags["served"] == flags["fp32"] != flags["plain"]  # bf16 alone flips image b's flag; the recheck does not
+
+
+def test_worst_iou_within_is_the_worst_flip_of_the_pixels_near_the_threshold():
+    """Checked against trying every mask that differs only where the score is within the margin."""
+    import itertools
+
+    from axx_backend.engine.masks import iou, worst_iou_within
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        score = rng.random((3, 4)).astype(np.float32)
+        threshold, margin = float(rng.uniform(0.3, 0.7)), float(rng.uniform(0.05, 0.2))
+        mask = score > threshold
+        unsure = np.flatnonzero(np.abs(score - threshold) < margin)
+        worst = 1.0
+        for flips in itertools.product([False, True], repeat=len(unsure)):
+            other = mask.copy().ravel()
+            other[unsure] = np.where(flips, ~other[unsure], other[unsure])
+            worst = min(worst, iou(other.reshape(mask.shape), mask))
+        assert worst_iou_within(score, threshold, margin) == pytest.approx(worst)
+    # nothing near the threshold: the mask cannot move
+    assert worst_iou_within(np.array([[0.0, 1.0]]), 0.5, 0.1) == 1.0
+    # an empty mask with pixels near the threshold can become a mask: IoU 0
+    assert worst_iou_within(np.array([[0.45, 0.0]]), 0.5, 0.1) == 0.0
+
+
+def test_bf16_concludes_the_masks_it_could_move_far_from_an_fp32_pass():
+    """Images whose bf16 score map sits so near the mask threshold that a move by less than the margin could
+    leave the mask under `precision_recheck_iou` against fp32's are concluded again from an fp32 pass (their
+    masks are fp32's); the other masks are bf16's own."""
+    import copy
+
+    from PIL import Image
+
+    from axx_backend.engine.masks import iou, worst_iou_within
+
+    torch.manual_seed(0)
+    ensemble = Ensemble.build(["mobilenetv2_100"], ["a", "b"], weights="random")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)) for _ in range(8)]
+    # nobody uncertain and one member: every image takes the mask path, and no decision is near the edge
+    settings = Settings(device="cpu", input_size=64, mc_samples=4, uncertainty_threshold=1.01)
+    settings = settings.replace(negative_pattern="^$", precision_recheck_mask=0.005)
+    fp32 = Annotator(copy.deepcopy(ensemble), settings.replace(precision="fp32"))
+    plain = Annotator(
+        copy.deepcopy(ensemble), settings.replace(precision="bf16", precision_recheck=0.0, precision_recheck_mask=0.0)
+    )
+    want, alone = (a.forward(images) for a in (fp32, plain))
+    assert not want.rechecked and not alone.rechecked
+
+    def score(annotator, fwd, b):
+        decision = annotator.decide(fwd, b)
+        return annotator.mask_score(fwd, b, decision.label, decision.agreeing)[:2]
+
+    # the floor between the images' worst cases: some masks are on the edge, some not, whatever the CPU rounds
+    worst = [worst_iou_within(*score(plain, alone, b), 0.005) for b in range(len(images))]
+    floor = float(np.median(worst))
+    edge = [b for b in range(len(images)) if worst[b] < floor]
+    assert 0 < len(edge) < len(images)
+    served = Annotator(copy.deepcopy(ensemble), settings.replace(precision="bf16", precision_recheck_iou=floor))
+    got = served.annotate(images)
+    assert served.rechecked_masks == served.rechecked == len(edge)
+    for b, annotation in enumerate(got):
+        reference = fp32.conclude(want)[b] if b in edge else plain.conclude(alone)[b]
+        assert annotation.mask is not None and reference.mask is not None
+        assert iou(annotation.mask, reference.mask) > 0.99  # fp32 of a smaller batch may round a last bit
+        if b not in edge:
+            assert np.array_equal(annotation.mask, reference.mask)

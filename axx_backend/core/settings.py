@@ -60,6 +60,12 @@ class Settings:
     # member's entropy by less than this across the review threshold, or swapping its two likeliest classes when
     # they are this close in probability, would change the label or the flag (0: never; README "bf16")
     precision_recheck: float = 0.05
+    # ... and the images whose mask could fall below `precision_recheck_iou` against fp32's if bf16 moved its
+    # score map by less than `precision_recheck_mask` (where the map sits that near its threshold over much of
+    # the mask; 0: never). A margin of its own: score maps sit near their threshold far more often than
+    # decisions do (README "The recheck")
+    precision_recheck_mask: float = 0.01
+    precision_recheck_iou: float = 0.9
     channels_last: bool = True
 
     # What a trained version's heads read (recorded in the version; serving uses the version's): POOLINGS
@@ -197,6 +203,9 @@ class Settings:
             raise ValueError("precision must be 'auto', 'fp32' or 'bf16'")
         if not 0.0 <= self.precision_recheck <= 1.0:
             raise ValueError("precision_recheck must be in [0, 1]")
+        for name in ("precision_recheck_mask", "precision_recheck_iou"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1]")
         parse_fusion(self.mask_fusion)
         choices = {
             "cam_weights": ("class", "contrastive"),

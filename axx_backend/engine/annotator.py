@@ -32,6 +32,7 @@ from ..core.version_meta import MemberSpec, VersionError, VersionMeta, load_vers
 from ..core.versions import ModelStore
 from .ensemble import Ensemble, Member, MemberOutput, resolve_precision, select_device
 from .fold import fold_batchnorm
+from .masks import worst_iou_within
 from .refine import SuperpixelSpec, pool, segment_image
 from .saliency import gradcam_maps, member_cam, normalize_maps, upsample
 from .segments import SegmentHead, region_features
@@ -55,7 +56,7 @@ class Forward:
     outputs: list[MemberOutput]  # per member
     stats: list[MCStats]  # per member
     segmentations: dict[int, list[np.ndarray]] = field(default_factory=dict)  # image index -> region labels
-    rechecked: list[int] = field(default_factory=list)  # images a bf16 forward ran again in fp32
+    rechecked: list[int] = field(default_factory=list)  # images of a bf16 forward run again in fp32
 
     def __len__(self) -> int:
         return len(self.images)
@@ -109,10 +110,11 @@ class Annotator:
         bf16_weights = self.precision == "bf16" and settings.cam_method == "fast"
         # what `recheck` runs in fp32: a copy of the weights where the bf16 cast (in place) takes the served ones
         self.recheck_ensemble: Ensemble | None = None
-        if self.precision == "bf16" and settings.precision_recheck > 0:
+        if self.precision == "bf16" and max(settings.precision_recheck, settings.precision_recheck_mask) > 0:
             twin = copy.deepcopy(ensemble).prepare(self.device, channels_last) if bf16_weights else ensemble
             self.recheck_ensemble = twin
-        self.rechecked = 0  # images `recheck` ran again in fp32 (what the recheck costs: benchmarks/precision.py)
+        self.rechecked = 0  # images run again in fp32, for decisions or masks (the cost: benchmarks/precision.py)
+        self.rechecked_masks = 0  # of those, images run again for their mask
         self.ensemble = ensemble.prepare(self.device, channels_last, bf16_weights)
         if negative_classes is None:
             negative_classes = {c for c in ensemble.classes if settings.is_negative(c)}
@@ -186,20 +188,35 @@ class Annotator:
         (`Settings.precision_recheck`), and keep their fp32 outputs: their decisions, maps and masks are those
         fp32 serving makes."""
         s = self.settings
-        if self.recheck_ensemble is None:
+        if self.recheck_ensemble is None or s.precision_recheck <= 0:
             return
         rule = (s.uncertainty_threshold, s.min_uncertain_to_flag, self.weights, s.precision_recheck)
         near = [b for b in range(len(fwd)) if near_a_decision(fwd.member_probs(b), fwd.member_entropy(b), *rule)]
-        if not near:
+        self._again_in_fp32(fwd, near, levels)
+
+    def _again_in_fp32(self, fwd: Forward, images: list[int], levels: bool) -> None:
+        """Replace the outputs and statistics of `images` in a bf16 forward with fp32 passes'. One image per
+        pass: the fp32 activations of a whole batch would raise the peak memory of serving (about 0.5 GB for the
+        paper's members at 512² batch 8), and the MC samples do not depend on the batch (`_pass`)."""
+        if self.recheck_ensemble is None:
             return
-        rows = torch.tensor(near, device=fwd.x.device)
-        outputs, stats = self._pass(self.recheck_ensemble, "fp32", fwd.x[rows], levels)
-        for mine, theirs in zip(fwd.outputs, outputs, strict=True):
-            mine.put(rows, theirs)
-        for mine_stats, their_stats in zip(fwd.stats, stats, strict=True):
-            put_rows(mine_stats, rows, their_stats)
-        fwd.rechecked = near
-        self.rechecked += len(near)
+        for b in images:
+            row = torch.tensor([b], device=fwd.x.device)
+            outputs, stats = self._pass(self.recheck_ensemble, "fp32", fwd.x[row], levels)
+            for mine, theirs in zip(fwd.outputs, outputs, strict=True):
+                mine.put(row, theirs)
+            for mine_stats, their_stats in zip(fwd.stats, stats, strict=True):
+                put_rows(mine_stats, row, their_stats)
+        fwd.rechecked.extend(images)
+        self.rechecked += len(images)
+
+    def _mask_on_edge(self, fwd: Forward, b: int, score: np.ndarray, threshold: float) -> bool:
+        """Could bf16's rounding, moving the score by less than `Settings.precision_recheck_mask`, leave image
+        b's mask below `Settings.precision_recheck_iou` against fp32's? (Only bf16 images not run in fp32 yet.)"""
+        s = self.settings
+        if self.recheck_ensemble is None or b in fwd.rechecked or s.precision_recheck_mask <= 0:
+            return False
+        return worst_iou_within(score, threshold, s.precision_recheck_mask) < s.precision_recheck_iou
 
     # --- conclude --------------------------------------------------------------------------------------------------
     def decide(self, fwd: Forward, b: int) -> Decision:
@@ -208,14 +225,25 @@ class Annotator:
         return decide(probs, entropy, s.uncertainty_threshold, s.min_uncertain_to_flag, self.weights)
 
     def conclude(self, fwd: Forward, with_heat: bool = False) -> list[Annotation]:
-        return [self._conclude_one(fwd, b, with_heat) for b in range(len(fwd))]
+        edge: list[int] = []
+        annotations = [self._conclude_one(fwd, b, with_heat, edge) for b in range(len(fwd))]
+        if edge:  # masks bf16's rounding could move far: those images are concluded again from an fp32 pass
+            self._again_in_fp32(fwd, edge, levels=all(out.levels is not None for out in fwd.outputs))
+            self.rechecked_masks += len(edge)
+            for b in edge:
+                annotations[b] = self._conclude_one(fwd, b, with_heat)
+        return annotations
 
-    def _conclude_one(self, fwd: Forward, b: int, with_heat: bool) -> Annotation:
+    def _conclude_one(self, fwd: Forward, b: int, with_heat: bool, edge: list[int] | None = None) -> Annotation:
+        """Image b's annotation; when its mask is on bf16's edge, b is added to `edge` (when given) instead."""
         decision = self.decide(fwd, b)
         ann = self._annotation(fwd, b, decision)
         if decision.flagged or ann.label in self.negative:
             return ann
         score, threshold, source = self.mask_score(fwd, b, decision.label, decision.agreeing)
+        if edge is not None and self._mask_on_edge(fwd, b, score, threshold):
+            edge.append(b)
+            return ann
         heat = to_size(score, (ann.height, ann.width))
         ann.mask = (heat > threshold).astype(np.uint8)
         ann.mask_source = source

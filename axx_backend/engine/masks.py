@@ -41,3 +41,15 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     p, t = np.asarray(pred) > 0, np.asarray(truth) > 0
     total = p.sum() + t.sum()
     return 1.0 if total == 0 else float(2.0 * np.logical_and(p, t).sum() / total)
+
+
+def worst_iou_within(score: np.ndarray, threshold: float, margin: float) -> float:
+    """The lowest IoU with the mask `score > threshold` of any mask that differs from it only where the score
+    is within `margin` of the threshold: how far a mask can move when the score moves by less than `margin`
+    (bf16's rounding, say). The worst case flips every such pixel, leaving the sure part of the mask over the
+    mask and the unsure pixels together."""
+    score = np.asarray(score)
+    mask = score > threshold
+    unsure = np.abs(score - threshold) < margin
+    union = np.logical_or(mask, unsure).sum()
+    return 1.0 if union == 0 else float(np.logical_and(mask, ~unsure).sum() / union)
