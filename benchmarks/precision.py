@@ -1,12 +1,13 @@
 """What serving in bf16 changes against fp32, on a trained version and real images (issue 14).
 
 For each input size the same version is loaded three times (AXX_PRECISION fp32; bf16 as served, which runs
-again in fp32 the images near a decision, `AXX_PRECISION_RECHECK`; and bf16 without that recheck; the heads, MC
-statistics, temperatures and CAMs are fp32 in all) and annotates the same images in batches; the three
-alternate batch by batch after one warm-up batch each, so load from other processes hits them alike. Reported
-for each bf16 against fp32:
+again in fp32 the images near a decision or whose mask it could move far, `AXX_PRECISION_RECHECK[_MASK]`; and bf16
+without that recheck; the heads, MC statistics, temperatures and CAMs are fp32 in all) and annotates the same
+images in batches; the three alternate batch by batch after one warm-up batch each, so load from other
+processes hits them alike. Reported for each bf16 against fp32:
 
-- ms/image of each (wall and CPU time of this process) and the ratio; the share of images rechecked in fp32;
+- ms/image of each (wall and CPU time of this process) and the ratio; the share of images rechecked in fp32 (and
+  of them, for their mask);
 - decisions: images whose label or review flag differs between the two;
 - masks: IoU of the bf16 mask against the fp32 mask where both served one (mean and min), and images where only
   one of them served a mask;
@@ -48,7 +49,7 @@ from axx_backend.core.versions import ModelStore  # noqa: E402
 from axx_backend.engine.annotator import Annotator  # noqa: E402
 from axx_backend.engine.masks import iou  # noqa: E402
 
-# name -> (AXX_PRECISION, AXX_PRECISION_RECHECK or None for the default)
+# name -> (AXX_PRECISION, AXX_PRECISION_RECHECK and AXX_PRECISION_RECHECK_MASK, or None for the defaults)
 PRECISIONS: dict[str, tuple[str, float | None]] = {
     "fp32": ("fp32", None),
     "bf16": ("bf16", None),
@@ -64,6 +65,7 @@ class Run:
     walls: list[float] = field(default_factory=list)
     cpus: list[float] = field(default_factory=list)
     rechecked: int = 0  # images run again in fp32
+    rechecked_masks: int = 0  # of those, for their mask
 
     def ms_per_image(self, which: str = "wall") -> float:
         seconds = self.walls if which == "wall" else self.cpus
@@ -84,8 +86,9 @@ def load_annotator(version: Path, name: str, size: int | None) -> Annotator:
     precision, recheck = PRECISIONS[name]
     settings = Settings(precision=precision)
     if recheck is not None:
-        settings = settings.replace(precision_recheck=recheck)
-    annotator = Annotator.from_version(version, settings, explicit={"precision", "precision_recheck"})
+        settings = settings.replace(precision_recheck=recheck, precision_recheck_mask=recheck)
+    explicit = {"precision", "precision_recheck", "precision_recheck_mask"}
+    annotator = Annotator.from_version(version, settings, explicit=explicit)
     if annotator.precision != precision:
         raise SystemExit(f"asked for {precision}, the annotator runs {annotator.precision}")
     if size is not None and size != annotator.input_size:
@@ -94,12 +97,22 @@ def load_annotator(version: Path, name: str, size: int | None) -> Annotator:
     return annotator
 
 
+def read_images(data: str | Path, limit: int = 0) -> tuple[list[Sample], list]:
+    """The readable samples of a folder dataset and their images; `limit` > 0: that many, evenly spaced over
+    the dataset, so that every class folder is in."""
+    samples, _ = read_folder_dataset(data)
+    if 0 < limit < len(samples):
+        samples = [samples[int(i * len(samples) / limit)] for i in range(limit)]
+    pairs = list(iter_readable(samples))
+    return [s for s, _ in pairs], [img for _, img in pairs]
+
+
 def compare_at(version: Path, images: Sequence, size: int | None, batch: int) -> dict[str, Run]:
     annotators = {p: load_annotator(version, p, size) for p in PRECISIONS}
     for annotator in annotators.values():  # warm-up: the first call of each precision pays one-off costs
         annotator.annotate(images[:batch])
     for annotator in annotators.values():
-        annotator.rechecked = 0
+        annotator.rechecked = annotator.rechecked_masks = 0
     runs = {p: Run() for p in PRECISIONS}
     for start in range(0, len(images), batch):
         chunk = images[start : start + batch]
@@ -110,6 +123,7 @@ def compare_at(version: Path, images: Sequence, size: int | None, batch: int) ->
             runs[precision].cpus.append(time.process_time() - cpu)
     for precision, annotator in annotators.items():
         runs[precision].rechecked = annotator.rechecked
+        runs[precision].rechecked_masks = annotator.rechecked_masks
     return runs
 
 
@@ -133,6 +147,7 @@ def against_fp32(fp32: Run, bf16: Run) -> dict[str, Any]:
         "ms_per_image": bf16.ms_per_image(),
         "fp32_ms_per_image": fp32.ms_per_image(),
         "rechecked": bf16.rechecked / max(1, len(half)),
+        "rechecked_masks": bf16.rechecked_masks / max(1, len(half)),
         "labels_changed": sum(a.label != b.label for a, b in pairs),
         "flags_changed": sum(a.flagged != b.flagged for a, b in pairs),
         "decisions_identical": 1
@@ -163,9 +178,9 @@ def truth_scores(annotations: Sequence[Annotation], samples: Sequence[Sample], t
 
 def print_table(rows: dict[str, dict[str, Any]]) -> None:
     header = (
-        f"{'size':>5} {'bf16':>10} {'n':>4} | {'fp32 ms':>8} {'bf16 ms':>8} {'ratio':>6} {'cpu r':>6} {'recheck':>7} | "
-        f"{'labels':>6} {'flags':>6} {'mask?':>6} | {'IoU mean':>8} {'IoU min':>8} | {'acc fp32/bf16':>13} "
-        f"{'served IoU fp32/bf16':>20}"
+        f"{'size':>5} {'bf16':>10} {'n':>4} | {'fp32 ms':>8} {'bf16 ms':>8} {'ratio':>6} {'cpu r':>6} "
+        f"{'recheck':>7} {'masks':>6} | {'labels':>6} {'flags':>6} {'mask?':>6} | {'IoU mean':>8} {'IoU min':>8} | "
+        f"{'acc fp32/bf16':>13} {'served IoU fp32/bf16':>20}"
     )
     print(header)
     print("-" * len(header))
@@ -180,15 +195,17 @@ def print_table(rows: dict[str, dict[str, Any]]) -> None:
             )
             print(
                 f"{size:>5} {name:>10} {r['images']:>4} | {c['fp32_ms_per_image']:>8.1f} {c['ms_per_image']:>8.1f} "
-                f"{c['time_vs_fp32']:>6.2f} {c['cpu_vs_fp32']:>6.2f} {c['rechecked']:>7.1%} | {c['labels_changed']:>6} "
+                f"{c['time_vs_fp32']:>6.2f} {c['cpu_vs_fp32']:>6.2f} {c['rechecked']:>7.1%} "
+                f"{c['rechecked_masks']:>6.1%} | {c['labels_changed']:>6} "
                 f"{c['flags_changed']:>6} {c['mask_presence_changed']:>6} | "
                 f"{_or_nan(ious['mean']):>8.3f} {_or_nan(ious['min']):>8.3f} | "
                 f"{truth['fp32']['accuracy']:>6.3f}/{truth[name]['accuracy']:.3f} {served:>20}"
             )
     print(
-        "bf16: as served (recheck near a decision in fp32) and bf16-plain (no recheck); recheck: share of images run"
-        " again in fp32; labels / flags: images whose label / review flag differs from fp32; mask?: images where only"
-        " one of the two served a mask; IoU: bf16 mask vs fp32 mask where both served one"
+        "bf16: as served (recheck near a decision or a mask's edge in fp32) and bf16-plain (no recheck); recheck: share"
+        " of images run again in fp32, masks: of them for their mask; labels / flags: images whose label / review"
+        " flag differs from fp32; mask?: images where only one of the two served a mask; IoU: bf16 mask vs fp32"
+        " mask where both served one"
     )
 
 
@@ -211,12 +228,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     version = version_dir_of(Path(args.model_dir))
-    samples, _ = read_folder_dataset(args.data)
-    if 0 < args.limit < len(samples):  # evenly spaced, so that every class folder is in
-        samples = [samples[int(i * len(samples) / args.limit)] for i in range(args.limit)]
-    pairs = list(iter_readable(samples))
-    samples = [s for s, _ in pairs]
-    images = [img for _, img in pairs]
+    samples, images = read_images(args.data, args.limit)
     truths = [s.load_mask() for s in samples]
     print(f"version {version}, {len(images)} images from {args.data}, batch {args.batch}", flush=True)
     rows: dict[str, dict[str, Any]] = {}
