@@ -243,8 +243,9 @@ def test_bf16_concludes_the_masks_it_could_move_far_from_an_fp32_pass():
     served = Annotator(copy.deepcopy(ensemble), settings.replace(precision="bf16", precision_recheck_iou=floor))
     got = served.annotate(images)
     assert served.rechecked_masks == served.rechecked == len(edge)
+    wanted, alone_masks = fp32.conclude(want), plain.conclude(alone)
     for b, annotation in enumerate(got):
-        reference = fp32.conclude(want)[b] if b in edge else plain.conclude(alone)[b]
+        reference = wanted[b] if b in edge else alone_masks[b]
         assert annotation.mask is not None and reference.mask is not None
         assert iou(annotation.mask, reference.mask) > 0.99  # fp32 of a smaller batch may round a last bit
         if b not in edge:
