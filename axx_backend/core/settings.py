@@ -201,9 +201,7 @@ class Settings:
             raise ValueError("mc_mode must be 'head' or 'full'")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError("precision must be 'auto', 'fp32' or 'bf16'")
-        if not 0.0 <= self.precision_recheck <= 1.0:
-            raise ValueError("precision_recheck must be in [0, 1]")
-        for name in ("precision_recheck_mask", "precision_recheck_iou"):
+        for name in ("precision_recheck", "precision_recheck_mask", "precision_recheck_iou"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1]")
         parse_fusion(self.mask_fusion)
