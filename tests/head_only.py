@@ -6,6 +6,7 @@ from axx_backend.engine.ensemble import Member
 
 
 class HeadOnlyMember(SimpleNamespace):
-    """`name`, `head` and `temperature`, with Member's own `mc_probs`: all that head training reads."""
+    """`name`, `head` and `temperature`, with Member's own `mc_probs` and `device`: all that head training reads."""
 
     mc_probs = Member.mc_probs
+    device = Member.device

@@ -95,6 +95,11 @@ class Member(nn.Module):
         self.level_names = level_names_of(backbone)  # the earlier stages the segment head reads
 
     @property
+    def device(self) -> torch.device:
+        """Where the member computes (training's feature cache stays on the CPU and moves here batch by batch)."""
+        return self.head.fc.weight.device
+
+    @property
     def num_features(self) -> int:
         return self.head.fc.in_features
 

@@ -51,7 +51,7 @@ def member_cam(
     order of grad-cam's XGradCAM output."""
     with torch.no_grad():
         classes = torch.tensor([label], device=features.device)
-        weights = cam_weights(weight.detach().float(), mode)
+        weights = cam_weights(weight.detach().to(features.device).float(), mode)  # a GPU head on cached maps
         cam = normalize_maps(fast_xgradcam(features.float(), weights, classes, pooling, pooled))
         return normalize_maps(upsample(cam.cpu(), size))[0].numpy()
 

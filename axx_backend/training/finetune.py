@@ -88,7 +88,7 @@ def check_tail(member: Member, tail: Tail, stage_input: torch.Tensor, pooled: to
     """Does the tail reproduce the member's pooled features from cached stage inputs? (Not for a backbone whose
     `forward_features` is more than its modules in order.)"""
     with torch.no_grad():
-        again = member.pool(tail(stage_input.float()))
+        again = member.pool(tail(stage_input.to(member.device).float())).cpu()
     scale = pooled.abs().max().clamp_min(1e-6)
     return again.shape == pooled.shape and bool(((again - pooled).abs().max() / scale) < 1e-2)
 
@@ -120,7 +120,7 @@ def finetune_member(
         p.requires_grad_(True)
     groups = [{"params": stage_params, "lr": 1e-4}, {"params": list(member.head.parameters()), "lr": 1e-3}]
     optimizer = adamw(groups, weight_decay=1e-4)
-    weights = class_weights(labels[train], member.head.fc.out_features)
+    weights = class_weights(labels[train], member.head.fc.out_features).to(member.device)
     before = held_out_loss(member, tail, inputs, labels, val)
     best = (before, _state(member, tail), -1)
     generator = torch.Generator().manual_seed(seed)
@@ -178,14 +178,15 @@ def _epoch(
     """One pass over every training image in each view (the mirror is the augmentation)."""
     member.eval()  # BatchNorm frozen
     member.head.train()  # the head's dropout on
+    device = member.device
     pairs = torch.stack(torch.meshgrid(torch.arange(2), train, indexing="ij"), -1).reshape(-1, 2)  # (mirror?, i)
     order = pairs[torch.randperm(len(pairs), generator=generator)]
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        x = torch.stack([inputs[int(i)].flip(-1) if v else inputs[int(i)] for v, i in batch]).float()
+        x = torch.stack([inputs[int(i)].flip(-1) if v else inputs[int(i)] for v, i in batch]).to(device).float()
         with autocast_for(x.device, precision):
             logits = member.head(member.pool(tail(x)))
-        loss = F.cross_entropy(logits.float(), labels[batch[:, 1]], weight=weights)
+        loss = F.cross_entropy(logits.float(), labels[batch[:, 1]].to(device), weight=weights)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -197,11 +198,11 @@ def held_out_loss(member: Member, tail: Tail, inputs: torch.Tensor, labels: torc
     if not len(index):
         return math.inf
     member.eval()
-    total = 0.0
+    device, total = member.device, 0.0
     for start in range(0, len(index), 32):
         batch = index[start : start + 32]
-        logits = member.head.fc(member.pool(tail(inputs[batch].float())))
-        total += float(F.cross_entropy(logits, labels[batch], reduction="sum"))
+        logits = member.head.fc(member.pool(tail(inputs[batch].to(device).float())))
+        total += float(F.cross_entropy(logits, labels[batch].to(device), reduction="sum"))
     return total / len(index)
 
 
@@ -250,7 +251,7 @@ def finetune_last_stages(
         frozen = _state(member, tail)
         budget = settings.finetune_seconds / len(ensemble.members)
         epochs, seed = settings.finetune_epochs, settings.seed + m
-        precision = resolve_precision(settings.precision, inputs.device)
+        precision = resolve_precision(settings.precision, member.device)
         patience = settings.finetune_patience or None
         result = finetune_member(member, tail, inputs, labels, train, val, epochs, budget, seed, precision, patience)
         # Kept when an epoch beat the frozen backbone's held-out loss. A margin on top (1e-3 and 2 %, tried first)
@@ -271,7 +272,7 @@ def finetune_last_stages(
                 ]
                 _load(member, tail, tuned)
                 result["cross_fit_seconds"] = round(time.monotonic() - start, 1)
-            maps = stage_features(tail, inputs)
+            maps = stage_features(tail, inputs, member.device)
             cache.pooled[m] = member.pool(maps)
             for i, view in cache.pixels.items():
                 view.last_maps[m] = maps[i].half().clone()
@@ -312,13 +313,14 @@ def refit_without(
     finetune_member(
         member, tail, inputs, labels, rest, rest[:0], stage_epochs, seconds, settings.seed, precision, name=name
     )
-    return member.pool(stage_features(tail, inputs))
+    return member.pool(stage_features(tail, inputs, member.device))
 
 
 @torch.no_grad()
-def stage_features(tail: Tail, inputs: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-    """The last feature maps [N, K, h, w] the tail makes of cached stage inputs."""
-    return torch.cat([tail(inputs[i : i + batch_size].float()) for i in range(0, len(inputs), batch_size)])
+def stage_features(tail: Tail, inputs: torch.Tensor, device: torch.device, batch_size: int = 32) -> torch.Tensor:
+    """The last feature maps [N, K, h, w] the tail makes on `device` of cached stage inputs, back on the CPU."""
+    batches = range(0, len(inputs), batch_size)
+    return torch.cat([tail(inputs[i : i + batch_size].to(device).float()).cpu() for i in batches])
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

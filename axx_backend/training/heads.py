@@ -317,9 +317,9 @@ def member_mc_stats(
     rows = torch.tensor(index, dtype=torch.long)
     for member, x in zip(members, pooled, strict=True):
         with torch.no_grad():
-            st = mc_statistics(member.mc_probs(x[rows], samples, generator))
-        stats.probs.append(st.mean_probs.numpy())
-        stats.entropy.append(st.entropy.numpy())
+            st = mc_statistics(member.mc_probs(x[rows].to(member.device), samples, generator))
+        stats.probs.append(st.mean_probs.cpu().numpy())
+        stats.entropy.append(st.entropy.cpu().numpy())
     return stats
 
 
@@ -346,6 +346,8 @@ def train_head(
     image (all activations near 0) then gets the prior, not whatever the far side of the training mean says
     (centred, an all-zero feature vector got 0.94-1.00 for one class; a grey image was no longer flagged)."""
     torch.manual_seed(settings.seed)
+    device = head.fc.weight.device  # a member's head is where its backbone is; the cached features on the CPU
+    train_x, train_y, val_x, val_y = (t.to(device) for t in (train_x, train_y, val_x, val_y))
     with torch.no_grad():
         head.fc.weight.zero_()
         head.fc.bias.zero_()
@@ -382,6 +384,6 @@ def feature_scale(x: torch.Tensor) -> torch.Tensor:
     """Per-feature root mean square of `x` [N, K], floored at a thousandth of the mean square, so that a
     feature that is zero on the training images cannot get a huge folded weight."""
     if len(x) == 0:
-        return torch.ones(x.shape[1])
+        return torch.ones(x.shape[1], device=x.device)
     square = x.pow(2).mean(dim=0)
     return (square + 1e-3 * square.mean().clamp_min(1e-12)).sqrt()
