@@ -14,7 +14,6 @@ The last line printed is one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -27,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from precision import read_images, version_dir_of  # noqa: E402
+from precision import read_images, version_dir_of, version_parser  # noqa: E402
 
 from axx_backend.core.settings import Settings  # noqa: E402
 from axx_backend.engine.annotator import Annotator, Forward  # noqa: E402
@@ -84,11 +83,7 @@ def by_margin(rows: list[dict[str, Any]], margins: Sequence[float], floor: float
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-dir", required=True, help="a version folder, or a model dir with `current`")
-    parser.add_argument("--data", required=True, help="a folder dataset: images/<class>/...")
-    parser.add_argument("--limit", type=int, default=0, help="use N images, evenly spaced (default: all)")
-    parser.add_argument("--batch", type=int, default=8)
+    parser = version_parser(__doc__)
     parser.add_argument("--floor", type=float, default=Settings().precision_recheck_iou)
     args = parser.parse_args(argv)
     version = version_dir_of(Path(args.model_dir))

@@ -213,15 +213,22 @@ def _or_nan(value: float | None) -> float:
     return float("nan") if value is None else value
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def version_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments of the benchmarks that run a trained version on a folder dataset (this one, mask_margins.py,
+    entropy_moves.py)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--model-dir", required=True, help="a version folder, or a model dir with `current`")
     parser.add_argument("--data", required=True, help="a folder dataset: images/<class>/..., optional masks/")
-    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="input sizes (default: the version's own)")
     parser.add_argument("--batch", type=int, default=8, help="images per annotate call (default 8)")
     parser.add_argument(
         "--limit", type=int, default=0, help="use N images, evenly spaced over the dataset (default: all)"
     )
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = version_parser(__doc__)
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="input sizes (default: the version's own)")
     return parser.parse_args(argv)
 
 

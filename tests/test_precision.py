@@ -124,6 +124,30 @@ def test_near_a_decision_is_where_a_small_move_changes_the_label_or_the_flag():
     assert moved.flagged and not decide([np.array(sure0)] * 3, [0.47, 0.9, 0.1], 0.5, 2).flagged
 
 
+def test_near_a_small_threshold_only_entropies_within_a_factor_of_it_can_cross():
+    """A version sure of all its training images calibrates a tiny review threshold; bf16 moves such small
+    entropies by a share of themselves, so the 0.05 margin alone would call every sure image near (all of them
+    run again in fp32: bf16 serving slower than fp32)."""
+    from axx_backend.engine.uncertainty import near_a_decision
+
+    sure = [np.array([0.999, 0.001])] * 3
+    t = 0.003
+
+    def near(entropy, threshold=t):
+        return near_a_decision(sure, entropy, threshold, 2, None, 0.05)
+
+    one_uncertain = [1.0, 0.0]  # a second uncertain member would flag
+    assert near([t * 1.5, *one_uncertain])
+    assert near([t / 1.5, *one_uncertain])
+    assert not near([0.0095, *one_uncertain])  # 0.0065 from t: inside the margin, out of bf16's reach
+    assert not near([0.0009, *one_uncertain])
+    # from a threshold of 0.075 the margin is the narrower bound: the reach changes nothing
+    for threshold in (0.1, 0.5, 0.9):
+        assert near([threshold + 0.049, 1.0, 0.0], threshold)
+        assert near([threshold - 0.049, 1.0, 0.0], threshold)
+        assert not near([threshold - 0.051, 1.0, 0.0], threshold)
+
+
 def test_bf16_runs_the_images_near_a_decision_again_in_fp32():
     """The served bf16 annotator's rechecked images carry what a fp32 annotator computes for them (statistics,
     maps, the segment head's levels, so decisions and masks), the others what bf16 alone computes; the images
