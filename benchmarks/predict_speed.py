@@ -373,11 +373,13 @@ def make_annotator(
         uncertainty_threshold=1.01,  # nobody uncertain: every image takes the mask path
         seed=args.seed,
     )
-    annotator = Annotator(ensemble, settings)
-    if (
-        args.mask_source == "segments" and not plain_cam
-    ):  # a trained version's path: the segment head on region features
-        annotator = Annotator(ensemble, settings, mask_source="segments", segment_head=random_segment_head(annotator))
+    if args.mask_source == "segments" and not plain_cam:  # a trained version's path: the segment head
+        # sized by an fp32 annotator: a bf16 one casts the ensemble's weights in place, and a second annotator
+        # over the cast ensemble would copy the cast weights for its fp32 recheck
+        head = random_segment_head(Annotator(ensemble, settings.replace(precision="fp32")))
+        annotator = Annotator(ensemble, settings, mask_source="segments", segment_head=head)
+    else:
+        annotator = Annotator(ensemble, settings)
     if annotator.negative:
         raise RuntimeError(f"classes {annotator.negative} count as negative: they would get no mask")
     return annotator
@@ -392,12 +394,15 @@ class BF16Runs:
     b_walls: list[float] = field(default_factory=list)
     b_cpus: list[float] = field(default_factory=list)
     annotations: list[Annotation] = field(default_factory=list)
+    rechecked: int = 0  # images the timed bf16 predicts ran again in fp32 (Annotator.recheck, for decisions or masks)
 
-    def run(self, limit: Callable[[], object], predict: Callable[[], list[Annotation]]) -> float:
+    def run(self, limit: Callable[[], object], predict: Callable[[], list[Annotation]], annotator: Annotator) -> float:
         walls, cpus, _ = timed(limit, 1, 0)
         self.a_walls += walls
         self.a_cpus += cpus
+        before = annotator.rechecked
         walls, cpus, self.annotations = timed(predict, 1, 0)
+        self.rechecked += annotator.rechecked - before
         self.b_walls += walls
         self.b_cpus += cpus
         return self.a_walls[-1] + self.b_walls[-1]
@@ -414,6 +419,7 @@ class BF16Runs:
             "limit_vs_fp32": limit["ms_per_image"] / row["limit"]["ms_per_image"],
             "predict_vs_limit": predict["ms_per_image"] / limit["ms_per_image"],
             "decisions_changed": sum(a.label != b.label or a.flagged != b.flagged for a, b in pairs),
+            "rechecked_share": self.rechecked / (len(self.b_walls) * batch),
             "mask_iou_vs_fp32": {"mean": float(np.mean(ious)), "min": float(np.min(ious))} if ious else None,
         }
 
@@ -503,7 +509,7 @@ def run_config(
         b_cpus += cpus
         round_s = a_walls[-1] + b_walls[-1]
         if half is not None:
-            round_s += bf16.run(run_limit_bf16, run_predict_bf16)
+            round_s += bf16.run(run_limit_bf16, run_predict_bf16, half)
         per_image = statistics.median(a_walls) / batch  # L, seconds
         naive_image_s = budget.naive_units * per_image
         if len(a_walls) >= args.repeats or left() - round_s < naive_image_s * min(max_images, 4):
@@ -637,7 +643,7 @@ def print_breakdown(rows: list[dict[str, Any]]) -> None:
 def print_bf16_table(rows: list[dict[str, Any]]) -> None:
     header = (
         f"{'size':>5} {'batch':>5} | {'a bf16':>8} {'b bf16':>8} | {'a16/a':>6} {'b16/b':>6} {'b16/a16':>7} | "
-        f"{'mask IoU vs fp32 mean/min':>25} | {'decisions changed':>17}"
+        f"{'mask IoU vs fp32 mean/min':>25} | {'decisions changed':>17} | {'run again in fp32':>17}"
     )
     print_header(header)
     for r in rows:
@@ -650,7 +656,7 @@ def print_bf16_table(rows: list[dict[str, Any]]) -> None:
             f"{r['size']:>5} {r['batch']:>5} | {cell(h['limit']['ms_per_image'], 8)} "
             f"{cell(h['predict']['ms_per_image'], 8)} | {cell(h['limit_vs_fp32'], 6, 2)} "
             f"{cell(h['predict_vs_fp32'], 6, 2)} {cell(h['predict_vs_limit'], 7, 2)} | {iou_cell:>25} | "
-            f"{h['decisions_changed']:>17}"
+            f"{h['decisions_changed']:>17} | {h['rechecked_share']:>16.0%}"
         )
 
 
@@ -698,6 +704,7 @@ def bf16_summary(row: dict[str, Any]) -> dict[str, Any] | None:
         "ms_per_image": {"limit": h["limit"]["ms_per_image"], "predict": h["predict"]["ms_per_image"]},
         "mask_iou_vs_fp32": h["mask_iou_vs_fp32"],
         "decisions_changed": h["decisions_changed"],
+        "rechecked_share": h["rechecked_share"],
     }
 
 
@@ -841,7 +848,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.bf16:
         print()
         print("bf16 backbones (AXX_PRECISION=bf16, what `auto` serves on this CPU), timed in the same rounds as fp32")
-        print("(ms/image; decisions cannot move here: the heads are rigged; benchmarks/precision.py measures them):")
+        print("(ms/image; decisions cannot move here: the heads are rigged; benchmarks/precision.py measures them;")
+        print(" 'run again in fp32': the share of timed bf16 images on bf16's edge, see AXX_PRECISION_RECHECK):")
         print_bf16_table(rows)
     peaks: dict[tuple[int, int], dict[str, float]] = {}
     if args.rss:
