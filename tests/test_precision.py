@@ -128,7 +128,7 @@ def test_near_a_small_threshold_only_entropies_within_a_factor_of_it_can_cross()
     """A version sure of all its training images calibrates a tiny review threshold; bf16 moves such small
     entropies by a share of themselves, so the 0.05 margin alone would call every sure image near (all of them
     run again in fp32: bf16 serving slower than fp32)."""
-    from axx_backend.engine.uncertainty import near_a_decision
+    from axx_backend.engine.uncertainty import ENTROPY_REACH, near_a_decision
 
     sure = [np.array([0.999, 0.001])] * 3
     t = 0.003
@@ -139,9 +139,12 @@ def test_near_a_small_threshold_only_entropies_within_a_factor_of_it_can_cross()
     one_uncertain = [1.0, 0.0]  # a second uncertain member would flag
     assert near([t * 1.5, *one_uncertain])
     assert near([t / 1.5, *one_uncertain])
-    assert not near([0.0095, *one_uncertain])  # 0.0065 from t: inside the margin, out of bf16's reach
-    assert not near([0.0009, *one_uncertain])
-    # from a threshold of 0.075 the margin is the narrower bound: the reach changes nothing
+    assert near([t * ENTROPY_REACH * 0.95, *one_uncertain])
+    assert near([t / ENTROPY_REACH / 0.95, *one_uncertain])
+    # inside the margin (0.05) of t, but out of bf16's reach
+    assert not near([t * ENTROPY_REACH * 1.05, *one_uncertain])
+    assert not near([t / ENTROPY_REACH / 1.05, *one_uncertain])
+    # from a threshold of 0.05 / (ENTROPY_REACH - 1) the margin is the narrower bound: the reach changes nothing
     for threshold in (0.1, 0.5, 0.9):
         assert near([threshold + 0.049, 1.0, 0.0], threshold)
         assert near([threshold - 0.049, 1.0, 0.0], threshold)
