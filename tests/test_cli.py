@@ -31,6 +31,34 @@ def test_train_writes_a_calibrated_version(trained_model_dir):
     assert (store.path(name) / "heads.safetensors").is_file()
 
 
+def test_a_version_serves_bf16_with_the_recheck_margin_its_training_measured(trained_model_dir):
+    """Where this machine serves bf16, training ran its calibration images in fp32 and bf16 and widened the recheck
+    margin for the decisions bf16 changed there (none wider than needed); elsewhere the margin is the setting's.
+    Serving takes the version's margin unless AXX_PRECISION_RECHECK is set."""
+    from axx_backend.engine.ensemble import resolve_precision
+    from axx_backend.training.recheck_margin import MARGINS, covering
+
+    store = ModelStore(trained_model_dir)
+    meta = store.metadata(store.current())
+    seen, margin = meta.metrics["bf16_recheck"], meta.thresholds.precision_recheck
+    default = Settings().precision_recheck
+    assert seen["measured"] == (resolve_precision("auto", torch.device("cpu")) == "bf16")
+    if seen["measured"]:
+        assert meta.metrics["review_calibration"]["on"] == "labelled, out of fold"  # no unlabelled images here
+        assert seen["images"] == min(64, meta.metrics["n_calibration"])
+        assert 0 <= seen["missed"] <= seen["changed"] <= seen["images"]
+        assert margin in {default, *MARGINS} and margin >= covering(seen["largest_move"], default)
+        if seen["changed"] == seen["missed"]:  # no decision bf16 changed that a margin reaches: the moves decide
+            assert margin == covering(seen["largest_move"], default)
+        assert "bf16 recheck margin" in meta.metrics["seconds"]
+    else:
+        assert margin == default
+    version = store.path(store.current())
+    assert Annotator.from_version(version, Settings(device="cpu")).settings.precision_recheck == margin
+    explicit = Annotator.from_version(version, Settings(device="cpu", precision_recheck=0.07), {"precision_recheck"})
+    assert explicit.settings.precision_recheck == 0.07
+
+
 @pytest.fixture(scope="module")
 def images_dir(tmp_path_factory):
     """Lesion and healthy images of sizes unlike the training set, odd modes, and a corrupt file."""

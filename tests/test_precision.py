@@ -277,3 +277,54 @@ def test_bf16_concludes_the_masks_it_could_move_far_from_an_fp32_pass():
         assert iou(annotation.mask, reference.mask) > 0.99  # fp32 of a smaller batch may round a last bit
         if b not in edge:
             assert np.array_equal(annotation.mask, reference.mask)
+
+
+def test_the_recheck_margin_is_the_narrowest_tried_that_calls_every_decision_bf16_changed_near():
+    """Training widens the bf16 recheck margin until every image whose decision bf16 changed on its calibration
+    images is near a decision in bf16; images no margin tried reaches do not widen it."""
+    from axx_backend.engine.uncertainty import near_a_decision
+    from axx_backend.training.recheck_margin import MARGINS, MemberView, Rule, changed_by_bf16, margin_for
+
+    rule = Rule(threshold=0.5, min_uncertain=2, weights=None)
+    sure = [np.array([0.98, 0.02])] * 3
+
+    def view(h0):  # member 1 uncertain: member 0 crossing the threshold flags the image
+        return MemberView(sure, [h0, 0.9, 0.05])
+
+    fp32 = [view(0.43), view(0.40), view(0.10), view(0.30)]
+    bf16 = [view(0.58), view(0.62), view(0.95), view(0.32)]  # moved by 0.15, 0.22, 0.85 across; the last not
+    changed = changed_by_bf16(fp32, bf16, rule)
+    assert changed == bf16[:3]
+
+    def needed(v):  # the narrowest margin tried that reaches v, by trying them all
+        return next((m for m in MARGINS if near_a_decision(v.probs, v.entropy, 0.5, 2, None, m)), None)
+
+    assert [needed(v) for v in changed] == [0.1, 0.15, None]  # 0.08 and 0.12 from the threshold; 0.45: too far
+    assert margin_for(changed[:1], rule, 0.05) == (0.1, 0)
+    assert margin_for(changed, rule, 0.05) == (0.15, 1)
+    assert margin_for([], rule, 0.05) == (0.05, 0)
+    assert margin_for(changed[:1], rule, 0.12) == (0.12, 0)  # never under the setting it starts from
+
+
+def test_the_recheck_margin_covers_the_largest_entropy_move_bf16_made_near_the_review_threshold():
+    """A changed decision is rare; the moves that make them show on every image: the margin also widens to cover
+    the largest move of an entropy within the widest margin tried of the threshold (in either precision)."""
+    from axx_backend.engine.uncertainty import MCStats
+    from axx_backend.training.recheck_margin import MARGINS, Rule, covering, largest_move_near, measure_margin, views
+
+    def stats(entropies):  # one member's statistics of three images, all sure of class 0
+        h = torch.tensor(entropies)
+        probs = torch.tensor([[0.98, 0.02]] * len(entropies))
+        return MCStats(probs, h, torch.zeros_like(h), torch.zeros_like(h))
+
+    t = 0.5
+    # member 0: moves of 0.12 (near t) and 0.25 (0.5 and 0.25 from t: never within 0.2); member 1 sure
+    fp32 = [stats([0.45, 0.0, 0.2]), stats([0.0, 0.0, 0.0]), stats([0.1, 0.1, 0.1])]
+    bf16 = [stats([0.33, 0.25, 0.21]), stats([0.0, 0.0, 0.0]), stats([0.1, 0.1, 0.1])]
+    assert largest_move_near(views(fp32), views(bf16), t) == pytest.approx(0.12)
+    assert largest_move_near(views(fp32), views(bf16), 0.3) == pytest.approx(0.25)  # near 0.3 in bf16
+    assert largest_move_near(views(fp32), views(bf16), 0.95) == 0.0  # none within 0.2
+    margin, seen = measure_margin([(fp32, bf16)], Rule(t, 2, None), 0.05)
+    assert seen["changed"] == 0 and margin == 0.15 and seen["largest_move"] == pytest.approx(0.12)
+    assert covering(0.0, 0.05) == 0.05 and covering(0.05, 0.05) == 0.05 and covering(0.051, 0.05) == 0.075
+    assert covering(0.9, 0.05) == MARGINS[-1] and covering(0.01, 0.12) == 0.12

@@ -54,6 +54,8 @@ class Thresholds:
     seg_threshold: float = 0.5
     fusion_thresholds: dict[str, float] = field(default_factory=dict)  # per rule; empty: not calibrated on masks
     member_cam_thresholds: dict[str, float] = field(default_factory=dict)  # a member's own CAM mask
+    # bf16 serving's recheck margin, widened to how far training saw bf16 move decisions (training/recheck_margin.py)
+    precision_recheck: float = 0.05
 
 
 @dataclass(frozen=True)

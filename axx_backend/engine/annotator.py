@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 # Values a version calibrates; they replace the defaults of Settings unless set explicitly.
 CALIBRATED = ("uncertainty_threshold", "cam_threshold", "mask_fusion", "min_uncertain_to_flag", "seg_threshold")
+CALIBRATED += ("precision_recheck",)  # how far bf16 moved the version's decisions where it trained
 # Choices a version records; an explicit setting wins (e.g. AXX_REFINE=none to compare).
 RECORDED = ("cam_weights", "refine", "superpixel_scales")
 
@@ -182,6 +183,11 @@ class Annotator:
             mirrored = ensemble.forward_mc(x.flip(-1), s.mc_samples, generator, precision)
             samples = [torch.cat([a, b.mc_probs]) for a, b in zip(samples, mirrored, strict=True)]
         return outputs, [mc_statistics(p) for p in samples]
+
+    def member_statistics(self, x: torch.Tensor, precision: str) -> list[MCStats]:
+        """Every member's MC statistics of preprocessed images `x`, from one pass in `precision`: what the decision
+        is made from (training compares fp32's with bf16's, `training/recheck_margin.py`)."""
+        return self._pass(self.ensemble, precision, x, False)[1]
 
     def recheck(self, fwd: Forward, levels: bool) -> None:
         """Run again in fp32 the images of a bf16 forward whose decision bf16's rounding could have changed

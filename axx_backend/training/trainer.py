@@ -33,7 +33,7 @@ from ..core.settings import Settings
 from ..core.version_meta import MaskConfig, MemberSpec, Thresholds, TrainingInfo, VersionMeta
 from ..core.versions import ModelStore
 from ..engine.annotator import Annotator
-from ..engine.ensemble import Ensemble, build_members_for_preset, select_device
+from ..engine.ensemble import Ensemble, build_members_for_preset, resolve_precision, select_device
 from ..engine.uncertainty import confidence, decide
 from ..engine.weights import fingerprint
 from .calibration import calibrate_uncertainty_threshold, flag_rate, risk_coverage
@@ -53,6 +53,7 @@ from .heads import (
 )
 from .pixels import PixelResult, fit_pixels
 from .pseudo_labels import choose_pseudo_labels, class_counts, retrain_with_pseudo_labels, scene_groups
+from .recheck_margin import Rule, as_input, evenly_spaced, measure_margin
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,10 @@ def train_on_samples(
     metrics["seconds"] = seconds
     thresholds.update(pixels.thresholds())  # the served CAM rule and every rule's and member's threshold
     metrics["pixels"] = pixels.metrics
+    with timed("bf16 recheck margin", seconds):
+        thresholds["precision_recheck"], metrics["bf16_recheck"] = recheck_margin(
+            annotator, cache, heads, pool, thresholds, settings
+        )
     if after_fit is not None:
         after_fit(annotator, cache, split, heads, thresholds["uncertainty_threshold"])
     meta = VersionMeta(
@@ -329,6 +334,41 @@ def review_pool(ensemble: Ensemble, cache: FeatureCache, split: Split, settings:
         return None
     generator = torch.Generator().manual_seed(settings.seed + 1)  # not the pixel set's stream
     return member_mc_stats(ensemble.members, cache.pooled, rows, settings.mc_samples, generator)
+
+
+def recheck_margin(
+    annotator: Annotator,
+    cache: FeatureCache,
+    heads: Heads,
+    pool: MemberStats | None,
+    thresholds: dict[str, Any],
+    settings: Settings,
+) -> tuple[float, dict[str, Any]]:
+    """The bf16 recheck margin the version serves with, where this machine serves bf16: the images the review
+    threshold was calibrated on (the unlabelled pool, else the labelled images out of fold), at most
+    `recheck_margin.MAX_IMAGES`, run in fp32 and in bf16 (`training/recheck_margin.py`)."""
+    floor = settings.precision_recheck
+    if floor <= 0 or resolve_precision(settings.precision, annotator.device) != "bf16":
+        return floor, {"measured": False}
+    rows = pool.index if pool is not None else heads.calibration.index
+    picked = [cache.samples[rows[i]] for i in evenly_spaced(len(rows))]
+    try:
+        images, _ = load_resized(annotator, picked)
+    except ValueError:  # none of them readable now (tasks whose images went away since): keep the setting's margin
+        log.warning("bf16 recheck margin: no calibration image could be read again; margin %.3f", floor)
+        return floor, {"measured": False}
+    passes = []
+    for start in range(0, len(images), settings.batch_size):
+        x = as_input(images[start : start + settings.batch_size], annotator.device)
+        passes.append((annotator.member_statistics(x, "fp32"), annotator.member_statistics(x, "bf16")))
+    rule = Rule(thresholds["uncertainty_threshold"], thresholds["min_uncertain_to_flag"], heads.weights)
+    margin, seen = measure_margin(passes, rule, floor)
+    log.info(
+        "bf16 on %d calibration images: %d decisions changed (%d beyond any margin tried), entropies near the review "
+        "threshold moved by up to %.3f: recheck margin %.3f",
+        seen["images"], seen["changed"], seen["missed"], seen["largest_move"], margin,
+    )  # fmt: skip
+    return margin, {"measured": True, **seen}
 
 
 def self_train(
