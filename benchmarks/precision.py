@@ -85,9 +85,10 @@ def version_dir_of(model_dir: Path) -> Path:
 def load_annotator(version: Path, name: str, size: int | None) -> Annotator:
     precision, recheck = PRECISIONS[name]
     settings = Settings(precision=precision)
+    explicit = {"precision"}  # as served: the version's own recheck margin (training/recheck_margin.py)
     if recheck is not None:
         settings = settings.replace(precision_recheck=recheck, precision_recheck_mask=recheck)
-    explicit = {"precision", "precision_recheck", "precision_recheck_mask"}
+        explicit |= {"precision_recheck", "precision_recheck_mask"}
     annotator = Annotator.from_version(version, settings, explicit=explicit)
     if annotator.precision != precision:
         raise SystemExit(f"asked for {precision}, the annotator runs {annotator.precision}")
