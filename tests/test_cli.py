@@ -33,8 +33,9 @@ def test_train_writes_a_calibrated_version(trained_model_dir):
 
 def test_a_version_serves_bf16_with_the_recheck_margin_its_training_measured(trained_model_dir):
     """Where this machine serves bf16, training ran its calibration images in fp32 and bf16 and widened the recheck
-    margin for the decisions bf16 changed there (none wider than needed); elsewhere the margin is the setting's.
-    Serving takes the version's margin unless AXX_PRECISION_RECHECK is set."""
+    margin to cover how far bf16 moved entropies near the review threshold there, and the decisions it changed (no
+    wider than needed); elsewhere the margin is the setting's. Serving takes the version's margin unless
+    AXX_PRECISION_RECHECK is set."""
     from axx_backend.engine.ensemble import resolve_precision
     from axx_backend.training.recheck_margin import MARGINS, covering
 
