@@ -165,10 +165,9 @@ def train_on_samples(
     metrics["seconds"] = seconds
     thresholds.update(pixels.thresholds())  # the served CAM rule and every rule's and member's threshold
     metrics["pixels"] = pixels.metrics
-    with timed("bf16 recheck margin", seconds):
-        thresholds["precision_recheck"], metrics["bf16_recheck"] = recheck_margin(
-            annotator, cache, heads, pool, thresholds, settings
-        )
+    thresholds["precision_recheck"], metrics["bf16_recheck"] = recheck_margin(
+        annotator, cache, heads, pool, thresholds, settings, seconds
+    )
     if after_fit is not None:
         after_fit(annotator, cache, split, heads, thresholds["uncertainty_threshold"])
     meta = VersionMeta(
@@ -343,13 +342,27 @@ def recheck_margin(
     pool: MemberStats | None,
     thresholds: dict[str, Any],
     settings: Settings,
+    seconds: dict[str, float],
 ) -> tuple[float, dict[str, Any]]:
     """The bf16 recheck margin the version serves with, where this machine serves bf16: the images the review
     threshold was calibrated on (the unlabelled pool, else the labelled images out of fold), at most
-    `recheck_margin.MAX_IMAGES`, run in fp32 and in bf16 (`training/recheck_margin.py`)."""
+    `recheck_margin.MAX_IMAGES`, run in fp32 and in bf16 (`training/recheck_margin.py`; a step of `seconds`)."""
     floor = settings.precision_recheck
     if floor <= 0 or resolve_precision(settings.precision, annotator.device) != "bf16":
         return floor, {"measured": False}
+    with timed("bf16 recheck margin", seconds):
+        return _measured_margin(annotator, cache, heads, pool, thresholds, settings)
+
+
+def _measured_margin(
+    annotator: Annotator,
+    cache: FeatureCache,
+    heads: Heads,
+    pool: MemberStats | None,
+    thresholds: dict[str, Any],
+    settings: Settings,
+) -> tuple[float, dict[str, Any]]:
+    floor = settings.precision_recheck
     rows = pool.index if pool is not None else heads.calibration.index
     picked = [cache.samples[rows[i]] for i in evenly_spaced(len(rows))]
     try:
