@@ -34,7 +34,7 @@ from ..core.version_meta import MaskConfig, MemberSpec, Thresholds, TrainingInfo
 from ..core.versions import ModelStore
 from ..engine.annotator import Annotator
 from ..engine.ensemble import Ensemble, build_members_for_preset, resolve_precision, select_device
-from ..engine.uncertainty import confidence, decide
+from ..engine.uncertainty import MCStats, confidence, decide
 from ..engine.weights import fingerprint
 from .calibration import calibrate_uncertainty_threshold, flag_rate, risk_coverage
 from .features import FeatureCache, Progress, extract_features
@@ -351,37 +351,31 @@ def recheck_margin(
     if floor <= 0 or resolve_precision(settings.precision, annotator.device) != "bf16":
         return floor, {"measured": False}
     with timed("bf16 recheck margin", seconds):
-        return _measured_margin(annotator, cache, heads, pool, thresholds, settings)
-
-
-def _measured_margin(
-    annotator: Annotator,
-    cache: FeatureCache,
-    heads: Heads,
-    pool: MemberStats | None,
-    thresholds: dict[str, Any],
-    settings: Settings,
-) -> tuple[float, dict[str, Any]]:
-    floor = settings.precision_recheck
-    rows = pool.index if pool is not None else heads.calibration.index
-    picked = [cache.samples[rows[i]] for i in evenly_spaced(len(rows))]
-    try:
-        images, _ = load_resized(annotator, picked)
-    except ValueError:  # none of them readable now (tasks whose images went away since): keep the setting's margin
-        log.warning("bf16 recheck margin: no calibration image could be read again; margin %.3f", floor)
-        return floor, {"measured": False}
-    passes = []
-    for start in range(0, len(images), settings.batch_size):
-        x = as_input(images[start : start + settings.batch_size], annotator.device)
-        passes.append((annotator.member_statistics(x, "fp32"), annotator.member_statistics(x, "bf16")))
-    rule = Rule(thresholds["uncertainty_threshold"], thresholds["min_uncertain_to_flag"], heads.weights)
-    margin, seen = measure_margin(passes, rule, floor)
+        rows = pool.index if pool is not None else heads.calibration.index
+        try:
+            images, _ = load_resized(annotator, [cache.samples[rows[i]] for i in evenly_spaced(len(rows))])
+        except ValueError:  # none readable now (tasks whose images went away since): keep the setting's margin
+            log.warning("bf16 recheck margin: no calibration image could be read again; margin %.3f", floor)
+            return floor, {"measured": False}
+        rule = Rule(thresholds["uncertainty_threshold"], thresholds["min_uncertain_to_flag"], heads.weights)
+        margin, seen = measure_margin(precision_passes(annotator, images, settings.batch_size), rule, floor)
     log.info(
         "bf16 on %d calibration images: %d decisions changed (%d beyond any margin tried), entropies near the review "
         "threshold moved by up to %.3f: recheck margin %.3f",
         seen["images"], seen["changed"], seen["missed"], seen["largest_move"], margin,
     )  # fmt: skip
     return margin, {"measured": True, **seen}
+
+
+def precision_passes(
+    annotator: Annotator, images: torch.Tensor, batch_size: int
+) -> list[tuple[list[MCStats], list[MCStats]]]:
+    """The members' MC statistics of uint8 `images` in fp32 and in bf16, batch by batch."""
+    passes = []
+    for start in range(0, len(images), batch_size):
+        x = as_input(images[start : start + batch_size], annotator.device)
+        passes.append((annotator.member_statistics(x, "fp32"), annotator.member_statistics(x, "bf16")))
+    return passes
 
 
 def self_train(
