@@ -48,6 +48,7 @@ from axx_backend.core.version_meta import VERSION_FILE, load_version  # noqa: E4
 from axx_backend.core.versions import ModelStore  # noqa: E402
 from axx_backend.engine.annotator import Annotator  # noqa: E402
 from axx_backend.engine.masks import iou  # noqa: E402
+from axx_backend.training.recheck_margin import evenly_spaced  # noqa: E402
 
 # name -> (AXX_PRECISION, AXX_PRECISION_RECHECK and AXX_PRECISION_RECHECK_MASK, or None for the defaults)
 PRECISIONS: dict[str, tuple[str, float | None]] = {
@@ -103,7 +104,7 @@ def read_images(data: str | Path, limit: int = 0) -> tuple[list[Sample], list]:
     the dataset, so that every class folder is in."""
     samples, _ = read_folder_dataset(data)
     if 0 < limit < len(samples):
-        samples = [samples[int(i * len(samples) / limit)] for i in range(limit)]
+        samples = [samples[i] for i in evenly_spaced(len(samples), limit)]
     pairs = list(iter_readable(samples))
     return [s for s, _ in pairs], [img for _, img in pairs]
 

@@ -42,8 +42,14 @@ from .weights import load_backbone
 log = logging.getLogger(__name__)
 
 # Values a version calibrates; they replace the defaults of Settings unless set explicitly.
-CALIBRATED = ("uncertainty_threshold", "cam_threshold", "mask_fusion", "min_uncertain_to_flag", "seg_threshold")
-CALIBRATED += ("precision_recheck",)  # how far bf16 moved the version's decisions where it trained
+CALIBRATED = (
+    "uncertainty_threshold",
+    "cam_threshold",
+    "mask_fusion",
+    "min_uncertain_to_flag",
+    "seg_threshold",
+    "precision_recheck",  # how far bf16 moved the version's decisions where it trained
+)
 # Choices a version records; an explicit setting wins (e.g. AXX_REFINE=none to compare).
 RECORDED = ("cam_weights", "refine", "superpixel_scales")
 

@@ -67,7 +67,7 @@ def margin_for(changed: Sequence[MemberView], rule: Rule, floor: float) -> tuple
     candidates = sorted({floor, *(m for m in MARGINS if m > floor)})
     chosen, missed = floor, 0
     for view in changed:
-        reach = (m for m in candidates if near_a_decision(view.probs, view.entropy, *_rule_args(rule), m))
+        reach = (m for m in candidates if _near(view, rule, m))
         hit = next(reach, None)
         if hit is None:
             missed += 1
@@ -94,8 +94,8 @@ def covering(move: float, floor: float) -> float:
     return max(floor, next((m for m in MARGINS if m >= move), MARGINS[-1]))
 
 
-def _rule_args(rule: Rule) -> tuple[float, int, Sequence[float] | None]:
-    return rule.threshold, rule.min_uncertain, rule.weights
+def _near(view: MemberView, rule: Rule, margin: float) -> bool:
+    return near_a_decision(view.probs, view.entropy, rule.threshold, rule.min_uncertain, rule.weights, margin)
 
 
 def measure_margin(
