@@ -31,18 +31,20 @@ def test_train_writes_a_calibrated_version(trained_model_dir):
     assert (store.path(name) / "heads.safetensors").is_file()
 
 
-def test_a_version_serves_bf16_with_the_recheck_margin_its_training_measured(trained_model_dir):
-    """Where this machine serves bf16, training ran its calibration images in fp32 and bf16 and widened the recheck
-    margin to cover how far bf16 moved entropies near the review threshold there, and the decisions it changed (no
-    wider than needed); elsewhere the margin is the setting's. Serving takes the version's margin unless
-    AXX_PRECISION_RECHECK is set."""
+def test_a_version_serves_bf16_with_the_recheck_margins_its_training_measured(trained_model_dir):
+    """Where this machine serves bf16, training ran its calibration images through the version in fp32 and bf16,
+    widened the decision recheck margin to cover how far bf16 moved entropies near the review threshold there and
+    the decisions it changed (no wider than needed), chose the mask margin from how far bf16 moved the served
+    score maps, and kept bf16 only if it paid as served; elsewhere the margins are the settings'. Serving takes the
+    version's margins and precision unless AXX_PRECISION_RECHECK(_MASK) or AXX_PRECISION is set."""
     from axx_backend.engine.ensemble import resolve_precision
-    from axx_backend.training.recheck_margin import MARGINS, covering
+    from axx_backend.training.recheck_margin import BF16_PAYS, MARGINS, MASK_MARGINS, covering
 
     store = ModelStore(trained_model_dir)
     meta = store.metadata(store.current())
     seen, margin = meta.metrics["bf16_recheck"], meta.thresholds.precision_recheck
-    default = Settings().precision_recheck
+    mask_margin = meta.thresholds.precision_recheck_mask
+    default, default_mask = Settings().precision_recheck, Settings().precision_recheck_mask
     assert seen["measured"] == (resolve_precision("auto", torch.device("cpu")) == "bf16")
     if seen["measured"]:
         assert meta.metrics["review_calibration"]["on"] == "labelled, out of fold"  # no unlabelled images here
@@ -51,13 +53,28 @@ def test_a_version_serves_bf16_with_the_recheck_margin_its_training_measured(tra
         assert margin in {default, *MARGINS} and margin >= covering(seen["largest_move"], default)
         if seen["changed"] == seen["missed"]:  # no decision bf16 changed that a margin reaches: the moves decide
             assert margin == covering(seen["largest_move"], default)
+        masks = seen["masks"]
+        assert mask_margin == masks["margin"] and mask_margin in {default_mask, *MASK_MARGINS}
+        assert 0 <= masks["missed"] <= masks["under_floor"] <= masks["masked"] <= seen["images"]
+        assert masks["near"] <= masks["masked"] and masks["p90_move"] <= masks["largest_move"]
         assert "bf16 recheck margin" in meta.metrics["seconds"]
+        # bf16 as served (rechecks included) was timed against fp32: the version keeps bf16 only where it paid
+        assert meta.thresholds.precision == ("fp32" if seen["served_time_vs_fp32"] > BF16_PAYS else "auto")
     else:
-        assert margin == default and "bf16 recheck margin" not in meta.metrics["seconds"]
+        assert (margin, mask_margin, meta.thresholds.precision) == (default, default_mask, "auto")
+        assert "bf16 recheck margin" not in meta.metrics["seconds"]
     version = store.path(store.current())
-    assert Annotator.from_version(version, Settings(device="cpu")).settings.precision_recheck == margin
-    explicit = Annotator.from_version(version, Settings(device="cpu", precision_recheck=0.07), {"precision_recheck"})
-    assert explicit.settings.precision_recheck == 0.07
+    served = Annotator.from_version(version, Settings(device="cpu")).settings
+    assert (served.precision_recheck, served.precision_recheck_mask) == (margin, mask_margin)
+    mine = Settings(device="cpu", precision_recheck=0.07, precision_recheck_mask=0.002)
+    explicit = Annotator.from_version(version, mine, {"precision_recheck", "precision_recheck_mask"}).settings
+    assert (explicit.precision_recheck, explicit.precision_recheck_mask) == (0.07, 0.002)
+    cpu = torch.device("cpu")
+    assert Annotator.from_version(version, Settings(device="cpu")).precision == resolve_precision(
+        meta.thresholds.precision, cpu
+    )
+    asked = Annotator.from_version(version, Settings(device="cpu", precision="bf16"), {"precision"})
+    assert asked.precision == "bf16"  # AXX_PRECISION set explicitly wins
 
 
 @pytest.fixture(scope="module")

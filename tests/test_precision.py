@@ -328,3 +328,73 @@ def test_the_recheck_margin_covers_the_largest_entropy_move_bf16_made_near_the_r
     assert seen["changed"] == 0 and margin == 0.15 and seen["largest_move"] == pytest.approx(0.12)
     assert covering(0.0, 0.05) == 0.05 and covering(0.05, 0.05) == 0.05 and covering(0.051, 0.05) == 0.075
     assert covering(0.9, 0.05) == MARGINS[-1] and covering(0.01, 0.12) == 0.12
+
+
+def _score_pair(move: float, rng: np.random.Generator, threshold: float = 0.5):
+    """A 32x32 score map whose pixels sit 0.02-0.045 from `threshold` (a sure square inside), and the same map
+    with those pixels moved away from it by up to `move` (the largest exactly `move`): none crosses."""
+    from axx_backend.training.recheck_margin import MaskPair
+
+    fp32 = threshold + rng.uniform(0.02, 0.045, (32, 32)) * np.where(rng.random((32, 32)) < 0.5, 1, -1)
+    fp32[8:24, 8:24] = 0.95
+    shift = np.zeros_like(fp32)
+    near = np.abs(fp32 - threshold) < 0.05
+    shift[near] = rng.uniform(0, move, near.sum())
+    shift.flat[np.flatnonzero(near)[0]] = move
+    bf16 = fp32 + shift * np.sign(fp32 - threshold)  # away from the threshold: no pixel crosses
+    return MaskPair(fp32.astype(np.float32), bf16.astype(np.float32), threshold)
+
+
+def test_the_mask_margin_covers_the_largest_score_move_of_nine_images_in_ten():
+    """The mask margin is the narrowest tried under which the largest move near the threshold of at least 90 % of
+    the masked images lies (for them the served test `worst_iou_within` is exact); images with no pixel near the
+    threshold do not count, and the margin is never under the setting it starts from."""
+    from axx_backend.training.recheck_margin import MASK_MARGINS, MaskPair, largest_score_move, mask_margin
+
+    rng = np.random.default_rng(0)
+    moves = [0.004, 0.006, 0.008, 0.009, 0.012, 0.013, 0.014, 0.018, 0.019, 0.025, 0.04]
+    pairs = [_score_pair(m, rng) for m in moves]
+    assert [largest_score_move(p) for p in pairs] == pytest.approx(moves, abs=1e-6)
+    far = MaskPair(np.full((8, 8), 0.9, np.float32), np.full((8, 8), 0.8, np.float32), 0.5)  # nothing near 0.5
+    assert largest_score_move(far) is None
+
+    def by_hand(found, floor):  # the narrowest margin tried with a share of at least 0.9 of the moves within it
+        tried = sorted({floor, *(m for m in MASK_MARGINS if m > floor)})
+        return next(m for m in tried if sum(x <= m + 1e-9 for x in found) >= 0.9 * len(found))
+
+    margin, seen = mask_margin([*pairs, far], 0.01, 0.9)
+    assert margin == by_hand(moves, 0.01) == 0.03  # 10 of 11 within 0.03, 9 of 11 within 0.02
+    assert seen["masked"] == 12 and seen["near"] == 11 and seen["under_floor"] == 0
+    assert seen["largest_move"] == pytest.approx(0.04, abs=1e-6)
+    assert mask_margin(pairs[:10], 0.01, 0.9)[0] == by_hand(moves[:10], 0.01) == 0.02  # 9 of 10 within 0.02
+    assert mask_margin(pairs[:7], 0.01, 0.9)[0] == by_hand(moves[:7], 0.01) == 0.015  # 4 of 7 within 0.01
+    assert mask_margin(pairs[:4], 0.01, 0.9)[0] == 0.01
+    assert mask_margin(pairs[:4], 0.02, 0.9)[0] == 0.02  # never under the setting
+    assert mask_margin([], 0.01, 0.9)[0] == 0.01
+
+
+def test_the_mask_margin_widens_to_reach_a_mask_bf16_left_under_the_floor():
+    """A mask bf16 moved under the IoU floor against fp32's widens the margin to the narrowest tried at which the
+    served test sends it to fp32 (`worst_iou_within` on bf16's map, tried margin by margin), whatever the moves
+    of the other images; one no margin tried reaches is counted and widens nothing."""
+    from axx_backend.engine.masks import iou, worst_iou_within
+    from axx_backend.training.recheck_margin import MASK_MARGINS, MaskPair, mask_margin
+
+    rng = np.random.default_rng(1)
+    calm = [_score_pair(0.005, rng) for _ in range(9)]
+    # a region of 0.25 of the map whose score sits 0.02-0.025 over the threshold in bf16 and under it in fp32
+    fp32 = np.full((16, 16), 0.1, np.float32)
+    fp32[:8, :8] = 0.9
+    fp32[8:, :8] = 0.48
+    bf16 = fp32.copy()
+    bf16[8:, :8] = 0.5 + np.linspace(0.02, 0.025, 64).reshape(8, 8)
+    crossed = MaskPair(fp32, bf16, 0.5)
+    assert iou(fp32 > 0.5, bf16 > 0.5) == pytest.approx(0.5)
+    reach = next(m for m in MASK_MARGINS if worst_iou_within(bf16, 0.5, m) < 0.9)
+    assert reach == 0.03
+    margin, seen = mask_margin([*calm, crossed], 0.01, 0.9)
+    assert margin == reach and seen["under_floor"] == 1 and seen["missed"] == 0
+    # moved so far from the threshold in bf16 that no margin tried sees it: counted, no wider margin
+    far = MaskPair(fp32, np.where(fp32 == 0.48, 0.7, fp32).astype(np.float32), 0.5)
+    margin, seen = mask_margin([*calm, far], 0.01, 0.9)
+    assert margin == 0.01 and seen["under_floor"] == 1 and seen["missed"] == 1

@@ -54,8 +54,11 @@ class Thresholds:
     seg_threshold: float = 0.5
     fusion_thresholds: dict[str, float] = field(default_factory=dict)  # per rule; empty: not calibrated on masks
     member_cam_thresholds: dict[str, float] = field(default_factory=dict)  # a member's own CAM mask
-    # bf16 serving's recheck margin, widened to how far training saw bf16 move decisions (training/recheck_margin.py)
+    # bf16 serving's recheck margins, widened to how far training saw bf16 move decisions and score maps
+    # (training/recheck_margin.py)
     precision_recheck: float = 0.05
+    precision_recheck_mask: float = 0.01
+    precision: str = "auto"  # "fp32" where bf16 as served did not pay on the training machine
 
 
 @dataclass(frozen=True)

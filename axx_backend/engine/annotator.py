@@ -49,6 +49,8 @@ CALIBRATED = (
     "min_uncertain_to_flag",
     "seg_threshold",
     "precision_recheck",  # how far bf16 moved the version's decisions where it trained
+    "precision_recheck_mask",  # ... and its served score maps
+    "precision",  # fp32 where bf16 as served did not pay where it trained
 )
 # Choices a version records; an explicit setting wins (e.g. AXX_REFINE=none to compare).
 RECORDED = ("cam_weights", "refine", "superpixel_scales")
@@ -58,7 +60,7 @@ RECORDED = ("cam_weights", "refine", "superpixel_scales")
 class Forward:
     """One batch through the ensemble: everything `conclude` and the measuring code read."""
 
-    images: list[Image.Image]
+    images: list[Image.Image]  # what the annotations' sizes come from (none for `forward_input`'s passes)
     x: torch.Tensor  # [B, 3, S, S] in [0, 1]: the model's input, also the working image of the maps
     outputs: list[MemberOutput]  # per member
     stats: list[MCStats]  # per member
@@ -66,7 +68,7 @@ class Forward:
     rechecked: list[int] = field(default_factory=list)  # images of a bf16 forward run again in fp32
 
     def __len__(self) -> int:
-        return len(self.images)
+        return int(self.x.shape[0])
 
     def member_probs(self, b: int) -> list[np.ndarray]:
         return [st.mean_probs[b].cpu().numpy() for st in self.stats]
@@ -169,7 +171,11 @@ class Annotator:
     def forward(self, images: Sequence[Image.Image], levels: bool | None = None) -> Forward:
         """One backbone pass per member on a batch; `levels` (default: when the segment head serves) also
         keeps the earlier stages the segment head reads."""
-        x = self.preprocess(images)
+        return self.forward_input(self.preprocess(images), levels, images)
+
+    def forward_input(self, x: torch.Tensor, levels: bool | None = None, images: Sequence[Image.Image] = ()) -> Forward:
+        """`forward` of preprocessed images `x` ([B, 3, S, S] in [0, 1] on the annotator's device); `images`, the
+        PIL images they came from, only `conclude` reads (for the annotations' sizes)."""
         want_levels = self.mask_source == "segments" if levels is None else levels
         fwd = Forward(list(images), x, *self._pass(self.ensemble, self.precision, x, want_levels))
         if self.recheck_ensemble is not None:
@@ -189,11 +195,6 @@ class Annotator:
             mirrored = ensemble.forward_mc(x.flip(-1), s.mc_samples, generator, precision)
             samples = [torch.cat([a, b.mc_probs]) for a, b in zip(samples, mirrored, strict=True)]
         return outputs, [mc_statistics(p) for p in samples]
-
-    def member_statistics(self, x: torch.Tensor, precision: str) -> list[MCStats]:
-        """Every member's MC statistics of preprocessed images `x`, from one pass in `precision`: what the decision
-        is made from (training compares fp32's with bf16's, `training/recheck_margin.py`)."""
-        return self._pass(self.ensemble, precision, x, False)[1]
 
     def recheck(self, fwd: Forward, levels: bool) -> None:
         """Run again in fp32 the images of a bf16 forward whose decision bf16's rounding could have changed

@@ -9,22 +9,41 @@ training runs the images the review threshold was calibrated on in fp32 and in b
 narrowest one tried that covers the largest entropy move bf16 made there near the threshold (a changed decision
 is rare, one image in 50 to 100, so a few dozen images seldom show one; the moves that cause them show on every
 image), and that would have run again in fp32 every image whose decision bf16 changed there.
+
+Masks have a margin of their own (`Settings.precision_recheck_mask`): an image whose mask could fall under
+`precision_recheck_iou` against fp32's if every pixel within the margin of the mask's threshold flipped runs again
+in fp32. That test is exact for an image whose score map bf16 moves by no more than the margin near the threshold;
+bf16 moved a version's maps there by 0.009-0.014 on the median image, 0.023-0.029 at the 90th percentile and by up
+to 0.18 (a fixed 0.01 left one mask at IoU 0.889 on an Intel host with AMX). So the same images, where both
+precisions serve a mask, give the version's mask margin: the narrowest of `MASK_MARGINS` that covers the largest
+move near the threshold of nine images in ten there (for them the test is then exact; covering every image would
+run most masked images again), widened to send to fp32 every mask bf16 left under the IoU floor there.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
+from ..engine.annotator import Annotator, Forward
+from ..engine.masks import iou, worst_iou_within
 from ..engine.uncertainty import MCStats, decide, near_a_decision
 
 # The margins tried, narrowest first; wider ones would run most images again (at 0.1 about 8 % of binary and 16 %
 # of multi-class photographs were near a decision, README "The recheck").
 MARGINS = (0.05, 0.075, 0.1, 0.15, 0.2)
 MAX_IMAGES = 64  # a bf16 and an fp32 pass each: about 10 s for the offline members at 320 px on 2 cores
+# The mask margins tried, narrowest first (README "Masks on the edge": 0.02 ran 5-9 % of photographs again)
+MASK_MARGINS = (0.01, 0.015, 0.02, 0.03, 0.05)
+# bf16 as served (rechecks included) must take at most this share of fp32's time, else the version serves fp32
+# (the offline members' versions took 0.93-0.99x with their margins; the paper's members 0.52x)
+BF16_PAYS = 0.85
+MASK_MOVES_COVERED = 0.9  # the share of images whose largest score move near the threshold the mask margin covers
 
 
 @dataclass(frozen=True)
@@ -89,9 +108,9 @@ def largest_move_near(fp32: Sequence[MemberView], bf16: Sequence[MemberView], th
     return max(moves, default=0.0)
 
 
-def covering(move: float, floor: float) -> float:
-    """The narrowest margin tried (never under `floor`) that a move of `move` does not exceed; the widest beyond."""
-    return max(floor, next((m for m in MARGINS if m >= move), MARGINS[-1]))
+def covering(move: float, floor: float, margins: Sequence[float] = MARGINS) -> float:
+    """The narrowest of `margins` (never under `floor`) that a move of `move` does not exceed; the widest beyond."""
+    return max(floor, next((m for m in margins if m >= move), margins[-1]))
 
 
 def _near(view: MemberView, rule: Rule, margin: float) -> bool:
@@ -122,3 +141,90 @@ def evenly_spaced(count: int, limit: int = MAX_IMAGES) -> list[int]:
 def as_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 [N, 3, S, S] -> what `Annotator.preprocess` gives: float in [0, 1] on `device`."""
     return images.to(device).float().div_(255.0)
+
+
+@dataclass(frozen=True)
+class MaskPair:
+    """One image's served score map [S, S] in fp32 and in bf16, and the mask's threshold (mask: score > it)."""
+
+    fp32: np.ndarray
+    bf16: np.ndarray
+    threshold: float
+
+
+def largest_score_move(pair: MaskPair) -> float | None:
+    """The largest move of a pixel's score from fp32 to bf16 among the pixels within the widest mask margin tried
+    of the threshold in either precision (those a move can carry across it); None where no pixel is that near."""
+    t = pair.threshold
+    near = np.minimum(np.abs(pair.fp32 - t), np.abs(pair.bf16 - t)) < MASK_MARGINS[-1]
+    return float(np.abs(pair.bf16 - pair.fp32)[near].max()) if near.any() else None
+
+
+def mask_margin(pairs: Sequence[MaskPair], floor: float, iou_floor: float) -> tuple[float, dict[str, float | int]]:
+    """The mask recheck margin (never under `floor`) for images served a mask in both precisions, and what was
+    seen: the narrowest margin tried that covers the largest score move near the threshold of a share
+    `MASK_MOVES_COVERED` of the images, widened to reach every mask bf16 left under `iou_floor` against fp32's (one
+    no margin tried reaches is counted in `missed`)."""
+    moves = np.array([m for m in map(largest_score_move, pairs) if m is not None])
+    candidates = sorted({floor, *(m for m in MASK_MARGINS if m > floor)})
+    covers = (m for m in candidates if not moves.size or np.mean(moves <= m) >= MASK_MOVES_COVERED)
+    margin = next(covers, candidates[-1])
+    moved = [p for p in pairs if iou(p.fp32 > p.threshold, p.bf16 > p.threshold) < iou_floor]
+    missed = 0
+    for pair in moved:
+        hit = next((m for m in candidates if worst_iou_within(pair.bf16, pair.threshold, m) < iou_floor), None)
+        if hit is None:
+            missed += 1
+        else:
+            margin = max(margin, hit)
+    seen = {
+        "masked": len(pairs),
+        "near": int(moves.size),
+        "p90_move": float(np.quantile(moves, 0.9)) if moves.size else 0.0,
+        "largest_move": float(moves.max(initial=0.0)),
+        "under_floor": len(moved),
+        "missed": missed,
+        "margin": margin,
+    }
+    return margin, seen
+
+
+@dataclass
+class Compared:
+    """The same images through the fp32 and the bf16 annotator: the members' statistics per batch, and the
+    served score maps of the images both serve a mask of the same class."""
+
+    passes: list[tuple[list[MCStats], list[MCStats]]]
+    masks: list[MaskPair]
+
+
+def compare_precisions(fp32: Annotator, bf16: Annotator, images: torch.Tensor, batch_size: int) -> Compared:
+    """uint8 `images` [N, 3, S, S] through both annotators (built as serving builds them, rechecks off)."""
+    compared = Compared([], [])
+    for start in range(0, len(images), batch_size):
+        x = as_input(images[start : start + batch_size], fp32.device)
+        want = fp32.forward_input(x)
+        got = bf16.forward_input(x)
+        got.segmentations = want.segmentations  # the regions come from the image, not the pass: cut them once
+        compared.passes.append((want.stats, got.stats))
+        compared.masks.extend(p for b in range(len(want)) if (p := served_pair(fp32, bf16, want, got, b)))
+    return compared
+
+
+def served_pair(fp32: Annotator, bf16: Annotator, want: Forward, got: Forward, b: int) -> MaskPair | None:
+    """Image b's served score maps in both precisions, where both serve it a mask of the same class."""
+    a, h = fp32.decide(want, b), bf16.decide(got, b)
+    if a.flagged or h.flagged or a.label != h.label or fp32.classes[a.label] in fp32.negative:
+        return None
+    score, threshold, _ = fp32.mask_score(want, b, a.label, a.agreeing)
+    return MaskPair(score, bf16.mask_score(got, b, h.label, h.agreeing)[0], threshold)
+
+
+def seconds_per_image(annotator: Annotator, images: torch.Tensor) -> float:
+    """Serving's time per image (`annotate`: forward, rechecks, conclude) of uint8 `images` [N, 3, S, S], after an
+    untimed batch that warms the kernels up."""
+    pil = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images]
+    annotator.annotate(pil[: max(1, annotator.settings.batch_size)])
+    start = time.perf_counter()
+    annotator.annotate(pil)
+    return (time.perf_counter() - start) / len(pil)

@@ -10,11 +10,14 @@ seconds go into the version's `metrics.seconds`):
 4. `calibrate_review`: the review threshold (calibration.py), on images no trained part has seen: the
    unlabelled images where there are enough (the images the flags are served on), else out of fold;
 5. `fit_pixels` (pixels.py): CAM thresholds, pseudo-masks, the segment head, and which makes the masks;
-6. `write`: an atomic write of the version, which becomes current.
+6. `serving_precision` (recheck_margin.py): where this machine serves bf16, how far bf16 moves the version's
+   decisions and masks, which sets the margins of serving's fp32 rechecks, and whether bf16 then pays;
+7. `write`: an atomic write of the version, which becomes current.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -32,9 +35,10 @@ from ..core.data import Sample, iter_readable, read_folder_dataset, read_unlabel
 from ..core.settings import Settings
 from ..core.version_meta import MaskConfig, MemberSpec, Thresholds, TrainingInfo, VersionMeta
 from ..core.versions import ModelStore
-from ..engine.annotator import Annotator
+from ..engine.annotator import CALIBRATED, Annotator
 from ..engine.ensemble import Ensemble, build_members_for_preset, resolve_precision, select_device
-from ..engine.uncertainty import MCStats, confidence, decide
+from ..engine.fold import fold_batchnorm
+from ..engine.uncertainty import confidence, decide
 from ..engine.weights import fingerprint
 from .calibration import calibrate_uncertainty_threshold, flag_rate, risk_coverage
 from .features import FeatureCache, Progress, extract_features
@@ -53,7 +57,15 @@ from .heads import (
 )
 from .pixels import PixelResult, fit_pixels
 from .pseudo_labels import choose_pseudo_labels, class_counts, retrain_with_pseudo_labels, scene_groups
-from .recheck_margin import Rule, as_input, evenly_spaced, measure_margin
+from .recheck_margin import (
+    BF16_PAYS,
+    Rule,
+    compare_precisions,
+    evenly_spaced,
+    mask_margin,
+    measure_margin,
+    seconds_per_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +177,10 @@ def train_on_samples(
     metrics["seconds"] = seconds
     thresholds.update(pixels.thresholds())  # the served CAM rule and every rule's and member's threshold
     metrics["pixels"] = pixels.metrics
-    thresholds["precision_recheck"], metrics["bf16_recheck"] = recheck_margin(
-        annotator, cache, heads, pool, thresholds, settings, seconds
+    margins, metrics["bf16_recheck"] = serving_precision(
+        annotator, cache, heads, pool, pixels, thresholds, settings, seconds
     )
+    thresholds.update(margins)
     if after_fit is not None:
         after_fit(annotator, cache, split, heads, thresholds["uncertainty_threshold"])
     meta = VersionMeta(
@@ -335,47 +348,78 @@ def review_pool(ensemble: Ensemble, cache: FeatureCache, split: Split, settings:
     return member_mc_stats(ensemble.members, cache.pooled, rows, settings.mc_samples, generator)
 
 
-def recheck_margin(
+def serving_precision(
     annotator: Annotator,
     cache: FeatureCache,
     heads: Heads,
     pool: MemberStats | None,
+    pixels: PixelResult,
     thresholds: dict[str, Any],
     settings: Settings,
     seconds: dict[str, float],
-) -> tuple[float, dict[str, Any]]:
-    """The bf16 recheck margin the version serves with, where this machine serves bf16: the images the review
-    threshold was calibrated on (the unlabelled pool, else the labelled images out of fold), at most
-    `recheck_margin.MAX_IMAGES`, run in fp32 and in bf16 (`training/recheck_margin.py`; a step of `seconds`)."""
-    floor = settings.precision_recheck
-    if floor <= 0 or resolve_precision(settings.precision, annotator.device) != "bf16":
-        return floor, {"measured": False}
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The bf16 recheck margins the version serves with (`precision_recheck`, `precision_recheck_mask`) and, under
+    `AXX_PRECISION=auto`, its `precision` (fp32 where bf16 as served does not take at most `BF16_PAYS` of fp32's
+    time), where this machine serves bf16: the images the review threshold was calibrated on (the unlabelled pool,
+    else the labelled images out of fold), at most `recheck_margin.MAX_IMAGES`, run through the version as serving
+    builds it in fp32 and in bf16 (`training/recheck_margin.py`; a step of `seconds`). Elsewhere, or with both
+    margins 0, the settings' margins."""
+    s = settings
+    margins = {"precision_recheck": s.precision_recheck, "precision_recheck_mask": s.precision_recheck_mask}
+    if max(margins.values()) <= 0 or resolve_precision(s.precision, annotator.device) != "bf16":
+        return margins, {"measured": False}
     with timed("bf16 recheck margin", seconds):
         rows = pool.index if pool is not None else heads.calibration.index
         try:
             images, _ = load_resized(annotator, [cache.samples[rows[i]] for i in evenly_spaced(len(rows))])
-        except ValueError:  # none readable now (tasks whose images went away since): keep the setting's margin
-            log.warning("bf16 recheck margin: no calibration image could be read again; margin %.3f", floor)
-            return floor, {"measured": False}
-        rule = Rule(thresholds["uncertainty_threshold"], thresholds["min_uncertain_to_flag"], heads.weights)
-        margin, seen = measure_margin(precision_passes(annotator, images, settings.batch_size), rule, floor)
-    log.info(
-        "bf16 on %d calibration images: %d decisions changed (%d beyond any margin tried), entropies near the review "
-        "threshold moved by up to %.3f: recheck margin %.3f",
-        seen["images"], seen["changed"], seen["missed"], seen["largest_move"], margin,
-    )  # fmt: skip
-    return margin, {"measured": True, **seen}
+        except ValueError:  # none readable now (tasks whose images went away since): keep the settings' margins
+            log.warning("bf16 recheck margins: no calibration image could be read again; the settings' margins")
+            return margins, {"measured": False}
+        served, folded = served_build(annotator, pixels, thresholds, heads.weights)
+        fp32, bf16 = served("fp32", copy.deepcopy(folded)), served("bf16", copy.deepcopy(folded))
+        compared = compare_precisions(fp32, bf16, images, s.batch_size)
+        seen: dict[str, Any] = {"measured": True, "images": len(images)}
+        if s.precision_recheck > 0:
+            rule = Rule(thresholds["uncertainty_threshold"], thresholds["min_uncertain_to_flag"], heads.weights)
+            margins["precision_recheck"], decisions = measure_margin(compared.passes, rule, s.precision_recheck)
+            seen.update(decisions)
+        if s.precision_recheck_mask > 0:
+            margins["precision_recheck_mask"], seen["masks"] = mask_margin(
+                compared.masks, s.precision_recheck_mask, s.precision_recheck_iou
+            )
+        if s.precision == "auto":  # bf16 as served, its rechecks included, against fp32: keep bf16 where it pays
+            ratio = seconds_per_image(served("bf16", folded, **margins), images) / seconds_per_image(fp32, images)
+            seen["served_time_vs_fp32"] = ratio
+            margins["precision"] = "fp32" if ratio > BF16_PAYS else "auto"
+    log.info("bf16 on %d calibration images: serving %s; seen %s", len(images), margins, seen)
+    return margins, seen
 
 
-def precision_passes(
-    annotator: Annotator, images: torch.Tensor, batch_size: int
-) -> list[tuple[list[MCStats], list[MCStats]]]:
-    """The members' MC statistics of uint8 `images` in fp32 and in bf16, batch by batch."""
-    passes = []
-    for start in range(0, len(images), batch_size):
-        x = as_input(images[start : start + batch_size], annotator.device)
-        passes.append((annotator.member_statistics(x, "fp32"), annotator.member_statistics(x, "bf16")))
-    return passes
+def served_build(
+    annotator: Annotator, pixels: PixelResult, thresholds: dict[str, Any], weights: Sequence[float]
+) -> tuple[Callable[..., Annotator], Ensemble]:
+    """How serving will load the version about to be written: a function (precision, ensemble, settings) -> an
+    annotator with its calibrated thresholds, mask source and member weights and no recheck unless given, and a
+    copy of the trained members with their BatchNorms folded for it (bf16 rounds the folded weights, and a bf16
+    annotator casts the ensemble it is given in place: give each its own copy)."""
+    calibrated = {k: thresholds[k] for k in CALIBRATED if k in thresholds}
+    settings = annotator.settings.replace(**calibrated, precision_recheck=0.0, precision_recheck_mask=0.0)
+    folded = copy.deepcopy(annotator.ensemble)
+    for member in folded.members:
+        fold_batchnorm(member.backbone.eval())
+
+    def served(precision: str, ensemble: Ensemble, **overrides: Any) -> Annotator:
+        return Annotator(
+            ensemble,
+            settings.replace(precision=precision, **overrides),
+            input_size=annotator.input_size,
+            negative_classes=annotator.negative,
+            mask_source=pixels.mask_source,
+            segment_head=pixels.segment_head,
+            weights=weights,
+        )
+
+    return served, folded
 
 
 def self_train(
