@@ -209,6 +209,13 @@ def test_bf16_runs_the_images_near_a_decision_again_in_fp32():
              (("fp32", fp32, want), ("plain", plain, alone), ("served", served, got))}  # fmt: skip
     assert flags["served"] == flags["fp32"] != flags["plain"]  # bf16 alone flips image b's flag; the recheck does not
 
+    # a caller that holds both ensembles already (training's timing) serves the same from them without a copy
+    shared = Annotator(plain.ensemble, served.settings, recheck_twin=fp32.ensemble)
+    assert shared.recheck_ensemble is fp32.ensemble
+    again = shared.forward(images, levels=True)
+    assert again.rechecked == expected
+    torch.testing.assert_close(again.stats[0].entropy, got.stats[0].entropy, rtol=0, atol=0)
+
 
 def test_worst_iou_within_is_the_worst_flip_of_the_pixels_near_the_threshold():
     """Checked against trying every mask that differs only where the score is within the margin."""

@@ -97,7 +97,10 @@ class Annotator:
         mask_source: str = "cam",
         segment_head: SegmentHead | None = None,
         weights: Sequence[float] | None = None,
+        recheck_twin: Ensemble | None = None,
     ) -> None:
+        """`recheck_twin`: the fp32 ensemble a bf16 annotator runs again the images near a decision with, where
+        the caller holds one with the same weights (default: a copy of `ensemble` made before the bf16 cast)."""
         self.settings = settings
         self.weights = list(weights) if weights is not None else [1.0] * len(ensemble.members)
         if settings.mask_source != "auto":
@@ -120,8 +123,9 @@ class Annotator:
         # what `recheck` runs in fp32: a copy of the weights where the bf16 cast (in place) takes the served ones
         self.recheck_ensemble: Ensemble | None = None
         if self.precision == "bf16" and max(settings.precision_recheck, settings.precision_recheck_mask) > 0:
-            twin = copy.deepcopy(ensemble).prepare(self.device, channels_last) if bf16_weights else ensemble
-            self.recheck_ensemble = twin
+            if recheck_twin is None:
+                recheck_twin = copy.deepcopy(ensemble) if bf16_weights else ensemble
+            self.recheck_ensemble = recheck_twin.prepare(self.device, channels_last)
         self.rechecked = 0  # images run again in fp32, for decisions or masks (the cost: benchmarks/precision.py)
         self.rechecked_masks = 0  # of those, images run again for their mask
         self.ensemble = ensemble.prepare(self.device, channels_last, bf16_weights)

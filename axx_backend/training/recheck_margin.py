@@ -23,8 +23,9 @@ run most masked images again), widened to send to fp32 every mask bf16 left unde
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -44,6 +45,7 @@ MASK_MARGINS = (0.01, 0.015, 0.02, 0.03, 0.05)
 # (the offline members' versions took 0.93-0.99x with their margins; the paper's members 0.52x)
 BF16_PAYS = 0.85
 MASK_MOVES_COVERED = 0.9  # the share of images whose largest score move near the threshold the mask margin covers
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -80,19 +82,29 @@ def changed_by_bf16(fp32: Sequence[MemberView], bf16: Sequence[MemberView], rule
     return [b for a, b in zip(fp32, bf16, strict=True) if decision(a) != decision(b)]
 
 
-def margin_for(changed: Sequence[MemberView], rule: Rule, floor: float) -> tuple[float, int]:
-    """The narrowest margin of `MARGINS` (never under `floor`) at which every changed image is near a decision, and
-    how many changed images no margin tried reaches (they do not widen it: no margin would catch them)."""
-    candidates = sorted({floor, *(m for m in MARGINS if m > floor)})
-    chosen, missed = floor, 0
-    for view in changed:
-        reach = (m for m in candidates if _near(view, rule, m))
-        hit = next(reach, None)
+def tried(margins: Sequence[float], floor: float) -> list[float]:
+    """The margins tried with `floor` the narrowest: `floor` and those of `margins` wider than it, narrowest first."""
+    return sorted({floor, *(m for m in margins if m > floor)})
+
+
+def reaching(cases: Sequence[T], margins: Sequence[float], reaches: Callable[[T, float], bool]) -> tuple[float, int]:
+    """The narrowest of `margins` (narrowest first) that reaches every case some margin reaches
+    (`reaches(case, margin)`; `margins[0]` where there is none), and how many cases no margin reaches (they do not
+    widen it: no margin would catch them)."""
+    chosen, missed = margins[0], 0
+    for case in cases:
+        hit = next((m for m in margins if reaches(case, m)), None)
         if hit is None:
             missed += 1
         else:
             chosen = max(chosen, hit)
     return chosen, missed
+
+
+def margin_for(changed: Sequence[MemberView], rule: Rule, floor: float) -> tuple[float, int]:
+    """The narrowest margin of `MARGINS` (never under `floor`) at which every changed image is near a decision, and
+    how many changed images no margin tried reaches."""
+    return reaching(changed, tried(MARGINS, floor), lambda view, margin: _near(view, rule, margin))
 
 
 def largest_move_near(fp32: Sequence[MemberView], bf16: Sequence[MemberView], threshold: float) -> float:
@@ -166,17 +178,13 @@ def mask_margin(pairs: Sequence[MaskPair], floor: float, iou_floor: float) -> tu
     `MASK_MOVES_COVERED` of the images, widened to reach every mask bf16 left under `iou_floor` against fp32's (one
     no margin tried reaches is counted in `missed`)."""
     moves = np.array([m for m in map(largest_score_move, pairs) if m is not None])
-    candidates = sorted({floor, *(m for m in MASK_MARGINS if m > floor)})
+    candidates = tried(MASK_MARGINS, floor)
     covers = (m for m in candidates if not moves.size or np.mean(moves <= m) >= MASK_MOVES_COVERED)
-    margin = next(covers, candidates[-1])
     moved = [p for p in pairs if iou(p.fp32 > p.threshold, p.bf16 > p.threshold) < iou_floor]
-    missed = 0
-    for pair in moved:
-        hit = next((m for m in candidates if worst_iou_within(pair.bf16, pair.threshold, m) < iou_floor), None)
-        if hit is None:
-            missed += 1
-        else:
-            margin = max(margin, hit)
+    for_moved, missed = reaching(
+        moved, candidates, lambda pair, margin: worst_iou_within(pair.bf16, pair.threshold, margin) < iou_floor
+    )
+    margin = max(next(covers, candidates[-1]), for_moved)
     seen = {
         "masked": len(pairs),
         "near": int(moves.size),

@@ -376,7 +376,7 @@ def serving_precision(
             log.warning("bf16 recheck margins: no calibration image could be read again; the settings' margins")
             return margins, {"measured": False}
         served, folded = served_build(annotator, pixels, thresholds, heads.weights)
-        fp32, bf16 = served("fp32", copy.deepcopy(folded)), served("bf16", copy.deepcopy(folded))
+        fp32, bf16 = served("fp32", folded), served("bf16", copy.deepcopy(folded))
         compared = compare_precisions(fp32, bf16, images, s.batch_size)
         seen: dict[str, Any] = {"measured": True, "images": len(images)}
         if s.precision_recheck > 0:
@@ -388,7 +388,8 @@ def serving_precision(
                 compared.masks, s.precision_recheck_mask, s.precision_recheck_iou
             )
         if s.precision == "auto":  # bf16 as served, its rechecks included, against fp32: keep bf16 where it pays
-            ratio = seconds_per_image(served("bf16", folded, **margins), images) / seconds_per_image(fp32, images)
+            as_served = served("bf16", bf16.ensemble, recheck_twin=fp32.ensemble, **margins)
+            ratio = seconds_per_image(as_served, images) / seconds_per_image(fp32, images)
             seen["served_time_vs_fp32"] = ratio
             margins["precision"] = "fp32" if ratio > BF16_PAYS else "auto"
     log.info("bf16 on %d calibration images: serving %s; seen %s", len(images), margins, seen)
@@ -398,17 +399,17 @@ def serving_precision(
 def served_build(
     annotator: Annotator, pixels: PixelResult, thresholds: dict[str, Any], weights: Sequence[float]
 ) -> tuple[Callable[..., Annotator], Ensemble]:
-    """How serving will load the version about to be written: a function (precision, ensemble, settings) -> an
-    annotator with its calibrated thresholds, mask source and member weights and no recheck unless given, and a
-    copy of the trained members with their BatchNorms folded for it (bf16 rounds the folded weights, and a bf16
-    annotator casts the ensemble it is given in place: give each its own copy)."""
+    """How serving will load the version about to be written: a function (precision, ensemble, recheck_twin=None,
+    **settings) -> an annotator with its calibrated thresholds, mask source and member weights and no recheck unless
+    given, and a copy of the trained members with their BatchNorms folded for it (bf16 rounds the folded weights,
+    and a bf16 annotator casts the ensemble it is given in place: an fp32 one needs its own copy)."""
     calibrated = {k: thresholds[k] for k in CALIBRATED if k in thresholds}
     settings = annotator.settings.replace(**calibrated, precision_recheck=0.0, precision_recheck_mask=0.0)
     folded = copy.deepcopy(annotator.ensemble)
     for member in folded.members:
         fold_batchnorm(member.backbone.eval())
 
-    def served(precision: str, ensemble: Ensemble, **overrides: Any) -> Annotator:
+    def served(precision: str, ensemble: Ensemble, recheck_twin: Ensemble | None = None, **overrides: Any) -> Annotator:
         return Annotator(
             ensemble,
             settings.replace(precision=precision, **overrides),
@@ -417,6 +418,7 @@ def served_build(
             mask_source=pixels.mask_source,
             segment_head=pixels.segment_head,
             weights=weights,
+            recheck_twin=recheck_twin,
         )
 
     return served, folded
