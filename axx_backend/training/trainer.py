@@ -402,7 +402,7 @@ def served_build(
     """How serving will load the version about to be written: a function (precision, ensemble, recheck_twin=None,
     **settings) -> an annotator with its calibrated thresholds, mask source and member weights and no recheck unless
     given, and a copy of the trained members with their BatchNorms folded for it (bf16 rounds the folded weights,
-    and a bf16 annotator casts the ensemble it is given in place: an fp32 one needs its own copy)."""
+    and a bf16 annotator casts the ensemble it is given in place: give it its own copy)."""
     calibrated = {k: thresholds[k] for k in CALIBRATED if k in thresholds}
     settings = annotator.settings.replace(**calibrated, precision_recheck=0.0, precision_recheck_mask=0.0)
     folded = copy.deepcopy(annotator.ensemble)
