@@ -120,9 +120,9 @@ def largest_move_near(fp32: Sequence[MemberView], bf16: Sequence[MemberView], th
     return max(moves, default=0.0)
 
 
-def covering(move: float, floor: float, margins: Sequence[float] = MARGINS) -> float:
-    """The narrowest of `margins` (never under `floor`) that a move of `move` does not exceed; the widest beyond."""
-    return max(floor, next((m for m in margins if m >= move), margins[-1]))
+def covering(move: float, floor: float) -> float:
+    """The narrowest margin tried (never under `floor`) that a move of `move` does not exceed; the widest beyond."""
+    return max(floor, next((m for m in MARGINS if m >= move), MARGINS[-1]))
 
 
 def _near(view: MemberView, rule: Rule, margin: float) -> bool:
