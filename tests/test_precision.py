@@ -217,6 +217,65 @@ def test_bf16_runs_the_images_near_a_decision_again_in_fp32():
     torch.testing.assert_close(again.stats[0].entropy, got.stats[0].entropy, rtol=0, atol=0)
 
 
+def test_training_measures_bf16_on_the_annotator_serving_loads(tmp_path):
+    """`served_build` (training's bf16 step) gives, for the version about to be written, the annotator
+    `Annotator.from_version` loads once it is written: the version's thresholds and recorded choices over the
+    training settings (here a refinement and CAM weights the settings do not ask for), its member weights, negative
+    classes and input size, and the same statistics and masks bit for bit."""
+    import types
+
+    from PIL import Image
+
+    from axx_backend.core.version_meta import MaskConfig, MemberSpec, Thresholds, VersionMeta
+    from axx_backend.training.trainer import served_build, write
+
+    torch.manual_seed(0)
+    classes = ("background", "thing")
+    ensemble = Ensemble.build(["mobilenetv2_100", "tf_efficientnet_lite0"], list(classes), weights="random")
+    temperatures, weights = (1.3, 0.8), (0.7, 1.2)
+    for member, t in zip(ensemble.members, temperatures, strict=True):
+        member.temperature.fill_(t)
+    specs = tuple(
+        MemberSpec(m.name, finetuned=True, mean=tuple(m.weight_info.mean), std=tuple(m.weight_info.std),
+                   temperature=t, weight=w)
+        for m, t, w in zip(ensemble.members, temperatures, weights, strict=True)
+    )  # fmt: skip
+    meta = VersionMeta(
+        classes=classes,
+        members=specs,
+        negative_classes=("background",),
+        input_size=64,
+        mc_samples=4,
+        masks=MaskConfig("contrastive", "superpixels", (60.0, 120.0)),
+        thresholds=Thresholds(uncertainty_threshold=0.37, cam_threshold=0.41, mask_fusion="votes:1", precision="fp32"),
+    )
+    # training's settings, other than the version in everything it records or calibrates
+    settings = Settings(
+        device="cpu", input_size=96, mc_samples=4, negative_pattern="^$", refine="none", cam_weights="class"
+    )
+    served, folded = served_build(meta, ensemble, None, settings)
+    built = served("fp32", folded)
+
+    version = write(tmp_path, ensemble, types.SimpleNamespace(segment_head=None), meta)
+    loaded = Annotator.from_version(tmp_path / version, settings, explicit=set())
+    untimed = {"precision_recheck": 0.0, "precision_recheck_mask": 0.0}  # the build checks nothing again itself
+    assert built.settings == loaded.settings.replace(**untimed)
+    assert built.refines and built.settings.cam_weights == "contrastive" and built.settings.cam_threshold == 0.41
+    assert built.settings.superpixel_scales == (60.0, 120.0) and built.settings.uncertainty_threshold == 0.37
+    assert (built.weights, built.negative, built.input_size) == (loaded.weights, loaded.negative, loaded.input_size)
+    assert built.weights == list(weights) and built.negative == {"background"} and built.input_size == 64
+    assert built.mask_source == loaded.mask_source == "cam"
+
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray((rng.random((80, 80, 3)) * 255).astype(np.uint8)) for _ in range(3)]
+    mine, theirs = built.forward(images), loaded.forward(images)
+    for a, b in zip(mine.stats, theirs.stats, strict=True):
+        assert torch.equal(a.entropy, b.entropy) and torch.equal(a.mean_probs, b.mean_probs)
+    for a, b in zip(built.conclude(mine), loaded.conclude(theirs), strict=True):
+        assert a.label == b.label and a.flagged == b.flagged
+        assert (a.mask is None) == (b.mask is None) and (a.mask is None or np.array_equal(a.mask, b.mask))
+
+
 def test_worst_iou_within_is_the_worst_flip_of_the_pixels_near_the_threshold():
     """Checked against trying every mask that differs only where the score is within the margin."""
     import itertools

@@ -150,20 +150,37 @@ class Annotator:
         explicit = settings.explicit_from_env() if explicit is None else explicit
         version_dir = Path(version_dir)
         meta = load_version(version_dir)
+        ensemble, segment_head = load_ensemble(version_dir, meta, settings)
+        return cls.from_meta(meta, ensemble, segment_head, settings, explicit, version=meta.version or version_dir.name)
+
+    @classmethod
+    def from_meta(
+        cls,
+        meta: VersionMeta,
+        ensemble: Ensemble,
+        segment_head: SegmentHead | None,
+        settings: Settings,
+        explicit: set[str],
+        version: str | None = None,
+        recheck_twin: Ensemble | None = None,
+    ) -> Annotator:
+        """The annotator that serves the version `meta` describes, from its members as `load_ensemble` rebuilds them
+        (BatchNorms folded) and its segment head: `from_version` for a stored version, training for the version it
+        is about to write (so what training measures is what serving will run)."""
         settings = settings.replace(**calibrated_settings(meta, settings, explicit))
         negative = None
         if meta.negative_classes is not None and not explicit & {"negative_classes", "negative_pattern"}:
             negative = set(meta.negative_classes)
-        ensemble, segment_head = load_ensemble(version_dir, meta, settings)
         return cls(
             ensemble,
             settings,
-            version=meta.version or version_dir.name,
+            version=version or meta.version or None,
             input_size=meta.input_size,
             negative_classes=negative,
             mask_source=meta.mask_source if meta.mask_source in ("cam", "segments") else "cam",
             segment_head=segment_head,
             weights=[spec.weight for spec in meta.members],
+            recheck_twin=recheck_twin,
         )
 
     # --- forward ---------------------------------------------------------------------------------------------------

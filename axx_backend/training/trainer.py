@@ -18,6 +18,7 @@ seconds go into the version's `metrics.seconds`):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import time
@@ -35,9 +36,10 @@ from ..core.data import Sample, iter_readable, read_folder_dataset, read_unlabel
 from ..core.settings import Settings
 from ..core.version_meta import MaskConfig, MemberSpec, Thresholds, TrainingInfo, VersionMeta
 from ..core.versions import ModelStore
-from ..engine.annotator import CALIBRATED, Annotator
+from ..engine.annotator import Annotator
 from ..engine.ensemble import Ensemble, build_members_for_preset, resolve_precision, select_device
 from ..engine.fold import fold_batchnorm
+from ..engine.segments import SegmentHead
 from ..engine.uncertainty import confidence, decide
 from ..engine.weights import fingerprint
 from .calibration import calibrate_uncertainty_threshold, flag_rate, risk_coverage
@@ -177,12 +179,6 @@ def train_on_samples(
     metrics["seconds"] = seconds
     thresholds.update(pixels.thresholds())  # the served CAM rule and every rule's and member's threshold
     metrics["pixels"] = pixels.metrics
-    margins, metrics["bf16_recheck"] = serving_precision(
-        annotator, cache, heads, pool, pixels, thresholds, settings, seconds
-    )
-    thresholds.update(margins)
-    if after_fit is not None:
-        after_fit(annotator, cache, split, heads, thresholds["uncertainty_threshold"])
     meta = VersionMeta(
         classes=tuple(classes),
         members=member_specs(ensemble, heads, finetune_metrics),
@@ -198,6 +194,11 @@ def train_on_samples(
         metrics=metrics,
         training=training_info(cache, split, classes, mode, val_keys, pixels, settings, source),
     )
+    margins, seen = serving_precision(annotator, meta, cache, heads, pool, pixels.segment_head, settings, seconds)
+    stored = dataclasses.replace(meta.thresholds, **margins)
+    meta = dataclasses.replace(meta, thresholds=stored, metrics={**metrics, "bf16_recheck": seen})
+    if after_fit is not None:
+        after_fit(annotator, cache, split, heads, meta.thresholds.uncertainty_threshold)
     version = write(model_dir, ensemble, pixels, meta)
     log.info("wrote version %s to %s (masks from %s)", version, model_dir, pixels.mask_source)
     if progress:
@@ -350,20 +351,20 @@ def review_pool(ensemble: Ensemble, cache: FeatureCache, split: Split, settings:
 
 def serving_precision(
     annotator: Annotator,
+    meta: VersionMeta,
     cache: FeatureCache,
     heads: Heads,
     pool: MemberStats | None,
-    pixels: PixelResult,
-    thresholds: dict[str, Any],
+    segment_head: SegmentHead | None,
     settings: Settings,
     seconds: dict[str, float],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The bf16 recheck margins the version serves with (`precision_recheck`, `precision_recheck_mask`) and, under
-    `AXX_PRECISION=auto`, its `precision` (fp32 where bf16 as served does not take at most `BF16_PAYS` of fp32's
-    time), where this machine serves bf16: the images the review threshold was calibrated on (the unlabelled pool,
-    else the labelled images out of fold), at most `recheck_margin.MAX_IMAGES`, run through the version as serving
-    builds it in fp32 and in bf16 (`training/recheck_margin.py`; a step of `seconds`). Elsewhere, or with both
-    margins 0, the settings' margins."""
+    """The bf16 recheck margins the version `meta` serves with (`precision_recheck`, `precision_recheck_mask`) and,
+    under `AXX_PRECISION=auto`, its `precision` (fp32 where bf16 as served does not take at most `BF16_PAYS` of
+    fp32's time), where this machine serves bf16: the images the review threshold was calibrated on (the unlabelled
+    pool, else the labelled images out of fold), at most `recheck_margin.MAX_IMAGES`, run through the version as
+    serving builds it (`served_build`) in fp32 and in bf16 (`training/recheck_margin.py`; a step of `seconds`).
+    Elsewhere, or with both margins 0, the settings' margins."""
     s = settings
     margins = {"precision_recheck": s.precision_recheck, "precision_recheck_mask": s.precision_recheck_mask}
     if max(margins.values()) <= 0 or resolve_precision(s.precision, annotator.device) != "bf16":
@@ -375,12 +376,13 @@ def serving_precision(
         except ValueError:  # none readable now (tasks whose images went away since): keep the settings' margins
             log.warning("bf16 recheck margins: no calibration image could be read again; the settings' margins")
             return margins, {"measured": False}
-        served, folded = served_build(annotator, pixels, thresholds, heads.weights)
+        served, folded = served_build(meta, annotator.ensemble, segment_head, settings)
         fp32, bf16 = served("fp32", folded), served("bf16", copy.deepcopy(folded))
         compared = compare_precisions(fp32, bf16, images, s.batch_size)
         seen: dict[str, Any] = {"measured": True, "images": len(images)}
         if s.precision_recheck > 0:
-            rule = Rule(thresholds["uncertainty_threshold"], thresholds["min_uncertain_to_flag"], heads.weights)
+            stored = meta.thresholds
+            rule = Rule(stored.uncertainty_threshold, stored.min_uncertain_to_flag, fp32.weights)
             margins["precision_recheck"], decisions = measure_margin(compared.passes, rule, s.precision_recheck)
             seen.update(decisions)
         if s.precision_recheck_mask > 0:
@@ -397,29 +399,27 @@ def serving_precision(
 
 
 def served_build(
-    annotator: Annotator, pixels: PixelResult, thresholds: dict[str, Any], weights: Sequence[float]
+    meta: VersionMeta, ensemble: Ensemble, segment_head: SegmentHead | None, settings: Settings
 ) -> tuple[Callable[..., Annotator], Ensemble]:
-    """How serving will load the version about to be written: a function (precision, ensemble, recheck_twin=None,
-    **settings) -> an annotator with its calibrated thresholds, mask source and member weights and no recheck unless
-    given, and a copy of the trained members with their BatchNorms folded for it (bf16 rounds the folded weights,
-    and a bf16 annotator casts the ensemble it is given in place: give it its own copy)."""
-    calibrated = {k: thresholds[k] for k in CALIBRATED if k in thresholds}
-    settings = annotator.settings.replace(**calibrated, precision_recheck=0.0, precision_recheck_mask=0.0)
-    folded = copy.deepcopy(annotator.ensemble)
+    """How serving will load the version `meta` describes (`Annotator.from_meta`, every calibrated threshold and
+    recorded choice the version's): a function (precision, ensemble, recheck_twin=None, **thresholds) -> its
+    annotator, with no recheck unless given, and a copy of the trained members `ensemble` with their BatchNorms folded
+    as loading folds them (bf16 rounds the folded weights, and a bf16 annotator casts the ensemble it is given in
+    place: give it its own copy)."""
+    folded = copy.deepcopy(ensemble)
     for member in folded.members:
         fold_batchnorm(member.backbone.eval())
 
-    def served(precision: str, ensemble: Ensemble, recheck_twin: Ensemble | None = None, **overrides: Any) -> Annotator:
-        return Annotator(
-            ensemble,
-            settings.replace(precision=precision, **overrides),
-            input_size=annotator.input_size,
-            negative_classes=annotator.negative,
-            mask_source=pixels.mask_source,
-            segment_head=pixels.segment_head,
-            weights=weights,
-            recheck_twin=recheck_twin,
+    def served(
+        precision: str, ensemble: Ensemble, recheck_twin: Ensemble | None = None, **thresholds: Any
+    ) -> Annotator:
+        stored = dataclasses.replace(
+            meta.thresholds,
+            precision=precision,
+            **{"precision_recheck": 0.0, "precision_recheck_mask": 0.0, **thresholds},
         )
+        version = dataclasses.replace(meta, thresholds=stored)
+        return Annotator.from_meta(version, ensemble, segment_head, settings, set(), recheck_twin=recheck_twin)
 
     return served, folded
 
