@@ -464,3 +464,32 @@ def test_the_mask_margin_widens_to_reach_a_mask_bf16_left_under_the_floor():
     far = MaskPair(fp32, np.where(fp32 == 0.48, 0.7, fp32).astype(np.float32), 0.5)
     margin, seen = mask_margin([*calm, far], 0.01, 0.9)
     assert margin == 0.01 and seen["under_floor"] == 1 and seen["missed"] == 1
+
+
+def test_the_served_time_ratio_weighs_load_that_comes_midway_on_both_precisions(monkeypatch):
+    """A job that starts halfway through the timing and triples every pass's cost from then on: the two annotators
+    take turns, so the ratio stays their own (1 : 2), where timing one after the other would put the load on the
+    second alone (1 : 6). Time is a virtual clock that each pass advances by its cost."""
+    import types
+
+    from axx_backend.training import recheck_margin
+
+    clock = [0.0]
+
+    class Timed:
+        def __init__(self, cost_per_image: float) -> None:
+            self.cost, self.settings, self.passes = cost_per_image, types.SimpleNamespace(batch_size=4), 0
+
+        def annotate(self, images: list) -> None:
+            load = 3.0 if clock[0] >= 0.6 else 1.0
+            clock[0] += self.cost * len(images) * load
+            self.passes += 1
+
+    monkeypatch.setattr(recheck_margin, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    images = torch.zeros(32, 3, 8, 8, dtype=torch.uint8)
+    # a warm-up batch each (0.04 + 0.08), then eight pairs of batches of 4 (0.04 + 0.08 each without the load): the
+    # load starts at 0.6, with pair 5; one after the other the first would take 0.32 and the second 1.6
+    bf16, fp32 = Timed(0.01), Timed(0.02)
+    ratio = recheck_margin.served_time_ratio(bf16, fp32, images)
+    assert bf16.passes == fp32.passes == 9
+    assert ratio == pytest.approx(0.5, abs=0.05)

@@ -66,7 +66,7 @@ from .recheck_margin import (
     evenly_spaced,
     mask_margin,
     measure_margin,
-    seconds_per_image,
+    served_time_ratio,
 )
 
 log = logging.getLogger(__name__)
@@ -391,7 +391,7 @@ def serving_precision(
             )
         if s.precision == "auto":  # bf16 as served, its rechecks included, against fp32: keep bf16 where it pays
             as_served = served("bf16", bf16.ensemble, recheck_twin=fp32.ensemble, **margins)
-            ratio = seconds_per_image(as_served, images) / seconds_per_image(fp32, images)
+            ratio = served_time_ratio(as_served, fp32, images)
             seen["served_time_vs_fp32"] = ratio
             margins["precision"] = "fp32" if ratio > BF16_PAYS else "auto"
     log.info("bf16 on %d calibration images: serving %s; seen %s", len(images), margins, seen)
