@@ -469,7 +469,7 @@ def test_the_mask_margin_widens_to_reach_a_mask_bf16_left_under_the_floor():
 def test_the_served_time_ratio_weighs_load_that_comes_midway_on_both_precisions(monkeypatch):
     """A job that starts halfway through the timing and triples every pass's cost from then on: the two annotators
     take turns, so the ratio stays their own (1 : 2), where timing one after the other would put the load on the
-    second alone (1 : 6). Time is a virtual clock that each pass advances by its cost."""
+    second alone (1 : 5). Time is a virtual clock that each pass advances by its cost."""
     import types
 
     from axx_backend.training import recheck_margin
