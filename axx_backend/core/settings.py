@@ -81,6 +81,11 @@ class Settings:
     uncertainty_threshold: float = 0.5  # replaced by the calibrated value of a version
     min_uncertain_to_flag: int = 2
     target_flag_rate: float = 0.2
+    # "auto": a version also flags an image where the nearest labelled image of >= `min_uncertain_to_flag` members
+    # shows another class (engine/neighbours.py), and its review threshold is calibrated with that check on; "off":
+    # the entropy rule alone (a version trained with the check then flags less than its budget)
+    neighbour_check: str = "auto"
+    neighbour_bank_size: int = 2000  # labelled images a version keeps for the check at most (per class evenly)
 
     # Saliency and masks
     cam_method: str = "fast"  # "fast" (from the forward) or a grad-cam method name: xgradcam, gradcam, ...
@@ -215,6 +220,7 @@ class Settings:
             "member_weights": ("equal", "learned"),
             "review_calibration": ("auto", "labelled"),
             "pseudo_labels": ("auto", "off"),
+            "neighbour_check": ("auto", "off"),
             "pooling": POOLINGS,
         }
         for name, allowed in choices.items():
@@ -226,6 +232,8 @@ class Settings:
             raise ValueError("finetune_patience must be >= 0 (0: every epoch runs)")
         if self.max_unlabelled < 0:
             raise ValueError("max_unlabelled must be >= 0")
+        if self.neighbour_bank_size < 0:
+            raise ValueError("neighbour_bank_size must be >= 0")
         if self.min_review_pool < 1:
             raise ValueError("min_review_pool must be >= 1")
         if self.refit_folds < 2:

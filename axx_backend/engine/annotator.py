@@ -33,6 +33,7 @@ from ..core.versions import ModelStore
 from .ensemble import Ensemble, Member, MemberOutput, resolve_precision, select_device
 from .fold import fold_batchnorm
 from .masks import worst_iou_within
+from .neighbours import NEIGHBOURS_FILE, NeighbourBank
 from .refine import SuperpixelSpec, pool, segment_image
 from .saliency import gradcam_maps, member_cam, normalize_maps, upsample
 from .segments import SegmentHead, region_features
@@ -98,9 +99,11 @@ class Annotator:
         segment_head: SegmentHead | None = None,
         weights: Sequence[float] | None = None,
         recheck_twin: Ensemble | None = None,
+        neighbours: NeighbourBank | None = None,
     ) -> None:
         """`recheck_twin`: the fp32 ensemble a bf16 annotator runs again the images near a decision with, where
-        the caller holds one with the same weights (default: a copy of `ensemble` made before the bf16 cast)."""
+        the caller holds one with the same weights (default: a copy of `ensemble` made before the bf16 cast).
+        `neighbours`: the version's labelled images for the nearest-image check (unless `neighbour_check` is off)."""
         self.settings = settings
         self.weights = list(weights) if weights is not None else [1.0] * len(ensemble.members)
         if settings.mask_source != "auto":
@@ -132,6 +135,8 @@ class Annotator:
         if negative_classes is None:
             negative_classes = {c for c in ensemble.classes if settings.is_negative(c)}
         self.negative = negative_classes
+        use_bank = neighbours is not None and settings.neighbour_check != "off"
+        self.neighbours = neighbours.to(self.device) if use_bank and neighbours is not None else None
 
     @property
     def classes(self) -> list[str]:
@@ -151,7 +156,9 @@ class Annotator:
         version_dir = Path(version_dir)
         meta = load_version(version_dir)
         ensemble, segment_head = load_ensemble(version_dir, meta, settings)
-        return cls.from_meta(meta, ensemble, segment_head, settings, explicit, version=meta.version or version_dir.name)
+        neighbours = load_neighbours(version_dir, len(meta.members))
+        name = meta.version or version_dir.name
+        return cls.from_meta(meta, ensemble, segment_head, settings, explicit, version=name, neighbours=neighbours)
 
     @classmethod
     def from_meta(
@@ -163,6 +170,7 @@ class Annotator:
         explicit: set[str],
         version: str | None = None,
         recheck_twin: Ensemble | None = None,
+        neighbours: NeighbourBank | None = None,
     ) -> Annotator:
         """The annotator that serves the version `meta` describes, from its members as `load_ensemble` rebuilds them
         (BatchNorms folded) and its segment head: `from_version` for a stored version, training for the version it
@@ -181,6 +189,7 @@ class Annotator:
             segment_head=segment_head,
             weights=[spec.weight for spec in meta.members],
             recheck_twin=recheck_twin,
+            neighbours=neighbours,
         )
 
     # --- forward ---------------------------------------------------------------------------------------------------
@@ -225,7 +234,11 @@ class Annotator:
         if self.recheck_ensemble is None or s.precision_recheck <= 0:
             return
         rule = (s.uncertainty_threshold, s.min_uncertain_to_flag, self.weights, s.precision_recheck)
-        near = [b for b in range(len(fwd)) if near_a_decision(fwd.member_probs(b), fwd.member_entropy(b), *rule)]
+        near = [
+            b
+            for b in range(len(fwd))
+            if near_a_decision(fwd.member_probs(b), fwd.member_entropy(b), *rule, self.nearest_classes(fwd, b))
+        ]
         self._again_in_fp32(fwd, near, levels)
 
     def _again_in_fp32(self, fwd: Forward, images: list[int], levels: bool) -> None:
@@ -256,7 +269,14 @@ class Annotator:
     def decide(self, fwd: Forward, b: int) -> Decision:
         s = self.settings
         probs, entropy = fwd.member_probs(b), fwd.member_entropy(b)
-        return decide(probs, entropy, s.uncertainty_threshold, s.min_uncertain_to_flag, self.weights)
+        neighbours = self.nearest_classes(fwd, b)
+        return decide(probs, entropy, s.uncertainty_threshold, s.min_uncertain_to_flag, self.weights, neighbours)
+
+    def nearest_classes(self, fwd: Forward, b: int) -> list[int] | None:
+        """Each member's nearest labelled image's class for image b (None without a neighbour bank)."""
+        if self.neighbours is None:
+            return None
+        return self.neighbours.nearest_classes([out.pooled[b : b + 1] for out in fwd.outputs])[:, 0].tolist()
 
     def conclude(self, fwd: Forward, with_heat: bool = False) -> list[Annotation]:
         edge: list[int] = []
@@ -419,6 +439,19 @@ def load_ensemble(version_dir: Path, meta: VersionMeta, settings: Settings) -> t
             f"but its members' level maps give {expected}"
         )
     return Ensemble(members, list(meta.classes)).eval(), segment_head
+
+
+def load_neighbours(version_dir: Path, members: int) -> NeighbourBank | None:
+    """A version's neighbour bank; None for a version without one (trained before it, or with the check off)."""
+    from safetensors.torch import load_file
+
+    path = version_dir / NEIGHBOURS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return NeighbourBank.from_tensors(load_file(str(path)), members)
+    except ValueError as exc:
+        raise VersionError(f"version {version_dir.name}: {NEIGHBOURS_FILE}: {exc}") from exc
 
 
 def _load_member(

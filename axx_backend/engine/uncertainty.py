@@ -44,12 +44,14 @@ def near_a_decision(
     min_uncertain_to_flag: int = 2,
     weights: Sequence[float] | None = None,
     margin: float = 0.0,
+    neighbours: Sequence[int] | None = None,
 ) -> bool:
     """Could moving some members' entropies by less than `margin` across the review threshold (only entropies
     within a factor `ENTROPY_REACH` of it can cross), or swapping the two likeliest classes of members whose two
     are within `margin` in probability, change `decide`'s label or flag? Every combination is tried (at most 4 per
     member). This is where bf16's rounding can change a decision; a member near the threshold changes nothing
-    while the others decide the flag and the vote anyway."""
+    while the others decide the flag and the vote anyway. `neighbours` (as `decide`'s) are held as given: a
+    nearest labelled image that bf16's rounding swaps for one of another class is not looked for."""
     if margin <= 0:
         return False
     options = []
@@ -68,11 +70,10 @@ def near_a_decision(
         options.append([(q, e) for q in probs for e in entropies])
     if all(len(o) == 1 for o in options):  # nothing can move: most images, and no decision to compute
         return False
-    base = decide(member_probs, member_entropy, uncertainty_threshold, min_uncertain_to_flag, weights)
+    rule = (uncertainty_threshold, min_uncertain_to_flag, weights)
+    base = decide(member_probs, member_entropy, *rule, neighbours)
     for world in itertools.product(*options):
-        other = decide(
-            [q for q, _ in world], [e for _, e in world], uncertainty_threshold, min_uncertain_to_flag, weights
-        )
+        other = decide([q for q, _ in world], [e for _, e in world], *rule, neighbours)
         if (other.label, other.flagged) != (base.label, base.flagged):
             return True
     return False
@@ -123,12 +124,15 @@ def decide(
     uncertainty_threshold: float,
     min_uncertain_to_flag: int = 2,
     weights: Sequence[float] | None = None,
+    neighbours: Sequence[int] | None = None,
 ) -> Decision:
     """docs/METHOD.md "Prediction" 4: flag when >= k members are uncertain (every member counts, whatever its
     vote: letting only weighted members flag raised flagged positives from 15 to 26 of 100 on the photograph
-    benchmark, at the same flag rate) or no class has a weighted majority of the confident members' votes;
-    else that class. `weights`: each member's vote (default 1 each, the paper's plain majority; training sets
-    them from held-out predictions only with `member_weights=learned`)."""
+    benchmark, at the same flag rate) or no class has a weighted majority of the confident members' votes, or
+    (`neighbours`: each member's nearest labelled image's class, engine/neighbours.py) when the nearest labelled
+    image of >= k members shows another class than that majority; else that class. `weights`: each member's vote
+    (default 1 each, the paper's plain majority; training sets them from held-out predictions only with
+    `member_weights=learned`)."""
     probs = [np.asarray(p, dtype=np.float64) for p in member_probs]
     w = np.ones(len(probs)) if weights is None else np.asarray(weights, dtype=np.float64)
     ensemble_mean = np.average(probs, axis=0, weights=w) if w.sum() > 0 else np.mean(probs, axis=0)
@@ -147,6 +151,12 @@ def decide(
     label, count = _vote(probs, w, confident, ensemble_mean)
     if count * 2 <= sum(float(w[i]) for i in confident) + 1e-12:
         return Decision(fallback, True, [], float(ensemble_mean[fallback]), "no majority among confident members")
+    if neighbours is not None:
+        against = [i for i, c in enumerate(neighbours) if int(c) != label]
+        if len(against) >= min_uncertain_to_flag:
+            names = ", ".join(str(i) for i in against)
+            reason = f"the nearest labelled image of {len(against)} members ({names}) shows another class"
+            return Decision(fallback, True, [], float(ensemble_mean[fallback]), reason)
     agreeing = [i for i in confident if int(probs[i].argmax()) == label]
     score = float(np.mean([probs[i][label] for i in agreeing]))
     return Decision(label, False, agreeing, score, f"{len(agreeing)} of {len(probs)} members agree")

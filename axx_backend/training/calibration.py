@@ -39,18 +39,13 @@ def flag_rate(
     threshold: float,
     min_uncertain: int,
     weights: Sequence[float] | None = None,
+    neighbours: np.ndarray | None = None,
 ) -> tuple[float, np.ndarray]:
-    """Share of images the decision rule flags at `threshold`; also the per-image flags."""
+    """Share of images the decision rule flags at `threshold`; also the per-image flags. `neighbours`: [M, n]
+    each member's nearest labelled image's class (the nearest-image check on), or None."""
     n = len(member_entropy[0])
-    flags = np.array(
-        [
-            decide(
-                [p[i] for p in member_probs], [h[i] for h in member_entropy], threshold, min_uncertain, weights
-            ).flagged
-            for i in range(n)
-        ],
-        dtype=bool,
-    )
+    views = (image_view(member_probs, member_entropy, neighbours, i) for i in range(n))
+    flags = np.array([decide(p, h, threshold, min_uncertain, weights, nn).flagged for p, h, nn in views], dtype=bool)
     return (float(flags.mean()) if n else 0.0), flags
 
 
@@ -63,6 +58,7 @@ def calibrate_uncertainty_threshold(
     default: float = 0.5,
     max_candidates: int = 200,
     weights: Sequence[float] | None = None,
+    neighbours: np.ndarray | None = None,
 ) -> float:
     """The entropy threshold that flags as much of `target_flag_rate` as the calibration images allow, without
     exceeding it; among thresholds that flag as many, the one with the best selective accuracy (accuracy on
@@ -77,7 +73,8 @@ def calibrate_uncertainty_threshold(
     41 % of new multi-class images and 4.5 % of binary ones).
 
     `labels` None: unlabelled calibration images (the tasks still to annotate, `trainer.calibrate_review`); the
-    budget alone decides, ties go to the threshold nearest the default.
+    budget alone decides, ties go to the threshold nearest the default. `neighbours` as `flag_rate`'s: the images
+    the nearest-image check flags count against the budget whatever the threshold.
     """
     n = len(member_entropy[0]) if len(member_entropy) else 0
     values = np.unique(np.concatenate([np.asarray(h) for h in member_entropy]))
@@ -87,10 +84,8 @@ def calibrate_uncertainty_threshold(
     best: tuple[float, float, float] | None = None  # (flag rate, selective accuracy, -distance to default)
     chosen = 1.0
     for t in candidates:
-        decisions = [
-            decide([p[i] for p in member_probs], [h[i] for h in member_entropy], float(t), min_uncertain, weights)
-            for i in range(n)
-        ]
+        views = (image_view(member_probs, member_entropy, neighbours, i) for i in range(n))
+        decisions = [decide(p, h, float(t), min_uncertain, weights, nn) for p, h, nn in views]
         flags = np.array([d.flagged for d in decisions], dtype=bool)
         if n == 0 or flags.mean() > target_flag_rate or flags.all():
             continue
@@ -102,6 +97,14 @@ def calibrate_uncertainty_threshold(
         if best is None or key > best:
             best, chosen = key, float(t)
     return chosen
+
+
+def image_view(
+    member_probs: Sequence[np.ndarray], member_entropy: Sequence[np.ndarray], neighbours: np.ndarray | None, i: int
+) -> tuple[list[np.ndarray], list[float], list[int] | None]:
+    """Image i's (member probabilities, member entropies, members' nearest labelled classes or None)."""
+    nearest = None if neighbours is None else [int(c) for c in np.asarray(neighbours)[:, i]]
+    return [p[i] for p in member_probs], [float(h[i]) for h in member_entropy], nearest
 
 
 def risk_coverage(correct: np.ndarray, confidence: np.ndarray) -> list[dict[str, float]]:

@@ -91,10 +91,18 @@ class MemberStats:
     index: list[int]
     probs: list[np.ndarray] = field(default_factory=list)  # per member [n, C]
     entropy: list[np.ndarray] = field(default_factory=list)  # per member [n]
+    # [M, n]: each member's nearest labelled image's class (engine/neighbours.py), where the version has the check
+    neighbours: np.ndarray | None = None
 
     def of(self, i: int) -> tuple[list[np.ndarray], list[float]]:
         k = self.index.index(i)
         return [p[k] for p in self.probs], [float(h[k]) for h in self.entropy]
+
+    def nearest(self, i: int) -> list[int] | None:
+        """Row i's members' nearest labelled classes (None without the check)."""
+        if self.neighbours is None:
+            return None
+        return [int(c) for c in self.neighbours[:, self.index.index(i)]]
 
 
 @dataclass

@@ -97,7 +97,8 @@ class PixelSet:
             probs, entropy = heads.pixels.of(i)
             label = split.label_of(i)
             if label is None:  # unlabelled: only a confident, unflagged decision names a class
-                decision = decide(probs, entropy, threshold, s.min_uncertain_to_flag, heads.weights)
+                rule = (threshold, s.min_uncertain_to_flag, heads.weights, heads.pixels.nearest(i))
+                decision = decide(probs, entropy, *rule)
                 if decision.flagged or decision.label in self.negative or i in self.oracle:
                     continue
                 label = decision.label

@@ -64,7 +64,7 @@ def choose_pseudo_labels(
     for k in range(len(pool.index)):
         probs = [p[k] for p in pool.probs]
         entropy = [float(h[k]) for h in pool.entropy]
-        decision = decide(probs, entropy, threshold, min_uncertain, weights)
+        decision = decide(probs, entropy, threshold, min_uncertain, weights, pool.nearest(pool.index[k]))
         if not decision.flagged and len(decision.agreeing) == len(probs):
             positions.append(k)
             labels.append(decision.label)

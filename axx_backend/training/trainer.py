@@ -39,10 +39,11 @@ from ..core.versions import ModelStore
 from ..engine.annotator import Annotator
 from ..engine.ensemble import Ensemble, build_members_for_preset, resolve_precision, select_device
 from ..engine.fold import fold_batchnorm
+from ..engine.neighbours import NEIGHBOURS_FILE, NeighbourBank, build_bank
 from ..engine.segments import SegmentHead
 from ..engine.uncertainty import confidence, decide
 from ..engine.weights import fingerprint
-from .calibration import calibrate_uncertainty_threshold, flag_rate, risk_coverage
+from .calibration import calibrate_uncertainty_threshold, flag_rate, image_view, risk_coverage
 from .features import FeatureCache, Progress, extract_features
 from .finetune import FINETUNE_MODES, finetune_ensemble, finetune_last_stages
 from .groups import cache_groups, grouped_folds
@@ -158,11 +159,14 @@ def train_on_samples(
         tuned = any(m.get("kept") for m in finetune_metrics.values())
         refits = refits if tuned else None  # nothing fine-tuned: the heads' own 5 folds calibrate
         heads = train_member_heads(ensemble, cache, split, settings, backbone_saw_train=tuned, refits=refits)
+        bank = neighbour_bank(cache, split, settings)
         pool = review_pool(ensemble, cache, split, settings)
+        attach_neighbours(bank, cache, heads.calibration, heads.pixels, pool)
         thresholds, metrics = calibrate_review(heads, split, settings, pool)
     if pool is not None and settings.pseudo_labels == "auto":
         with timed("pseudo-labels", seconds):
-            thresholds, metrics = self_train(ensemble, cache, split, heads, pool, (thresholds, metrics), settings)
+            calibrated = (thresholds, metrics)
+            thresholds, metrics = self_train(ensemble, cache, split, heads, pool, calibrated, settings, bank)
     for name, extra in finetune_metrics.items():
         heads.metrics[name].update(extra)
     metrics.update(
@@ -171,6 +175,7 @@ def train_on_samples(
         n_val=len(split.val),
         calibration=calibration_set(tuned, refits is not None),
         n_calibration=len(heads.calibration.index),
+        neighbour_check={"bank_images": len(bank) if bank is not None else 0},
     )
     if progress:
         progress("pixels", 0.0)
@@ -194,12 +199,12 @@ def train_on_samples(
         metrics=metrics,
         training=training_info(cache, split, classes, mode, val_keys, pixels, settings, source),
     )
-    margins, seen = serving_precision(annotator, meta, cache, heads, pool, pixels.segment_head, settings, seconds)
+    margins, seen = serving_precision(annotator, meta, cache, heads, pool, pixels.segment_head, bank, settings, seconds)
     stored = dataclasses.replace(meta.thresholds, **margins)
     meta = dataclasses.replace(meta, thresholds=stored, metrics={**metrics, "bf16_recheck": seen})
     if after_fit is not None:
         after_fit(annotator, cache, split, heads, meta.thresholds.uncertainty_threshold)
-    version = write(model_dir, ensemble, pixels, meta)
+    version = write(model_dir, ensemble, pixels, meta, bank)
     log.info("wrote version %s to %s (masks from %s)", version, model_dir, pixels.mask_source)
     if progress:
         progress("done", 1.0)
@@ -332,6 +337,21 @@ def calibration_set(backbone_saw_train: bool, refitted: bool) -> str:
     return "held-out split (a backbone stage was fine-tuned on the rest)"
 
 
+def neighbour_bank(cache: FeatureCache, split: Split, settings: Settings) -> NeighbourBank | None:
+    """The labelled images' features the version keeps for the nearest-image check (`Settings.neighbour_check`)."""
+    if settings.neighbour_check == "off":
+        return None
+    return build_bank(cache.pooled, split.labels, settings.neighbour_bank_size, settings.seed)
+
+
+def attach_neighbours(bank: NeighbourBank | None, cache: FeatureCache, *stats: MemberStats | None) -> None:
+    """Set each of `stats`' members' nearest labelled classes, an image never matching itself: a labelled image
+    scored out of fold is, in the bank, nearest itself, and would never be flagged by the check."""
+    for st in stats:
+        if bank is not None and st is not None:
+            st.neighbours = bank.nearest_classes([p[st.index] for p in cache.pooled], exclude_rows=st.index)
+
+
 def review_pool(ensemble: Ensemble, cache: FeatureCache, split: Split, settings: Settings) -> MemberStats | None:
     """The served heads' statistics of the unlabelled images, when the review threshold is calibrated on them
     (`Settings.review_calibration`): they are the images the flags will be served on, unseen by every head."""
@@ -356,6 +376,7 @@ def serving_precision(
     heads: Heads,
     pool: MemberStats | None,
     segment_head: SegmentHead | None,
+    neighbours: NeighbourBank | None,
     settings: Settings,
     seconds: dict[str, float],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -376,7 +397,7 @@ def serving_precision(
         except ValueError:  # none readable now (tasks whose images went away since): keep the settings' margins
             log.warning("bf16 recheck margins: no calibration image could be read again; the settings' margins")
             return margins, {"measured": False}
-        served, folded = served_build(meta, annotator.ensemble, segment_head, settings)
+        served, folded = served_build(meta, annotator.ensemble, segment_head, settings, neighbours)
         fp32, bf16 = served("fp32", folded), served("bf16", copy.deepcopy(folded))
         compared = compare_precisions(fp32, bf16, images, s.batch_size)
         seen: dict[str, Any] = {"measured": True, "images": len(images)}
@@ -399,7 +420,11 @@ def serving_precision(
 
 
 def served_build(
-    meta: VersionMeta, ensemble: Ensemble, segment_head: SegmentHead | None, settings: Settings
+    meta: VersionMeta,
+    ensemble: Ensemble,
+    segment_head: SegmentHead | None,
+    settings: Settings,
+    neighbours: NeighbourBank | None = None,
 ) -> tuple[Callable[..., Annotator], Ensemble]:
     """How serving will load the version `meta` describes (`Annotator.from_meta`, every calibrated threshold and
     recorded choice the version's): a function (precision, ensemble, recheck_twin=None, **thresholds) -> its
@@ -419,7 +444,9 @@ def served_build(
             **{"precision_recheck": 0.0, "precision_recheck_mask": 0.0, **thresholds},
         )
         version = dataclasses.replace(meta, thresholds=stored)
-        return Annotator.from_meta(version, ensemble, segment_head, settings, set(), recheck_twin=recheck_twin)
+        return Annotator.from_meta(
+            version, ensemble, segment_head, settings, set(), recheck_twin=recheck_twin, neighbours=neighbours
+        )
 
     return served, folded
 
@@ -432,6 +459,7 @@ def self_train(
     pool: MemberStats,
     calibrated: tuple[dict[str, Any], dict[str, Any]],
     settings: Settings,
+    bank: NeighbourBank | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The served heads trained again with the pool's pseudo-labels (pseudo_labels.py), then the flag budget spent
     on the pool again with them; `calibrated`: `calibrate_review`'s result before, kept when nothing qualifies.
@@ -456,9 +484,9 @@ def self_train(
             ensemble.members, cache.pooled, heads.pixels.index, settings.mc_samples, generator
         )
         out_of_fold = metrics["review_calibration"]["out_of_fold_threshold"]  # heads.calibration has not changed
-        thresholds, metrics = calibrate_review(
-            heads, split, settings, review_pool(ensemble, cache, split, settings), out_of_fold
-        )
+        pool_again = review_pool(ensemble, cache, split, settings)
+        attach_neighbours(bank, cache, heads.pixels, pool_again)
+        thresholds, metrics = calibrate_review(heads, split, settings, pool_again, out_of_fold)
     log.info(
         "%d of %d unlabelled images decided unanimously without a flag; balanced to the labelled classes within "
         "%d scene groups, %d became pseudo-labels (%s)%s",
@@ -491,17 +519,17 @@ def calibrate_review(
         out_of_fold = review_threshold(cal, labels, heads, settings)
     threshold = out_of_fold if pool is None else review_threshold(pool, None, heads, settings)
     thresholds["uncertainty_threshold"] = threshold
-    metrics = validation_metrics(cal.probs, cal.entropy, labels, threshold, settings, heads.weights)
+    metrics = validation_metrics(cal.probs, cal.entropy, labels, threshold, settings, heads.weights, cal.neighbours)
     review: dict[str, Any] = {"on": "labelled, out of fold", "images": len(cal.index)}
     if pool is not None:
-        k, w = settings.min_uncertain_to_flag, heads.weights
+        k, w, nn = settings.min_uncertain_to_flag, heads.weights, pool.neighbours
         review = {
             "on": "unlabelled",
             "images": len(pool.index),
-            "flagged_rate": flag_rate(pool.probs, pool.entropy, threshold, k, w)[0],
+            "flagged_rate": flag_rate(pool.probs, pool.entropy, threshold, k, w, nn)[0],
             # what the labelled images alone would have set, and how much of the unlabelled it would flag
             "out_of_fold_threshold": out_of_fold,
-            "out_of_fold_flagged_rate": flag_rate(pool.probs, pool.entropy, out_of_fold, k, w)[0],
+            "out_of_fold_flagged_rate": flag_rate(pool.probs, pool.entropy, out_of_fold, k, w, nn)[0],
         }
         log.info(
             "review threshold calibrated on %d unlabelled images: flags %.0f%% of them (out of fold: %.0f%%)",
@@ -528,6 +556,7 @@ def review_threshold(stats: MemberStats, labels: np.ndarray | None, heads: Heads
         settings.min_uncertain_to_flag,
         default=settings.uncertainty_threshold,
         weights=heads.weights,
+        neighbours=stats.neighbours,
     )
 
 
@@ -572,7 +601,13 @@ def training_info(
     )
 
 
-def write(model_dir: str | os.PathLike[str], ensemble: Ensemble, pixels: PixelResult, meta: VersionMeta) -> str:
+def write(
+    model_dir: str | os.PathLike[str],
+    ensemble: Ensemble,
+    pixels: PixelResult,
+    meta: VersionMeta,
+    neighbours: NeighbourBank | None = None,
+) -> str:
     """Write the version's files and metadata atomically; it becomes current."""
     from safetensors.torch import save_file
 
@@ -584,6 +619,8 @@ def write(model_dir: str | os.PathLike[str], ensemble: Ensemble, pixels: PixelRe
         if pixels.segment_head is not None:
             tensors.update(pixels.segment_head.tensors())
         save_file(tensors, str(tmp / "heads.safetensors"))
+        if neighbours is not None:
+            save_file(neighbours.tensors(), str(tmp / NEIGHBOURS_FILE))
         for member, spec in zip(ensemble.members, meta.members, strict=True):
             if spec.finetuned:
                 state = {k: v.detach().cpu().contiguous() for k, v in member.backbone.state_dict().items()}
@@ -622,12 +659,12 @@ def validation_metrics(
     threshold: float,
     settings: Settings,
     weights: Sequence[float] | None = None,
+    neighbours: np.ndarray | None = None,
 ) -> dict[str, Any]:
     k = settings.min_uncertain_to_flag
-    _, flags = flag_rate(probs, entropy, threshold, k, weights)
-    decisions = [
-        decide([p[i] for p in probs], [h[i] for h in entropy], threshold, k, weights) for i in range(len(labels))
-    ]
+    views = (image_view(probs, entropy, neighbours, i) for i in range(len(labels)))
+    decisions = [decide(p, h, threshold, k, weights, nn) for p, h, nn in views]
+    flags = np.array([d.flagged for d in decisions], dtype=bool)
     correct = np.array([d.label for d in decisions]) == labels
     ensemble_mean = np.average(probs, axis=0, weights=weights)
     confidences = np.array([confidence(p) for p in ensemble_mean])
