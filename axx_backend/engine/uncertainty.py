@@ -18,6 +18,8 @@ EPS = 1e-12
 # larger or smaller (2.77 on the first five, hence 3 at first). From thresholds of 0.017 the margin (0.05) is
 # the narrower bound.
 ENTROPY_REACH = 4.0
+# How the reason of a flag by the nearest-image check begins (`decide`; evaluate counts them).
+NEAREST_IMAGE_FLAG = "the nearest labelled image"
 
 
 @dataclass
@@ -155,7 +157,7 @@ def decide(
         against = [i for i, c in enumerate(neighbours) if int(c) != label]
         if len(against) >= min_uncertain_to_flag:
             names = ", ".join(str(i) for i in against)
-            reason = f"the nearest labelled image of {len(against)} members ({names}) shows another class"
+            reason = f"{NEAREST_IMAGE_FLAG} of {len(against)} members ({names}) shows another class"
             return Decision(fallback, True, [], float(ensemble_mean[fallback]), reason)
     agreeing = [i for i in confident if int(probs[i].argmax()) == label]
     score = float(np.mean([probs[i][label] for i in agreeing]))

@@ -34,6 +34,7 @@ from ..core.data import Sample, iter_readable, read_folder_dataset, stratified_s
 from ..core.thresholds import FUSION_RULES, best_rule, best_thresholds, calibrate_members, fusion_scores, rule_map
 from ..core.version_meta import VersionMeta
 from ..engine.annotator import Annotator, Forward, to_size
+from ..engine.uncertainty import NEAREST_IMAGE_FLAG
 from . import metrics
 
 log = logging.getLogger(__name__)
@@ -281,6 +282,7 @@ class _Tally:
         self.y_true: list[int] = []
         self.y_pred: list[int] = []
         self.flagged: list[bool] = []
+        self.flagged_by_neighbours = 0  # flags of the nearest-image check (engine/neighbours.py)
         self.conf: list[float] = []
         self.probs: list[list[float]] = []
         self.member_pred: list[list[int]] = []
@@ -294,6 +296,7 @@ class _Tally:
         self.y_true.append(r.true)
         self.y_pred.append(r.pred)
         self.flagged.append(ann.flagged)
+        self.flagged_by_neighbours += int(ann.flagged and ann.reason.startswith(NEAREST_IMAGE_FLAG))
         self.conf.append(ann.score)
         self.probs.append([ann.probs[c] for c in self.classes])
         self.member_pred.append([self.classes.index(m.label) for m in ann.members])
@@ -387,6 +390,7 @@ def _classification_report(
         "ece": _nan_to_none(metrics.expected_calibration_error(top_p, top_ok, n_bins)),
         "flagged_rate": float(f.mean()) if len(t) else None,
         "n_flagged": int(f.sum()),
+        "n_flagged_by_neighbours": tally.flagged_by_neighbours,
         "flagged_by_class": metrics.flagged_by_class(t, f, annotator.classes),
         "selective_accuracy": float(correct[~f].mean()) if (~f).any() else None,
         "flagged_accuracy": float(correct[f].mean()) if f.any() else None,
@@ -496,6 +500,11 @@ def _fmt(value: float | None, pct: bool = False) -> str:
     return f"{100 * value:.1f} %" if pct else f"{value:.3f}"
 
 
+def _by_neighbours(report: dict[str, Any]) -> str:
+    n = report.get("n_flagged_by_neighbours")
+    return f"; {n} by the nearest-image check" if n else ""
+
+
 def format_table(report: dict[str, Any], title: str = "") -> str:
     """The human-readable tables `evaluate` prints."""
     lines = [title] if title else []
@@ -513,7 +522,7 @@ def format_table(report: dict[str, Any], title: str = "") -> str:
         f"| macro-F1 | {_fmt(report['macro_f1'])} |",
         f"| AUROC | {_fmt(report['auroc'])} |",
         f"| ECE (15 bins) | {_fmt(report['ece'])} |",
-        f"| flagged for review | {_fmt(report['flagged_rate'], True)} ({nf} of {n}) |",
+        f"| flagged for review | {_fmt(report['flagged_rate'], True)} ({nf} of {n}{_by_neighbours(report)}) |",
         f"| flagged, by true class | {by_class} |",
         f"| selective accuracy (unflagged) | {_fmt(report['selective_accuracy'])} ({n - nf} images) |",
         f"| accuracy on flagged | {_fmt(report['flagged_accuracy'])} ({nf} images) |",
