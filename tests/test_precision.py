@@ -194,14 +194,18 @@ def test_bf16_runs_the_images_near_a_decision_again_in_fp32():
     expected = [i for i in range(len(images)) if near_a_decision(alone.member_probs(i), alone.member_entropy(i), *rule)]
     assert 0 < len(expected) < len(images)
     assert got.rechecked == expected and served.rechecked == len(expected)
-    rows = torch.tensor(expected)
     others = torch.tensor([i for i in range(len(images)) if i not in expected])
-    close = {"rtol": 1e-4, "atol": 1e-5}  # fp32 of a smaller batch may round a last bit differently
-    torch.testing.assert_close(got.stats[0].entropy[rows], want.stats[0].entropy[rows], **close)
-    torch.testing.assert_close(got.stats[0].mean_probs[rows], want.stats[0].mean_probs[rows], **close)
-    torch.testing.assert_close(got.outputs[0].features[rows], want.outputs[0].features[rows], **close)
-    for mine, theirs in zip(got.outputs[0].levels, want.outputs[0].levels, strict=True):
-        torch.testing.assert_close(mine[rows], theirs[rows], **close)
+    # the recheck runs one image per pass: compared with fp32 passes of one image each, as fp32 of a batch of
+    # eight may pick other kernels and round differently (seen: 1.8e-5 in a level map of this test; one image
+    # at a time they agree bit for bit here, the tolerance is for other CPUs' kernels)
+    close = {"rtol": 1e-4, "atol": 1e-5}
+    for b in expected:
+        one = fp32.forward([images[b]], levels=True)
+        torch.testing.assert_close(got.stats[0].entropy[b], one.stats[0].entropy[0], **close)
+        torch.testing.assert_close(got.stats[0].mean_probs[b], one.stats[0].mean_probs[0], **close)
+        torch.testing.assert_close(got.outputs[0].features[b], one.outputs[0].features[0], **close)
+        for mine, theirs in zip(got.outputs[0].levels, one.outputs[0].levels, strict=True):
+            torch.testing.assert_close(mine[b], theirs[0], **close)
     assert torch.equal(got.stats[0].entropy[others], alone.stats[0].entropy[others])
     assert torch.equal(got.outputs[0].features[others], alone.outputs[0].features[others])
 
