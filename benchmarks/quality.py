@@ -20,14 +20,14 @@ the review threshold spends its flag budget there (`Settings.review_calibration`
 Every table has, from the same run, the plain reference (`benchmarks/reference.py`: frozen members, L2
 logistic-regression heads, XGrad-CAM, mean fusion thresholded on the training masks, its own classification)
 and the trivial rows (a centred box of 25 % of the image, the whole image), each end to end and given the
-true class.
+true class. Each served row has 95 % intervals that resample the test images' objects (`benchmarks/intervals.py`).
 
     .venv/bin/python benchmarks/make_photo_dataset.py --out runs/photo
     .venv/bin/python benchmarks/quality.py --data runs/photo --work runs/quality --settings labels,masks20 --docs docs
 
 Prints one table per (variant, setting), a summary table per variant and a summary JSON line; writes
-`report.json`, `table.md` and the PNG plots per run under `--work`; with `--docs` copies the binary `labels`
-plots to `docs/quality_*.png`.
+`report.json`, `table.md`, `per_image.json` and the PNG plots per run under `--work`; with `--docs` copies the
+binary `labels` plots to `docs/quality_*.png`.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from intervals import format_intervals, run_intervals  # noqa: E402
 from reference import reference_rows  # noqa: E402
 
 from axx_backend.core.data import Sample, read_folder_dataset, read_unlabelled_folder  # noqa: E402
@@ -105,14 +106,16 @@ def run_one(
         "train_step_seconds": meta.metrics.get("seconds"),
         "review_calibration": meta.metrics.get("review_calibration"),
         **ev.report,
+        "intervals": run_intervals(data, variant, ev.per_image, ev.report),
     }
     title = (
         f"### {variant}, {setting} ({meta.training.oracle_masks} oracle masks; {meta.training.n_images} train images, "
         f"{report['n_images']} test images; train {t_train:.0f} s, evaluate {t_eval:.0f} s)"
     )
-    table = format_table(report, title)
+    table = format_table(report, title) + "\n\n" + format_intervals(report["intervals"])
     report["plots"] = write_plots(ev, out)
     (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "per_image.json").write_text(json.dumps(ev.per_image))
     (out / "table.md").write_text(table + "\n")
     print(table, "\n", flush=True)
     if docs is not None and variant == "binary" and setting == "labels":
@@ -137,6 +140,7 @@ def summary_rows(runs: list[dict[str, Any]], ref: dict[str, Any]) -> list[dict[s
             "flagged_rate": r["flagged_rate"],
             "selective_accuracy": r["selective_accuracy"],
             "train_seconds": r["train_seconds"],
+            "intervals": r["intervals"],
         })  # fmt: skip
     refs = ref["rows"]
     rows.append({
@@ -162,6 +166,7 @@ def format_summary(variant: str, rows: list[dict[str, Any]]) -> str:
             "validated_member_accuracy", "flagged_rate", "selective_accuracy", "train_seconds")  # fmt: skip
     lines = [f"### {variant}: summary", "", "| | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     lines += ["| " + row["row"] + " | " + " | ".join(fmt(row.get(k)) for k in keys) + " |" for row in rows]
+    lines += ["", *(f"{row['row']}: {format_intervals(row['intervals'])}" for row in rows if "intervals" in row)]
     return "\n".join(lines)
 
 

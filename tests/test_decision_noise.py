@@ -1,7 +1,5 @@
 """benchmarks/decision_noise.py: its redrawn MC statistics reproduce the served decisions at the served seed."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,17 +9,9 @@ from axx_backend.core.settings import Settings
 from axx_backend.core.versions import ModelStore
 from axx_backend.engine.annotator import Annotator
 
+from .scripts import load_benchmark
 
-def _load_script():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "decision_noise.py"
-    spec = importlib.util.spec_from_file_location("decision_noise", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("decision_noise", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-script = _load_script()
+script = load_benchmark("decision_noise")
 
 
 def test_redrawn_statistics_at_the_served_seed_decide_as_the_annotator_does(trained_model_dir, dataset_dir):

@@ -27,6 +27,7 @@ from axx_backend.evaluation import metrics
 from axx_backend.evaluation.commands import register
 from axx_backend.evaluation.evaluate import (
     MaskThresholds,
+    _attach_masks,
     evaluate_folder,
     iter_results,
     trivial_masks,
@@ -34,6 +35,8 @@ from axx_backend.evaluation.evaluate import (
 )
 from axx_backend.training import read_folder_dataset
 from axx_backend.training.selection import binary_entropy, map_disagreement, map_entropy
+
+from .scripts import load_benchmark
 
 # ---------------------------------------------------------------- classification
 
@@ -95,6 +98,35 @@ def test_risk_coverage_by_hand():
     assert rc["coverage"].tolist() == [0.25, 0.5, 0.75, 1.0]
     assert rc["accuracy"] == pytest.approx([1.0, 0.5, 2 / 3, 0.75])
     assert rc["aurc"] == pytest.approx((0 + 0.5 + 1 / 3 + 0.25) / 4)
+
+
+def test_cluster_bootstrap_of_a_mean_matches_scipys_bootstrap_of_the_cluster_means():
+    """Equal clusters: resampling whole clusters and averaging their images is resampling the cluster means,
+    which scipy.stats.bootstrap does independently (percentile method)."""
+    from scipy.stats import bootstrap
+
+    rng = np.random.default_rng(0)
+    clusters = np.repeat(np.arange(40), 5)
+    values = (rng.random(40)[clusters] + 0.3 * rng.random(200) > 0.7).astype(float)  # correlated within a cluster
+    ours = metrics.percentile_interval(metrics.cluster_bootstrap(lambda rows: values[rows].mean(), clusters, 5000))
+    means = values.reshape(40, 5).mean(axis=1)
+    theirs = bootstrap((means,), np.mean, n_resamples=5000, method="percentile", rng=1).confidence_interval
+    assert ours == pytest.approx((theirs.low, theirs.high), abs=0.01)
+    # and it is wider than a bootstrap that takes the 200 images for independent ones
+    alone = metrics.percentile_interval(metrics.cluster_bootstrap(lambda rows: values[rows].mean(), range(200), 5000))
+    assert ours[1] - ours[0] > 1.5 * (alone[1] - alone[0])
+
+
+def test_cluster_bootstrap_by_hand():
+    """Two clusters, three right images and one wrong: a resample is AA (1/4, accuracy 1), AB or BA (1/2,
+    3/4) or BB (1/4, 0); NaN statistics are left out of the interval."""
+    right = np.array([1.0, 1.0, 1.0, 0.0])
+    values = metrics.cluster_bootstrap(lambda rows: right[rows].mean(), ["a", "a", "a", "b"], 4000, seed=3)
+    assert set(np.round(values, 6)) == {0.0, 0.75, 1.0}
+    assert np.mean(values == 0.75) == pytest.approx(0.5, abs=0.03)
+    assert metrics.percentile_interval(values) == (0.0, 1.0)
+    assert metrics.percentile_interval(np.array([np.nan, 0.2, 0.4]), level=1.0) == (0.2, 0.4)
+    assert all(math.isnan(v) for v in metrics.percentile_interval(np.array([np.nan])))
 
 
 # ---------------------------------------------------------------- masks
@@ -320,6 +352,45 @@ def test_the_rows_reproduce_the_served_mask(trained_model_dir, test_set):
         assert np.array_equal(again.given_true[row], served[0].given_true[row]), row
 
 
+def test_per_image_rows_add_up_to_the_report(trained_model_dir, test_set):
+    store = ModelStore(trained_model_dir)
+    annotator = Annotator.from_version(store.path(store.current()), Settings(batch_size=4), explicit=set())
+    ev = evaluate_folder(test_set, annotator, store.metadata(store.current()), n_examples=0)
+    rows, report = ev.per_image, ev.report
+    assert len(rows) == len({r["key"] for r in rows}) == report["n_images"] == 16
+    assert np.mean([r["pred"] == r["true"] for r in rows]) == report["accuracy"]
+    assert sum(r["flagged"] for r in rows) == report["n_flagged"]
+    for m, name in enumerate(report["member_accuracy"]):
+        assert np.mean([r["member_pred"][m] == r["true"] for r in rows]) == report["member_accuracy"][name]
+    ious = [r["served_iou"] for r in rows if r["served_iou"] is not None]
+    assert len(ious) == report["n_mask_images"] == 8
+    assert np.mean(ious) == pytest.approx(report["masks"]["served"]["end_to_end"]["iou"]["mean"], abs=1e-12)
+    # a flagged or misclassified image with a mask scores 0: it was served no mask under its class
+    missed = [r for r in rows if r["served_iou"] is not None and (r["flagged"] or r["pred"] != r["true"])]
+    assert all(r["served_iou"] == 0.0 for r in missed)
+
+
+def test_a_positive_served_under_another_class_counts_as_an_empty_mask(trained_model_dir, test_set):
+    """End to end, a mask served under the wrong class is no mask for the true one (what the plain reference
+    counts too): the served row is empty though the annotation has a mask, and the given-the-class rows stay."""
+    store = ModelStore(trained_model_dir)
+    annotator = Annotator.from_version(store.path(store.current()), Settings(batch_size=4), explicit=set())
+    samples, _ = read_folder_dataset(test_set)
+    names = [m.name for m in annotator.ensemble.members]
+    th = MaskThresholds({n: 0.5 for n in names}, {"mean": 0.5, "intersection": 0.5}, "test")
+    results = [r for r in iter_results(annotator, samples, th) if r.given_true]
+    right = next(r for r in results if r.pred == r.true and r.annotation.mask is not None)
+    assert right.end_to_end["served"] is right.annotation.mask
+    # the same image, its annotation as served, had its truth been the other class
+    sample = next(s for s in samples if s.key == right.key)
+    (again,) = list(iter_results(annotator, [sample], None))
+    again.true, again.gt = 1 - again.true, right.gt
+    _attach_masks(annotator, annotator.forward([sample.load().image]), 0, again, th)
+    assert again.annotation.mask is not None and again.pred != again.true
+    assert again.end_to_end["served"] is None and again.end_to_end["mean"] is None
+    assert again.given_true["mean"].shape == right.gt.shape
+
+
 def test_trivial_masks_by_hand():
     masks = trivial_masks((4, 6))
     box = masks["centred box 25 %"]
@@ -330,21 +401,8 @@ def test_trivial_masks_by_hand():
 # ---------------------------------------------------------------- benchmark data set builder
 
 
-def _load_builder():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "make_dataset.py"
-    spec = importlib.util.spec_from_file_location("make_dataset", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_dataset", module)  # dataclasses look their module up while it loads
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_gimp_pattern_reader_and_the_pasted_mask(tmp_path):
-    builder = _load_builder()
+    builder = load_benchmark("make_dataset")
     # A 3x2 RGB GIMP pattern: header (size, version, width, height, bytes/pixel), 'GPAT', name.
     name = b"tiny\x00"
     header = np.array([24 + len(name), 1, 3, 2, 3], dtype=">u4").tobytes() + b"GPAT" + name

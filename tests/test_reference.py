@@ -1,9 +1,5 @@
 """benchmarks/reference.py: the plain reference's numerics on hand-made cases (no weights download)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import timm
@@ -13,17 +9,9 @@ from axx_backend.core.synthetic import make_dataset
 from axx_backend.engine.saliency import fast_xgradcam, normalize_maps, upsample
 from axx_backend.engine.weights import WeightInfo
 
+from .scripts import load_benchmark
 
-def _load_reference():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reference.py"
-    spec = importlib.util.spec_from_file_location("reference", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("reference", module)  # dataclasses look their module up while it loads
-    spec.loader.exec_module(module)
-    return module
-
-
-ref = _load_reference()
+ref = load_benchmark("reference")
 
 
 def _toy_classification(n_per_class=30, n_features=6, n_classes=3, seed=0):

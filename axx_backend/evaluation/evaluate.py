@@ -142,7 +142,9 @@ def _attach_masks(annotator: Annotator, fwd: Forward, b: int, r: ImageResult, th
         as_served = _masks(row_scores(annotator, fwd, b, r.pred, r.agreeing, thresholds), shape)
     else:
         as_served = dict.fromkeys(given)
-    as_served["served"] = r.annotation.mask  # exactly what was served (empty when flagged or negative)
+    # what was served, where it was served under the true class: a positive given another positive class was
+    # served a mask under the wrong label, which counts as none (as in the plain reference's end to end)
+    as_served["served"] = r.annotation.mask if served_ok else None
     r.end_to_end = {**as_served, **trivial_masks(shape)}
     if r.image is not None:
         r.heat = to_size(given["mean"][0], shape)
@@ -268,6 +270,9 @@ class Evaluation:
     examples: list[ImageResult]
     member_names: list[str]
     thresholds: MaskThresholds
+    # one row per image: key, true and served class, flagged, each member's class, served IoU end to end (None
+    # without a mask), for what the report cannot say per image (e.g. intervals over objects, benchmarks/quality.py)
+    per_image: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _nan_to_none(value: float | None) -> float | None:
@@ -279,6 +284,8 @@ class _Tally:
 
     def __init__(self, classes: list[str], names: list[str]) -> None:
         self.classes, self.names = classes, names
+        self.keys: list[str] = []
+        self.served_iou: list[float | None] = []  # the served mask's IoU end to end; None: no mask to score
         self.y_true: list[int] = []
         self.y_pred: list[int] = []
         self.flagged: list[bool] = []
@@ -293,6 +300,8 @@ class _Tally:
 
     def add(self, r: ImageResult) -> None:
         ann = r.annotation
+        self.keys.append(r.key)
+        self.served_iou.append(None)
         self.y_true.append(r.true)
         self.y_pred.append(r.pred)
         self.flagged.append(ann.flagged)
@@ -310,6 +319,15 @@ class _Tally:
             self.given.setdefault(row, metrics.MaskScore()).add(mask, r.gt)
         for row, mask in r.end_to_end.items():
             self.served.setdefault(row, metrics.MaskScore()).add(mask, r.gt)
+        if "served" in r.end_to_end:
+            self.served_iou[-1] = self.served["served"].ious[-1]
+
+    def per_image(self) -> list[dict[str, Any]]:
+        rows = zip(self.keys, self.y_true, self.y_pred, self.flagged, self.member_pred, self.served_iou, strict=True)
+        return [
+            {"key": k, "true": t, "pred": p, "flagged": f, "member_pred": m, "served_iou": v}
+            for k, t, p, f, m, v in rows
+        ]
 
 
 def evaluate(
@@ -355,7 +373,7 @@ def _evaluation(
     report = _classification_report(annotator, tally, t, p, f, conf, probs, n_bins)
     report.update(_mask_report(annotator, tally, thresholds))
     report["skipped"] = skipped
-    return Evaluation(report, conf, correct, f, top_p, top_ok, examples, tally.names, thresholds)
+    return Evaluation(report, conf, correct, f, top_p, top_ok, examples, tally.names, thresholds, tally.per_image())
 
 
 def _classification_report(

@@ -2,13 +2,14 @@
 
 Classification: accuracy, macro-F1, AUROC (rank-based; one-vs-rest macro for more than two classes),
 expected calibration error and reliability bins, the risk-coverage curve. Masks: IoU and Dice per
-image and summed over pixels of a whole data set.
+image and summed over pixels of a whole data set. Uncertainty of any of them: a bootstrap over clusters of
+images (images showing the same object err together, so resampling images alone would be too sure).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -139,6 +140,34 @@ def risk_coverage_curve(confidence: np.ndarray, correct: np.ndarray) -> dict[str
     k = np.arange(1, conf.size + 1)
     selective = np.cumsum(ok[order]) / k
     return {"coverage": k / conf.size, "accuracy": selective, "aurc": float(np.mean(1.0 - selective))}
+
+
+def cluster_bootstrap(
+    statistic: Callable[[np.ndarray], float], clusters: Sequence[Hashable], n_resamples: int = 2000, seed: int = 0
+) -> np.ndarray:
+    """[n_resamples] values of `statistic(rows)` where each `rows` is the images of G clusters drawn with
+    replacement from the G clusters of `clusters` (one id per image; an image drawn twice appears twice in
+    `rows`). `statistic` maps such an index array into the per-image arrays to a number (NaN allowed)."""
+    members: dict[Hashable, list[int]] = {}
+    for i, c in enumerate(clusters):
+        members.setdefault(c, []).append(i)
+    groups = [np.array(rows) for rows in members.values()]
+    rng = np.random.default_rng(seed)
+    out = np.empty(n_resamples)
+    for r in range(n_resamples):
+        drawn = rng.integers(0, len(groups), size=len(groups))
+        out[r] = statistic(np.concatenate([groups[g] for g in drawn]) if groups else np.zeros(0, dtype=int))
+    return out
+
+
+def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The central `level` interval of the finite `values` (NaN, NaN when none is finite)."""
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    if not finite.size:
+        return math.nan, math.nan
+    low, high = np.percentile(finite, [50 * (1 - level), 50 * (1 + level)])
+    return float(low), float(high)
 
 
 class MaskScore:
