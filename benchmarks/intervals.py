@@ -129,8 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     ev = evaluate_folder(args.data / args.variant / "test", annotator, store.metadata(path.name), n_examples=0)
     values = run_intervals(args.data, args.variant, ev.per_image, ev.report)
     print(format_intervals(values))
-    print(json.dumps({"accuracy": ev.report["accuracy"], "selective_accuracy": ev.report["selective_accuracy"],
-                      "flagged_rate": ev.report["flagged_rate"], "intervals": values}))  # fmt: skip
+    served = ev.report["masks"]["served"]
+    numbers = {k: ev.report[k] for k in ("accuracy", "member_accuracy", "selective_accuracy", "flagged_rate")}
+    numbers["iou_end_to_end"] = served["end_to_end"]["iou"]["mean"]
+    numbers["iou_given_true_class"] = served["given_true_class"]["iou"]["mean"]
+    print(json.dumps({**numbers, "intervals": values}))
     return 0
 
 
