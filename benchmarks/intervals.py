@@ -25,6 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from axx_backend.core.settings import Settings
+from axx_backend.core.versions import ModelStore
+from axx_backend.engine.annotator import Annotator
+from axx_backend.evaluation.evaluate import evaluate_folder
 from axx_backend.evaluation.metrics import cluster_bootstrap, percentile_interval
 
 RESAMPLES = 2000
@@ -109,11 +113,6 @@ def format_intervals(values: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from axx_backend.core.settings import Settings
-    from axx_backend.core.versions import ModelStore
-    from axx_backend.engine.annotator import Annotator
-    from axx_backend.evaluation.evaluate import evaluate_folder
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--variant", default="multiclass")
