@@ -137,14 +137,13 @@ def _attach_masks(annotator: Annotator, fwd: Forward, b: int, r: ImageResult, th
     every = list(range(len(annotator.ensemble.members)))
     given = row_scores(annotator, fwd, b, r.true, every, thresholds)
     r.given_true = {**_masks(given, shape), **trivial_masks(shape)}
-    served_ok = not r.flagged and r.pred == r.true
-    if served_ok:
+    if not r.flagged and r.pred == r.true:
         as_served = _masks(row_scores(annotator, fwd, b, r.pred, r.agreeing, thresholds), shape)
+        as_served["served"] = r.annotation.mask  # exactly what was served
     else:
+        # flagged, or given another class: no mask under the true class, every row included (a mask served
+        # under another positive class counts as none, as in the plain reference's end to end)
         as_served = dict.fromkeys(given)
-    # what was served, where it was served under the true class: a positive given another positive class was
-    # served a mask under the wrong label, which counts as none (as in the plain reference's end to end)
-    as_served["served"] = r.annotation.mask if served_ok else None
     r.end_to_end = {**as_served, **trivial_masks(shape)}
     if r.image is not None:
         r.heat = to_size(given["mean"][0], shape)
